@@ -1,0 +1,238 @@
+//! The generation loop: prompt prefill with prefix reuse, sampling, stop rules and streaming.
+
+use std::rc::Rc;
+
+use crate::bindings::exports::wasmlm::llm::generation::Chunk;
+use crate::bindings::exports::wasmlm::llm::types::{
+    ContextOverflow, Error, FinishReason, SamplingOptions, TokenLogprob, TopLogprob, Usage,
+};
+use crate::model::{common_prefix, Model};
+use crate::nn::Sequence;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::stop::StopMatcher;
+use crate::utf8::Utf8Stream;
+
+/// Prompt tokens sent per `compute` call, which bounds the attention scratch memory.
+const PREFILL_CHUNK: usize = 512;
+
+/// One running generation.
+pub struct Generation {
+    model: Rc<Model>,
+    seq: Option<Sequence>,
+    prompt: Vec<u32>,
+    cached_tokens: usize,
+    logits: Option<Vec<f32>>,
+    /// The last sampled token, not yet in the KV cache.
+    pending: Option<u32>,
+    generated: Vec<u32>,
+    max_tokens: Option<u32>,
+    ignore_eos: bool,
+    sampler: Sampler,
+    utf8: Utf8Stream,
+    stop: StopMatcher,
+    cancelled: bool,
+    done: bool,
+}
+
+/// Sampler settings from the WIT options, defaults filled in and checked.
+pub fn sampling_params(o: &SamplingOptions) -> Result<SamplingParams, Error> {
+    let d = SamplingParams::default();
+    let p = SamplingParams {
+        temperature: o.temperature.unwrap_or(d.temperature),
+        top_k: o.top_k.map_or(d.top_k, |k| k as usize),
+        top_p: o.top_p.unwrap_or(d.top_p),
+        min_p: o.min_p.unwrap_or(d.min_p),
+        repeat_penalty: o.repeat_penalty.unwrap_or(d.repeat_penalty),
+        repeat_last_n: o.repeat_last_n.map_or(d.repeat_last_n, |n| n as usize),
+        presence_penalty: o.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: o.frequency_penalty.unwrap_or(d.frequency_penalty),
+        seed: o.seed,
+        top_logprobs: o.top_logprobs.map(|n| n as usize),
+    };
+    p.validate().map_err(Error::InvalidInput)?;
+    Ok(p)
+}
+
+impl Generation {
+    /// Checks the request and prepares it; the prompt is computed by the first `next`.
+    pub fn new(model: Rc<Model>, prompt: Vec<u32>, options: &SamplingOptions) -> Result<Self, Error> {
+        let params = sampling_params(options)?;
+        if prompt.is_empty() {
+            return Err(Error::InvalidInput("the prompt is empty".into()));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t >= model.vocab_size) {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                model.vocab_size
+            )));
+        }
+        if prompt.len() >= model.context_length as usize {
+            return Err(Error::ContextOverflow(ContextOverflow {
+                prompt_tokens: prompt.len() as u32,
+                context_length: model.context_length,
+            }));
+        }
+        Ok(Self {
+            seq: None,
+            prompt,
+            cached_tokens: 0,
+            logits: None,
+            pending: None,
+            generated: Vec::new(),
+            max_tokens: options.max_tokens,
+            ignore_eos: options.ignore_eos.unwrap_or(false),
+            sampler: Sampler::new(params),
+            utf8: Utf8Stream::default(),
+            stop: StopMatcher::new(&options.stop),
+            cancelled: false,
+            done: false,
+            model,
+        })
+    }
+
+    /// Token counts so far.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt.len() as u32,
+            completion_tokens: self.generated.len() as u32,
+            cached_tokens: self.cached_tokens as u32,
+        }
+    }
+
+    /// Asks the loop to end at the next step.
+    pub fn cancel(&mut self) {
+        self.cancelled = true;
+    }
+
+    /// The next chunk: one generated token, or the end.
+    pub fn next(&mut self) -> Result<Option<Chunk>, Error> {
+        if self.done {
+            return Ok(None);
+        }
+        if self.cancelled {
+            return Ok(Some(self.finish(String::new(), Vec::new(), Vec::new(), FinishReason::Cancelled)));
+        }
+        if self.max_tokens == Some(0) {
+            return Ok(Some(self.finish(String::new(), Vec::new(), Vec::new(), FinishReason::Length)));
+        }
+        let result = self.step();
+        if result.is_err() {
+            self.done = true;
+        }
+        result.map(Some)
+    }
+
+    fn step(&mut self) -> Result<Chunk, Error> {
+        let mut logits = match self.logits.take() {
+            Some(l) => l,
+            None => self.compute_next()?,
+        };
+        let history: Vec<u32> = self.prompt.iter().chain(&self.generated).copied().collect();
+        let choice = self.sampler.sample(&mut logits, &history, &self.generated);
+        let token = choice.token;
+        self.generated.push(token);
+        let logprobs = match choice.logprob {
+            Some(lp) => {
+                let tok = self.model.tokenizer.borrow();
+                vec![TokenLogprob {
+                    token,
+                    logprob: lp,
+                    top: choice
+                        .top
+                        .iter()
+                        .map(|&(t, l)| TopLogprob {
+                            token: t,
+                            text: tok.token_text(t),
+                            logprob: l,
+                        })
+                        .collect(),
+                }]
+            }
+            None => Vec::new(),
+        };
+        if !self.ignore_eos && self.model.eog.contains(&token) {
+            return Ok(self.finish(String::new(), vec![token], logprobs, FinishReason::Stop));
+        }
+        let text = {
+            let tok = self.model.tokenizer.borrow();
+            self.utf8.push(tok.piece(token))
+        };
+        let outcome = self.stop.push(&text);
+        if outcome.stopped {
+            return Ok(self.finish_now(outcome.emit, vec![token], logprobs, FinishReason::Stop));
+        }
+        let full = self.prompt.len() + self.generated.len() >= self.model.context_length as usize;
+        let at_max = self
+            .max_tokens
+            .is_some_and(|m| self.generated.len() >= m as usize);
+        if full || at_max {
+            return Ok(self.finish(outcome.emit, vec![token], logprobs, FinishReason::Length));
+        }
+        self.pending = Some(token);
+        Ok(Chunk {
+            text: outcome.emit,
+            tokens: vec![token],
+            logprobs,
+            finish: None,
+        })
+    }
+
+    /// Logits for the next position: prefill on the first step, then the pending token.
+    fn compute_next(&mut self) -> Result<Vec<f32>, Error> {
+        let backend = |e: crate::nn::ProtocolError| Error::Backend(e.0);
+        if self.seq.is_none() {
+            let mut seq = self.model.take_sequence(&self.prompt)?;
+            // Reuse the cached prefix, but always compute the last prompt token for its logits.
+            let reuse = common_prefix(&seq.cached, &self.prompt).min(self.prompt.len() - 1);
+            self.cached_tokens = reuse;
+            let mut keep = reuse;
+            let mut logits = Vec::new();
+            for chunk in self.prompt[reuse..].chunks(PREFILL_CHUNK) {
+                logits = seq.extend(keep, chunk).map_err(backend)?;
+                keep = seq.cached.len();
+            }
+            self.seq = Some(seq);
+            return Ok(logits);
+        }
+        let token = self
+            .pending
+            .take()
+            .ok_or_else(|| Error::Backend("generation state lost its pending token".into()))?;
+        let seq = self
+            .seq
+            .as_mut()
+            .ok_or_else(|| Error::Backend("generation state lost its sequence".into()))?;
+        let keep = seq.cached.len();
+        seq.extend(keep, &[token]).map_err(backend)
+    }
+
+    /// Ends the stream, releasing held-back text.
+    fn finish(&mut self, text: String, tokens: Vec<u32>, logprobs: Vec<TokenLogprob>, reason: FinishReason) -> Chunk {
+        let mut text = text;
+        let tail = self.utf8.finish();
+        let outcome = self.stop.push(&tail);
+        text.push_str(&outcome.emit);
+        if !outcome.stopped {
+            text.push_str(&self.stop.flush());
+        }
+        self.finish_now(text, tokens, logprobs, reason)
+    }
+
+    fn finish_now(&mut self, text: String, tokens: Vec<u32>, logprobs: Vec<TokenLogprob>, reason: FinishReason) -> Chunk {
+        self.done = true;
+        Chunk {
+            text,
+            tokens,
+            logprobs,
+            finish: Some(reason),
+        }
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if let Some(seq) = self.seq.take() {
+            self.model.return_sequence(seq);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! wasmlm's LLM component: the inference logic of a model family (tokenizer, chat template,
+//! sampling, stop rules, the generation loop) over `wasi:nn`, which runs the forward pass.
+//!
+//! It exports `wasmlm:llm` and `fermyon:spin/llm@2.0.0` and imports only `wasi:nn` and WASI.
+
+pub mod bindings {
+    //! Generated from `wit/`.
+    wit_bindgen::generate!({
+        world: "llm-component",
+        path: "../../wit",
+        generate_all,
+    });
+}
+
+mod generation;
+mod metadata;
+mod model;
+mod nn;
+pub mod sampling;
+pub mod stop;
+pub mod template;
+pub mod tokenizer;
+pub mod utf8;
+
+use std::cell::RefCell;
+
+use bindings::exports::fermyon::spin::llm as spin;
+use bindings::exports::wasmlm::llm::types::{Error, Message, SamplingOptions, Usage};
+use bindings::exports::wasmlm::llm::{embeddings, generation as gen, models, tokenization};
+use generation::Generation;
+
+struct Component;
+
+/// The stream resource handed to the host.
+pub struct CompletionStream(RefCell<Generation>);
+
+impl gen::GuestCompletionStream for CompletionStream {
+    fn next(&self) -> Result<Option<gen::Chunk>, Error> {
+        self.0.borrow_mut().next()
+    }
+
+    fn cancel(&self) {
+        self.0.borrow_mut().cancel()
+    }
+
+    fn usage(&self) -> Usage {
+        self.0.borrow().usage()
+    }
+}
+
+fn stream(g: Generation) -> gen::CompletionStream {
+    gen::CompletionStream::new(CompletionStream(RefCell::new(g)))
+}
+
+impl gen::Guest for Component {
+    type CompletionStream = CompletionStream;
+
+    fn chat(model: String, messages: Vec<Message>, options: SamplingOptions) -> Result<gen::CompletionStream, Error> {
+        let m = model::get(&model)?;
+        let prompt = m.render(&messages, true)?;
+        // The template writes special tokens (and BOS where the model wants it) as text.
+        let ids = m.tokenize(&prompt, true)?;
+        Ok(stream(Generation::new(m, ids, &options)?))
+    }
+
+    fn complete(model: String, prompt: String, options: SamplingOptions) -> Result<gen::CompletionStream, Error> {
+        let m = model::get(&model)?;
+        let mut ids = Vec::new();
+        if m.add_bos {
+            ids.extend(m.bos);
+        }
+        ids.extend(m.tokenize(&prompt, false)?);
+        Ok(stream(Generation::new(m, ids, &options)?))
+    }
+
+    fn complete_tokens(model: String, prompt: Vec<u32>, options: SamplingOptions) -> Result<gen::CompletionStream, Error> {
+        let m = model::get(&model)?;
+        Ok(stream(Generation::new(m, prompt, &options)?))
+    }
+}
+
+impl tokenization::Guest for Component {
+    fn tokenize(model: String, text: String, parse_special: bool) -> Result<Vec<u32>, Error> {
+        model::get(&model)?.tokenize(&text, parse_special)
+    }
+
+    fn detokenize(model: String, tokens: Vec<u32>) -> Result<String, Error> {
+        let m = model::get(&model)?;
+        let text = m
+            .tokenizer
+            .borrow()
+            .decode(&tokens)
+            .map_err(|bad| Error::InvalidInput(format!("token id {bad} is outside the vocabulary")));
+        text
+    }
+
+    fn apply_template(model: String, messages: Vec<Message>, add_generation_prompt: bool) -> Result<String, Error> {
+        model::get(&model)?.render(&messages, add_generation_prompt)
+    }
+}
+
+impl embeddings::Guest for Component {
+    fn embed(model: String, _inputs: Vec<String>) -> Result<Vec<Vec<f32>>, Error> {
+        let m = model::get(&model)?;
+        Err(Error::UnsupportedModel(format!(
+            "{} ({}) is not an embedding model",
+            m.name, m.architecture
+        )))
+    }
+}
+
+impl models::Guest for Component {
+    fn describe(model: String) -> Result<models::ModelInfo, Error> {
+        let m = model::get(&model)?;
+        Ok(models::ModelInfo {
+            name: m.name.clone(),
+            architecture: m.architecture.clone(),
+            context_length: m.context_length,
+            vocab_size: m.vocab_size,
+            has_chat_template: m.has_template(),
+            bos_token: m.bos,
+            eos_tokens: m.eog.clone(),
+        })
+    }
+}
+
+impl spin::Guest for Component {
+    fn infer(model: String, prompt: String, params: Option<spin::InferencingParams>) -> Result<spin::InferencingResult, spin::Error> {
+        // Spin's documented defaults when no parameters are given.
+        let p = params.unwrap_or(spin::InferencingParams {
+            max_tokens: 100,
+            repeat_penalty: 1.1,
+            repeat_penalty_last_n_token_count: 64,
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+        });
+        let options = SamplingOptions {
+            max_tokens: Some(p.max_tokens),
+            temperature: Some(p.temperature),
+            top_k: Some(p.top_k),
+            top_p: Some(p.top_p),
+            min_p: None,
+            repeat_penalty: Some(p.repeat_penalty),
+            repeat_last_n: Some(p.repeat_penalty_last_n_token_count),
+            presence_penalty: None,
+            frequency_penalty: None,
+            seed: None,
+            stop: Vec::new(),
+            top_logprobs: None,
+            ignore_eos: None,
+        };
+        let s = <Component as gen::Guest>::complete(model, prompt, options).map_err(spin_error)?;
+        let g = s.get::<CompletionStream>();
+        let mut text = String::new();
+        while let Some(chunk) = g.0.borrow_mut().next().map_err(spin_error)? {
+            text.push_str(&chunk.text);
+        }
+        let usage = g.0.borrow().usage();
+        Ok(spin::InferencingResult {
+            text,
+            usage: spin::InferencingUsage {
+                prompt_token_count: usage.prompt_tokens,
+                generated_token_count: usage.completion_tokens,
+            },
+        })
+    }
+
+    fn generate_embeddings(model: String, text: Vec<String>) -> Result<spin::EmbeddingsResult, spin::Error> {
+        <Component as embeddings::Guest>::embed(model, text)
+            .map(|_| unreachable_embeddings())
+            .map_err(spin_error)
+    }
+}
+
+fn unreachable_embeddings() -> spin::EmbeddingsResult {
+    spin::EmbeddingsResult {
+        embeddings: Vec::new(),
+        usage: spin::EmbeddingsUsage { prompt_token_count: 0 },
+    }
+}
+
+fn spin_error(e: Error) -> spin::Error {
+    match e {
+        Error::ModelNotFound(_) | Error::UnsupportedModel(_) => spin::Error::ModelNotSupported,
+        Error::InvalidInput(m) => spin::Error::InvalidInput(m),
+        Error::ContextOverflow(c) => spin::Error::InvalidInput(format!(
+            "the prompt has {} tokens; the context holds {}",
+            c.prompt_tokens, c.context_length
+        )),
+        Error::Backend(m) => spin::Error::RuntimeError(m),
+    }
+}
+
+bindings::export!(Component with_types_in bindings);

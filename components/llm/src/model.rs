@@ -1,0 +1,204 @@
+//! A model as this component instance knows it: its graph, tokenizer, chat template and the
+//! sequences (KV caches) it keeps between requests.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::bindings::exports::wasmlm::llm::types::{Error, Message, Role};
+use crate::bindings::wasi::nn::graph::Graph;
+use crate::metadata::ModelMetadata;
+use crate::nn::{self, Sequence};
+use crate::template::{ChatTemplate, TemplateMessage};
+use crate::tokenizer::TextTokenizer;
+
+/// Texts llama.cpp also treats as end-of-generation when they are tokens of the vocabulary.
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "<|end_of_text|>",
+];
+
+/// Idle sequences kept per model and instance; each holds a KV cache for prefix reuse.
+const MAX_IDLE_SEQUENCES: usize = 2;
+
+/// A loaded model.
+pub struct Model {
+    pub name: String,
+    graph: Graph,
+    pub architecture: String,
+    pub context_length: u32,
+    pub vocab_size: u32,
+    pub tokenizer: RefCell<TextTokenizer>,
+    template: Option<ChatTemplate>,
+    pub bos: Option<u32>,
+    pub add_bos: bool,
+    pub eog: Vec<u32>,
+    idle: RefCell<Vec<Sequence>>,
+}
+
+thread_local! {
+    static MODELS: RefCell<HashMap<String, Rc<Model>>> = RefCell::new(HashMap::new());
+}
+
+/// The model served under `name`, set up on first use (once per instance).
+pub fn get(name: &str) -> Result<Rc<Model>, Error> {
+    if let Some(m) = MODELS.with(|m| m.borrow().get(name).cloned()) {
+        return Ok(m);
+    }
+    let model = Rc::new(Model::load(name)?);
+    MODELS.with(|m| m.borrow_mut().insert(name.to_string(), model.clone()));
+    Ok(model)
+}
+
+fn backend(e: nn::ProtocolError) -> Error {
+    Error::Backend(e.0)
+}
+
+impl Model {
+    fn load(name: &str) -> Result<Self, Error> {
+        let graph = nn::load_graph(name)
+            .map_err(backend)?
+            .ok_or_else(|| Error::ModelNotFound(name.to_string()))?;
+        let seq = Sequence::new(&graph).map_err(backend)?;
+        let meta = seq.metadata().map_err(backend)?;
+        let tokenizer = TextTokenizer::from_metadata(&meta)
+            .map_err(|e| Error::UnsupportedModel(format!("{name}: {e}")))?;
+        let config = meta.tokenizer_config();
+        let bos = meta.gguf_u32("tokenizer.ggml.bos_token_id").or_else(|| {
+            config
+                .get("bos_token")
+                .and_then(|v| v.as_str())
+                .and_then(|t| tokenizer.token_id(t))
+        });
+        let eos = meta.gguf_u32("tokenizer.ggml.eos_token_id").or_else(|| {
+            config
+                .get("eos_token")
+                .and_then(|v| v.as_str())
+                .and_then(|t| tokenizer.token_id(t))
+        });
+        let mut eog: Vec<u32> = [
+            eos,
+            meta.gguf_u32("tokenizer.ggml.eot_token_id"),
+            meta.gguf_u32("tokenizer.ggml.eom_token_id"),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(EOG_TEXTS.iter().filter_map(|t| tokenizer.token_id(t)))
+        .collect();
+        eog.sort_unstable();
+        eog.dedup();
+        let template = chat_template_source(&meta, &config)
+            .map(|src| {
+                let text = |t: Option<u32>| t.map(|t| tokenizer.token_text(t)).unwrap_or_default();
+                ChatTemplate::new(&src, text(bos), text(eos))
+                    .map_err(|e| Error::UnsupportedModel(format!("{name}: chat template: {e}")))
+            })
+            .transpose()?;
+        Ok(Self {
+            name: name.to_string(),
+            graph,
+            architecture: meta.architecture.clone(),
+            context_length: meta.context_length,
+            vocab_size: meta.vocab_size,
+            add_bos: meta.gguf_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            tokenizer: RefCell::new(tokenizer),
+            template,
+            bos,
+            eog,
+            idle: RefCell::new(vec![seq]),
+        })
+    }
+
+    /// Whether the model has a chat template.
+    pub fn has_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// `messages` through the chat template.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, Error> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            Error::UnsupportedModel(format!(
+                "{} has no chat template; send the prompt as a raw completion",
+                self.name
+            ))
+        })?;
+        let msgs: Vec<TemplateMessage<'_>> = messages
+            .iter()
+            .map(|m| TemplateMessage {
+                role: role_name(m.role),
+                content: &m.content,
+            })
+            .collect();
+        template
+            .render(&msgs, add_generation_prompt)
+            .map_err(|e| Error::InvalidInput(format!("chat template: {e}")))
+    }
+
+    /// Token ids of `text`.
+    pub fn tokenize(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, Error> {
+        self.tokenizer
+            .borrow_mut()
+            .encode(text, parse_special)
+            .map_err(|e| Error::InvalidInput(e.to_string()))
+    }
+
+    /// The idle sequence whose cache shares the longest prefix with `prompt`, or a new one.
+    pub fn take_sequence(&self, prompt: &[u32]) -> Result<Sequence, Error> {
+        let mut idle = self.idle.borrow_mut();
+        let best = idle
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, s)| common_prefix(&s.cached, prompt))
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => Ok(idle.swap_remove(i)),
+            None => Sequence::new(&self.graph).map_err(backend),
+        }
+    }
+
+    /// Keeps a sequence for later requests.
+    pub fn return_sequence(&self, seq: Sequence) {
+        let mut idle = self.idle.borrow_mut();
+        if idle.len() < MAX_IDLE_SEQUENCES {
+            idle.push(seq);
+        }
+    }
+}
+
+/// Length of the common prefix of two token lists.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::System => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+        Role::Tool => "tool",
+    }
+}
+
+/// The chat template: GGUF `tokenizer.chat_template`, else `tokenizer_config.json`'s
+/// `chat_template` (a string, or a list of named templates of which "default" is used).
+fn chat_template_source(meta: &ModelMetadata, config: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    if let Some(t) = meta.gguf_str("tokenizer.chat_template") {
+        return Some(t.to_string());
+    }
+    match config.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}

@@ -1,0 +1,282 @@
+//! The model's own tokenizer, built from its metadata: GGUF `tokenizer.ggml.*` (byte-level BPE
+//! with the pre-tokenizer that `tokenizer.ggml.pre` names, as llama.cpp does), or the model
+//! folder's `tokenizer.json`.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::metadata::ModelMetadata;
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+// llama.cpp's pre-tokenizer regexes, by `tokenizer.ggml.pre` name.
+const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Why a tokenizer could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("the model has no tokenizer (no tokenizer.ggml.tokens and no tokenizer.json)")]
+    Missing,
+    #[error("tokenizer model '{0}' is not supported yet (supported: gpt2-style byte-level BPE)")]
+    UnsupportedModel(String),
+    #[error("pre-tokenizer '{0}' is not supported yet")]
+    UnsupportedPre(String),
+    #[error("malformed tokenizer metadata: {0}")]
+    Malformed(String),
+    #[error("tokenizer: {0}")]
+    Library(String),
+}
+
+fn lib_err(e: impl std::fmt::Display) -> TokenizerError {
+    TokenizerError::Library(e.to_string())
+}
+
+/// Text ↔ token ids for one model.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// Bytes each token stands for when it is generated text (empty for control tokens).
+    piece_bytes: Vec<Vec<u8>>,
+    /// Text of each token when detokenizing (control tokens as their text).
+    display_bytes: Vec<Vec<u8>>,
+    /// Token id of each token text, for looking up special tokens by name.
+    by_text: HashMap<String, u32>,
+}
+
+impl TextTokenizer {
+    /// Builds the tokenizer the metadata describes.
+    pub fn from_metadata(meta: &ModelMetadata) -> Result<Self, TokenizerError> {
+        if let Some(json) = &meta.tokenizer_json {
+            return Self::from_tokenizer_json(json);
+        }
+        let model = meta.gguf_str("tokenizer.ggml.model").ok_or(TokenizerError::Missing)?;
+        if model != "gpt2" {
+            return Err(TokenizerError::UnsupportedModel(model.to_string()));
+        }
+        let tokens: Vec<String> = strings(meta.gguf_array("tokenizer.ggml.tokens"), "tokens")?;
+        let merges: Vec<String> = strings(meta.gguf_array("tokenizer.ggml.merges"), "merges")?;
+        let types: Vec<i64> = meta
+            .gguf_array("tokenizer.ggml.token_type")
+            .map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+
+        let mut vocab = HashMap::with_capacity(tokens.len());
+        for (id, t) in tokens.iter().enumerate() {
+            vocab.entry(t.clone()).or_insert(id as u32);
+        }
+        let merges = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| TokenizerError::Malformed(format!("merge without a space: {m:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+            .build()
+            .map_err(lib_err)?;
+        let pre = meta.gguf_str("tokenizer.ggml.pre").unwrap_or("default");
+        let mut inner = Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        let mut specials = Vec::new();
+        let mut user_defined = Vec::new();
+        for (id, t) in tokens.iter().enumerate() {
+            match types.get(id).copied() {
+                Some(TOKEN_TYPE_CONTROL) => specials.push(AddedToken::from(t.clone(), true)),
+                Some(TOKEN_TYPE_USER_DEFINED) => {
+                    user_defined.push(AddedToken::from(t.clone(), false).normalized(false))
+                }
+                _ => {}
+            }
+        }
+        inner.add_special_tokens(&specials);
+        inner.add_tokens(&user_defined);
+
+        let unbyte = byte_decoder();
+        let mut piece_bytes = Vec::with_capacity(tokens.len());
+        let mut display_bytes = Vec::with_capacity(tokens.len());
+        for (id, t) in tokens.iter().enumerate() {
+            match types.get(id).copied() {
+                Some(TOKEN_TYPE_CONTROL) => {
+                    piece_bytes.push(Vec::new());
+                    display_bytes.push(t.as_bytes().to_vec());
+                }
+                Some(TOKEN_TYPE_USER_DEFINED) => {
+                    piece_bytes.push(t.as_bytes().to_vec());
+                    display_bytes.push(t.as_bytes().to_vec());
+                }
+                _ => {
+                    let bytes: Vec<u8> = t
+                        .chars()
+                        .map(|c| unbyte.get(&c).copied())
+                        .collect::<Option<_>>()
+                        .unwrap_or_else(|| t.as_bytes().to_vec());
+                    piece_bytes.push(bytes.clone());
+                    display_bytes.push(bytes);
+                }
+            }
+        }
+        let by_text = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        Ok(Self {
+            inner,
+            piece_bytes,
+            display_bytes,
+            by_text,
+        })
+    }
+
+    /// Builds from a Hugging Face `tokenizer.json`.
+    pub fn from_tokenizer_json(json: &str) -> Result<Self, TokenizerError> {
+        let inner: Tokenizer = json.parse().map_err(lib_err)?;
+        let n = inner.get_vocab_size(true);
+        let mut piece_bytes = Vec::with_capacity(n);
+        let mut display_bytes = Vec::with_capacity(n);
+        let added = inner.get_added_tokens_decoder();
+        for id in 0..n as u32 {
+            let special = added.get(&id).is_some_and(|t| t.special);
+            let text = inner.decode(&[id], false).unwrap_or_default();
+            piece_bytes.push(if special { Vec::new() } else { text.clone().into_bytes() });
+            display_bytes.push(text.into_bytes());
+        }
+        let by_text = inner.get_vocab(true).into_iter().collect();
+        Ok(Self {
+            inner,
+            piece_bytes,
+            display_bytes,
+            by_text,
+        })
+    }
+
+    /// Token ids of `text`, without BOS. With `parse_special`, special-token text maps to its
+    /// token; otherwise it is plain text.
+    pub fn encode(&mut self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        self.inner.set_encode_special_tokens(!parse_special);
+        let enc = self.inner.encode_fast(text, false).map_err(lib_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The bytes `token` adds to generated text (nothing for control tokens).
+    pub fn piece(&self, token: u32) -> &[u8] {
+        self.piece_bytes
+            .get(token as usize)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Text of `tokens`, special tokens included. Fails on an id outside the vocabulary.
+    pub fn decode(&self, tokens: &[u32]) -> Result<String, u32> {
+        let mut bytes = Vec::new();
+        for &t in tokens {
+            bytes.extend_from_slice(self.display_bytes.get(t as usize).ok_or(t)?);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Text of one token, special or not.
+    pub fn token_text(&self, token: u32) -> String {
+        self.decode(&[token]).unwrap_or_default()
+    }
+
+    /// The id of a token given its exact text.
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.by_text.get(text).copied()
+    }
+
+    /// Number of token ids.
+    pub fn vocab_size(&self) -> usize {
+        self.piece_bytes.len()
+    }
+}
+
+fn strings(values: Option<&Vec<Value>>, what: &str) -> Result<Vec<String>, TokenizerError> {
+    let values = values.ok_or_else(|| TokenizerError::Malformed(format!("no tokenizer.ggml.{what}")))?;
+    values
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| TokenizerError::Malformed(format!("tokenizer.ggml.{what} holds a non-string")))
+        })
+        .collect()
+}
+
+/// The pre-tokenizer llama.cpp uses for a `tokenizer.ggml.pre` value.
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
+    let byte_level = |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+    let split = |regex: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
+        Ok(PreTokenizerWrapper::Split(
+            Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(lib_err)?,
+        ))
+    };
+    Ok(match pre {
+        // GPT-2's own regex, inside ByteLevel.
+        "default" | "gpt2" => byte_level(true),
+        // Digits one by one, then GPT-2's regex.
+        "smollm" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            byte_level(true),
+        ])),
+        "llama3" | "llama-bpe" | "llama-v3" => {
+            PreTokenizerWrapper::Sequence(Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false)]))
+        }
+        "qwen2" | "deepseek-r1-qwen" => {
+            PreTokenizerWrapper::Sequence(Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false)]))
+        }
+        other => return Err(TokenizerError::UnsupportedPre(other.to_string())),
+    })
+}
+
+/// GPT-2's byte ↔ unicode table, inverted: the character a byte was printed as → the byte.
+fn byte_decoder() -> HashMap<char, u8> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    printable
+        .into_iter()
+        .zip(chars)
+        .filter_map(|(b, c)| Some((char::from_u32(c)?, b as u8)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_table_covers_every_byte() {
+        let t = byte_decoder();
+        assert_eq!(t.len(), 256);
+        assert_eq!(t[&'Ġ'], b' ');
+        assert_eq!(t[&'Ċ'], b'\n');
+        assert_eq!(t[&'a'], b'a');
+    }
+}

@@ -1,0 +1,281 @@
+//! The candle backend of `wasi:nn`: GGUF models behind wasmtime-wasi-nn's backend traits,
+//! speaking the LLM tensor protocol (`docs/wasi-nn-protocol.md`).
+//!
+//! One architecture per file behind [`CausalLm`]; a graph is a loaded model shared by all its
+//! execution contexts, and an execution context is one sequence with its own [`KvCache`].
+
+pub mod kv_cache;
+pub mod llama;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use serde_json::json;
+use wasmtime_wasi_nn::backend::{
+    BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id, NamedTensor,
+};
+use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
+use wasmtime_wasi_nn::{ExecutionContext, Graph, Tensor};
+
+use crate::gguf::{GgufError, GgufFile};
+use kv_cache::KvCache;
+
+/// Version of the tensor protocol the backend speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Architectures this backend runs, by GGUF `general.architecture`.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+
+/// A decoder-only language model: the seam between the protocol and each architecture.
+pub trait CausalLm: Send + Sync {
+    /// Appends `tokens` to the sequence in `cache` and returns the logits after the last one.
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Vec<f32>>;
+    /// An empty cache for one sequence of at most `max_len` positions.
+    fn new_cache(&self, max_len: usize) -> KvCache;
+    /// Number of logits per position.
+    fn vocab_size(&self) -> usize;
+}
+
+/// Why a model cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendModelError {
+    #[error(transparent)]
+    File(#[from] GgufError),
+    #[error("{path}: architecture '{arch}' is not supported (supported: {supported})")]
+    UnsupportedArchitecture { path: String, arch: String, supported: String },
+    #[error("missing model metadata: {0}")]
+    MissingMetadata(String),
+    #[error("tensor {0}: {1}")]
+    Tensor(String, String),
+    #[error("invalid model: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// A model in memory, ready to serve sequences.
+pub struct LoadedModel {
+    pub architecture: String,
+    pub context_length: usize,
+    pub weights: Box<dyn CausalLm>,
+    /// The protocol's metadata document, built once.
+    pub metadata: Vec<u8>,
+    pub file_size: u64,
+}
+
+impl LoadedModel {
+    /// Loads a GGUF file; `context` caps the model's own context length.
+    pub fn from_gguf(path: &Path, context: Option<usize>, device: &Device) -> Result<Self, BackendModelError> {
+        let mut f = GgufFile::open(path)?;
+        let file_size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let arch = f.architecture().unwrap_or_default();
+        let trained = f.get_u32(&format!("{arch}.context_length")).unwrap_or(2048) as usize;
+        let context_length = context.map_or(trained, |c| c.min(trained)).max(1);
+        let weights: Box<dyn CausalLm> = match arch.as_str() {
+            "llama" => Box::new(llama::Llama::load(&mut f, context_length, device)?),
+            _ => {
+                return Err(BackendModelError::UnsupportedArchitecture {
+                    path: path.display().to_string(),
+                    arch: if arch.is_empty() { "(none)".into() } else { arch },
+                    supported: SUPPORTED_ARCHITECTURES.join(", "),
+                })
+            }
+        };
+        let mut doc = json!({
+            "protocol": PROTOCOL_VERSION,
+            "architecture": arch,
+            "context_length": context_length,
+            "vocab_size": weights.vocab_size(),
+            "gguf": f.metadata_json(),
+        });
+        // A model folder's tokenizer files travel with the metadata.
+        if let Some(dir) = path.parent() {
+            for (key, file) in [("tokenizer_json", "tokenizer.json"), ("tokenizer_config_json", "tokenizer_config.json")] {
+                if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
+                    doc[key] = json!(text);
+                }
+            }
+        }
+        let metadata = serde_json::to_vec(&doc).map_err(|e| BackendModelError::Invalid(e.to_string()))?;
+        Ok(Self {
+            architecture: doc["architecture"].as_str().unwrap_or_default().to_string(),
+            context_length,
+            weights,
+            metadata,
+            file_size,
+        })
+    }
+}
+
+/// The `ggml` encoding's backend. Models are normally preloaded by name; `graph.load` with
+/// GGUF bytes is refused, so a guest cannot make the host allocate arbitrary models.
+#[derive(Default)]
+pub struct CandleBackend;
+
+impl BackendInner for CandleBackend {
+    fn encoding(&self) -> GraphEncoding {
+        GraphEncoding::Ggml
+    }
+
+    fn load(&mut self, _builders: &[&[u8]], _target: ExecutionTarget) -> Result<Graph, BackendError> {
+        Err(protocol_error(
+            "loading models from guest bytes is disabled: use load-by-name with a model the host preloaded",
+        ))
+    }
+
+    fn as_dir_loadable(&mut self) -> Option<&mut dyn BackendFromDir> {
+        None
+    }
+}
+
+/// A graph: one loaded model.
+pub struct CandleGraph(pub Arc<LoadedModel>);
+
+impl CandleGraph {
+    /// The wasi-nn graph for `model`.
+    pub fn graph(model: Arc<LoadedModel>) -> Graph {
+        let inner: Box<dyn BackendGraph> = Box::new(CandleGraph(model));
+        Graph::from(inner)
+    }
+}
+
+impl BackendGraph for CandleGraph {
+    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
+        let ctx: Box<dyn BackendExecutionContext> = Box::new(Sequence::new(self.0.clone()));
+        Ok(ExecutionContext::from(ctx))
+    }
+}
+
+/// An execution context: one sequence and its KV cache.
+pub struct Sequence {
+    model: Arc<LoadedModel>,
+    cache: KvCache,
+}
+
+impl Sequence {
+    /// An empty sequence on `model`.
+    pub fn new(model: Arc<LoadedModel>) -> Self {
+        let cache = model.weights.new_cache(model.context_length);
+        Self { model, cache }
+    }
+
+    /// Appends tokens and returns the logits after the last, with the protocol's checks.
+    pub fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        if tokens.is_empty() {
+            return Err("input_ids is empty".into());
+        }
+        let vocab = self.model.weights.vocab_size();
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(format!("token id {bad} is outside the vocabulary (size {vocab})"));
+        }
+        let end = self.cache.len() + tokens.len();
+        if end > self.cache.max_len() {
+            return Err(format!(
+                "context overflow: {end} tokens do not fit the context of {}",
+                self.cache.max_len()
+            ));
+        }
+        self.model
+            .weights
+            .forward(tokens, &mut self.cache)
+            .map_err(|e| format!("forward pass: {e}"))
+    }
+
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// Keeps the first `len` positions.
+    pub fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len)
+    }
+}
+
+fn protocol_error(msg: impl std::fmt::Display) -> BackendError {
+    BackendError::BackendAccess(wasmtime::format_err!("{msg}"))
+}
+
+fn ids_of(t: &Tensor) -> Result<Vec<u32>, BackendError> {
+    let values: Vec<i64> = match t.ty {
+        TensorType::I64 => t
+            .data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect(),
+        TensorType::I32 => t
+            .data
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()) as i64)
+            .collect(),
+        other => return Err(protocol_error(format!("token tensors must be i64 or i32, not {other:?}"))),
+    };
+    values
+        .into_iter()
+        .map(|v| u32::try_from(v).map_err(|_| protocol_error(format!("token id {v} is out of range"))))
+        .collect()
+}
+
+fn tensor(ty: TensorType, dims: Vec<u32>, data: Vec<u8>) -> Tensor {
+    Tensor::new(dims, ty, data)
+}
+
+impl BackendExecutionContext for Sequence {
+    fn set_input(&mut self, _id: Id, _tensor: &Tensor) -> Result<(), BackendError> {
+        Err(protocol_error("the LLM protocol uses compute with named tensors only"))
+    }
+
+    fn get_output(&mut self, _id: Id) -> Result<Tensor, BackendError> {
+        Err(protocol_error("the LLM protocol uses compute with named tensors only"))
+    }
+
+    fn compute(&mut self, inputs: Option<Vec<NamedTensor>>) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+        let inputs = inputs.unwrap_or_default();
+        let mut outputs = Vec::new();
+        let find = |name: &str| inputs.iter().find(|t| t.name == name).map(|t| &t.tensor);
+        if let Some(unknown) = inputs
+            .iter()
+            .find(|t| !matches!(t.name.as_str(), "truncate" | "input_ids" | "metadata"))
+        {
+            return Err(protocol_error(format!("unknown input tensor '{}'", unknown.name)));
+        }
+        if find("metadata").is_some() {
+            let md = self.model.metadata.clone();
+            outputs.push(NamedTensor {
+                name: "metadata".into(),
+                tensor: tensor(TensorType::U8, vec![md.len() as u32], md),
+            });
+        }
+        if let Some(t) = find("truncate") {
+            let len = *ids_of(t)?
+                .first()
+                .ok_or_else(|| protocol_error("truncate needs one value"))?;
+            if len as usize > self.len() {
+                return Err(protocol_error(format!(
+                    "cannot truncate to {len}: the sequence holds {}",
+                    self.len()
+                )));
+            }
+            self.truncate(len as usize);
+        }
+        if let Some(t) = find("input_ids") {
+            let logits = self.extend(&ids_of(t)?).map_err(protocol_error)?;
+            let bytes: Vec<u8> = logits.iter().flat_map(|l| l.to_le_bytes()).collect();
+            outputs.push(NamedTensor {
+                name: "logits".into(),
+                tensor: tensor(TensorType::Fp32, vec![logits.len() as u32], bytes),
+            });
+        }
+        outputs.push(NamedTensor {
+            name: "n_past".into(),
+            tensor: tensor(TensorType::I64, vec![1], (self.len() as i64).to_le_bytes().to_vec()),
+        });
+        Ok(Some(outputs))
+    }
+}

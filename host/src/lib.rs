@@ -1,0 +1,15 @@
+//! wasmlm's host: runs LLM components on wasmtime and serves their `wasi:nn` imports with a
+//! native candle backend.
+
+pub mod backend;
+pub mod gguf;
+pub mod models;
+pub mod runtime;
+
+/// Host-side bindings of the component's exports.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        world: "llm-host",
+        path: "../wit",
+    });
+}

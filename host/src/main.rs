@@ -1,0 +1,393 @@
+//! `wasmlm`: run LLM components on this machine.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use wasmlm_host::backend::{LoadedModel, Sequence};
+use wasmlm_host::bindings::exports::wasmlm::llm::types::{Message, Role, SamplingOptions};
+use wasmlm_host::models::{self, ModelSpec, KNOWN_MODELS};
+use wasmlm_host::runtime::{Runtime, EMBEDDED_COMPONENT};
+
+/// Run LLMs as WebAssembly components: the generation loop runs in a sandboxed wasm component,
+/// the forward pass natively behind wasi:nn.
+#[derive(Parser)]
+#[command(name = "wasmlm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one prompt, streaming the text to stdout and a summary line to stderr.
+    Run(RunArgs),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize(TokenizeArgs),
+    /// Measure prefill and decode speed natively and through the component, in one run.
+    Bench(BenchArgs),
+    /// Fetch the known models (default: all) into the model cache.
+    Pull {
+        /// Names of models to fetch.
+        names: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model as NAME=PATH, PATH to a GGUF file, or a known name (default: smollm2, fetched if
+    /// missing). Models are cached in $WASMLM_MODELS or ~/.cache/wasmlm/models.
+    #[arg(long, short)]
+    model: Option<String>,
+    /// Context length in tokens (default: the model's own).
+    #[arg(long)]
+    context: Option<usize>,
+    /// CPU threads for the forward pass (default: available cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Use this component file instead of the embedded one.
+    #[arg(long, hide = true)]
+    component: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Top-k cut (0 disables).
+    #[arg(long, default_value_t = 40)]
+    top_k: u32,
+    /// Top-p (nucleus) cut.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Min-p cut.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Repeat penalty over the last 64 tokens (1 is off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Seed: the same seed gives the same output.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// System message (otherwise the template's default, if it has one).
+    #[arg(long)]
+    system: Option<String>,
+    /// Send the prompt as is, without the chat template (for base models).
+    #[arg(long)]
+    raw: bool,
+    /// The prompt.
+    prompt: String,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Turn special-token text such as <|im_start|> into its token.
+    #[arg(long)]
+    special: bool,
+    /// The text.
+    text: String,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Rounds; each runs both paths, and the best of each is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Bench(a) => bench(a),
+        Command::Pull { names } => pull(&names),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes, outermost first.
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("wasmlm: error: {}", msg.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads the model and the runtime; returns the runtime and the model's name.
+fn start(a: &ModelArgs) -> Result<(Runtime, String)> {
+    if let Some(n) = a.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle sizes its work by RAYON_NUM_THREADS; the pool must match it.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    let dir = models::models_dir();
+    let spec = match &a.model {
+        Some(s) => ModelSpec::parse(s, &dir)?,
+        None => ModelSpec::default_model(&dir),
+    };
+    let loaded = models::load_all(std::slice::from_ref(&spec), a.context, &candle_core::Device::Cpu)?;
+    let wasm = match &a.component {
+        Some(p) => std::fs::read(p).with_context(|| format!("reading component {}", p.display()))?,
+        None => EMBEDDED_COMPONENT.to_vec(),
+    };
+    let cache = models::cache_dir().join("components");
+    let runtime = Runtime::new(&wasm, loaded, Some(&cache))?;
+    Ok((runtime, spec.name))
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let (runtime, model) = start(&a.model)?;
+    let mut inst = runtime.instance(&model)?;
+    let options = SamplingOptions {
+        max_tokens: Some(a.max_tokens),
+        temperature: Some(a.temperature),
+        top_k: Some(a.top_k),
+        top_p: Some(a.top_p),
+        min_p: Some(a.min_p),
+        repeat_penalty: Some(a.repeat_penalty),
+        repeat_last_n: None,
+        presence_penalty: None,
+        frequency_penalty: None,
+        seed: a.seed,
+        stop: a.stop.clone(),
+        top_logprobs: None,
+        ignore_eos: None,
+    };
+    let start = Instant::now();
+    let mut stream = if a.raw {
+        inst.complete(&model, &a.prompt, &options)?
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(Message {
+                role: Role::System,
+                content: s.clone(),
+            });
+        }
+        messages.push(Message {
+            role: Role::User,
+            content: a.prompt.clone(),
+        });
+        inst.chat(&model, &messages, &options)?
+    };
+    let mut out = std::io::stdout().lock();
+    let (mut first, mut last) = (None, None);
+    while let Some(chunk) = stream.next_chunk()? {
+        if !chunk.tokens.is_empty() {
+            let now = start.elapsed();
+            first.get_or_insert(now);
+            last = Some(now);
+        }
+        out.write_all(chunk.text.as_bytes())?;
+        out.flush()?;
+    }
+    writeln!(out)?;
+    let usage = stream.usage()?;
+    let ttft = first.unwrap_or_default();
+    let decode = match (first, last) {
+        (Some(f), Some(l)) if usage.completion_tokens > 1 && l > f => {
+            (usage.completion_tokens - 1) as f64 / (l - f).as_secs_f64()
+        }
+        _ => 0.0,
+    };
+    let prefill = (usage.prompt_tokens - usage.cached_tokens) as f64 / ttft.as_secs_f64().max(1e-9);
+    eprintln!(
+        "prompt_tokens={} generated_tokens={} ttft_ms={:.1} prefill_tok_s={:.1} decode_tok_s={:.1} peak_rss_mb={:.1}",
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        ttft.as_secs_f64() * 1e3,
+        prefill,
+        decode,
+        peak_rss_mb()
+    );
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let (runtime, model) = start(&a.model)?;
+    let ids = runtime.instance(&model)?.tokenize(&model, &a.text, a.special)?;
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}
+
+fn pull(names: &[String]) -> Result<()> {
+    let dir = models::models_dir();
+    for k in KNOWN_MODELS {
+        if names.is_empty() || names.iter().any(|n| n == k.name) {
+            let spec = ModelSpec::known(k, &dir);
+            models::ensure_fetched(k, &spec.path)?;
+            println!("{}\t{}", k.name, spec.path.display());
+        }
+    }
+    if let Some(unknown) = names.iter().find(|n| !KNOWN_MODELS.iter().any(|k| k.name == n.as_str())) {
+        bail!("unknown model '{unknown}' (known: {})", KNOWN_MODELS.iter().map(|k| k.name).collect::<Vec<_>>().join(", "));
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process, from /proc (0 where there is none).
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Timings of one generation.
+#[derive(Clone, Copy, Default)]
+struct Timing {
+    prefill: Duration,
+    decode: Duration,
+}
+
+/// Prompt and decode straight through the backend, greedy, as the component would.
+fn bench_native(model: &Arc<LoadedModel>, prompt: &[u32], gen: usize) -> Result<Timing> {
+    let mut seq = Sequence::new(model.clone());
+    let t0 = Instant::now();
+    let mut logits = Vec::new();
+    for chunk in prompt.chunks(512) {
+        logits = seq.extend(chunk).map_err(anyhow::Error::msg)?;
+    }
+    let mut token = argmax(&logits);
+    let t1 = Instant::now();
+    for _ in 1..gen {
+        logits = seq.extend(&[token]).map_err(anyhow::Error::msg)?;
+        token = argmax(&logits);
+    }
+    Ok(Timing {
+        prefill: t1 - t0,
+        decode: t1.elapsed(),
+    })
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in l.iter().enumerate() {
+        if v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn bench_component(runtime: &Runtime, model: &str, prompt: &[u32], gen: usize) -> Result<Timing> {
+    let mut inst = runtime.instance(model)?;
+    let options = SamplingOptions {
+        max_tokens: Some(gen as u32),
+        temperature: Some(0.0),
+        top_k: None,
+        top_p: None,
+        min_p: None,
+        repeat_penalty: None,
+        repeat_last_n: None,
+        presence_penalty: None,
+        frequency_penalty: None,
+        seed: None,
+        stop: Vec::new(),
+        top_logprobs: None,
+        ignore_eos: Some(true),
+    };
+    let t0 = Instant::now();
+    let mut stream = inst.complete_tokens(model, prompt, &options)?;
+    let mut first = None;
+    let mut n = 0;
+    while let Some(chunk) = stream.next_chunk()? {
+        n += chunk.tokens.len();
+        first.get_or_insert_with(Instant::now);
+    }
+    let usage = stream.usage()?;
+    if usage.cached_tokens != 0 {
+        bail!("benchmark prompt hit the prefix cache");
+    }
+    if n != gen {
+        bail!("component generated {n} tokens, expected {gen}");
+    }
+    let t1 = first.unwrap_or(t0);
+    Ok(Timing {
+        prefill: t1 - t0,
+        decode: t1.elapsed(),
+    })
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.prompt_tokens == 0 || a.gen_tokens < 2 || a.rounds == 0 {
+        bail!("need --prompt-tokens >= 1, --gen-tokens >= 2 and --rounds >= 1");
+    }
+    let (runtime, model) = start(&a.model)?;
+    let loaded = runtime.model(&model)?.clone();
+    let text = "The history of computing is a story of abstraction: each layer hides the one beneath it, \
+                so that people can think about problems instead of machines. ";
+    let unit = runtime.instance(&model)?.tokenize(&model, text, false)?;
+    let base: Vec<u32> = unit.iter().copied().cycle().take(a.prompt_tokens).collect();
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
+        std::thread::available_parallelism().map_or("1".into(), |n| n.to_string())
+    });
+    println!(
+        "model={model} prompt_tokens={} gen_tokens={} threads={threads} rounds={}",
+        a.prompt_tokens, a.gen_tokens, a.rounds
+    );
+    let mut best_native = (0.0f64, 0.0f64);
+    let mut best_comp = (0.0f64, 0.0f64);
+    for round in 0..a.rounds {
+        // A different first token each round keeps the component's prefix cache out of it.
+        let mut prompt = base.clone();
+        prompt[0] = unit[round % unit.len()];
+        let rate = |t: Timing| {
+            (
+                a.prompt_tokens as f64 / t.prefill.as_secs_f64(),
+                (a.gen_tokens - 1) as f64 / t.decode.as_secs_f64(),
+            )
+        };
+        let n = rate(bench_native(&loaded, &prompt, a.gen_tokens)?);
+        let c = rate(bench_component(&runtime, &model, &prompt, a.gen_tokens)?);
+        println!(
+            "round={round} native_prefill_tok_s={:.1} native_decode_tok_s={:.1} component_prefill_tok_s={:.1} component_decode_tok_s={:.1}",
+            n.0, n.1, c.0, c.1
+        );
+        best_native = (best_native.0.max(n.0), best_native.1.max(n.1));
+        best_comp = (best_comp.0.max(c.0), best_comp.1.max(c.1));
+    }
+    println!(
+        "best native_prefill_tok_s={:.1} native_decode_tok_s={:.1} component_prefill_tok_s={:.1} component_decode_tok_s={:.1}",
+        best_native.0, best_native.1, best_comp.0, best_comp.1
+    );
+    println!(
+        "ratio component/native prefill={:.3} decode={:.3} peak_rss_mb={:.1}",
+        best_comp.0 / best_native.0,
+        best_comp.1 / best_native.1,
+        peak_rss_mb()
+    );
+    Ok(())
+}
