@@ -16,6 +16,9 @@ use crate::backend::{CandleBackend, CandleGraph, LoadedModel};
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
 use crate::bindings::exports::wasmlm::llm::models::ModelInfo;
 use crate::bindings::exports::wasmlm::llm::types::{Error as GuestError, Message, SamplingOptions, Usage};
+use crate::bindings::exports::fermyon::spin::llm::{
+    Error as SpinError, InferencingParams as SpinParams, InferencingResult as SpinResult,
+};
 use crate::bindings::{LlmHost, LlmHostPre};
 
 /// The component built with this host (see `build.rs`).
@@ -309,6 +312,26 @@ impl Instance {
             api.wasmlm_llm_tokenization()
                 .call_apply_template(store, model, messages, add_generation_prompt)
         })
+    }
+
+    /// Spin's `fermyon:spin/llm.infer`, as a Spin app would call it.
+    pub fn spin_infer(
+        &mut self,
+        model: &str,
+        prompt: &str,
+        params: Option<SpinParams>,
+    ) -> Result<Result<SpinResult, SpinError>, RuntimeError> {
+        match self
+            .api
+            .fermyon_spin_llm()
+            .call_infer(&mut self.store, &model.to_string(), prompt, params)
+        {
+            Ok(r) => Ok(r),
+            Err(trap) => {
+                self.poisoned = true;
+                Err(RuntimeError::Wasm(trap))
+            }
+        }
     }
 
     /// Starts a chat completion.

@@ -29,6 +29,9 @@ use bindings::exports::wasmlm::llm::types::{Error, Message, SamplingOptions, Usa
 use bindings::exports::wasmlm::llm::{embeddings, generation as gen, models, tokenization};
 use generation::Generation;
 
+// Exported only on wasm: natively the crate is built for its unit tests, and the export
+// symbols' names (`wasmlm:llm/...#chat`) are not valid in a native linker's version script.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 struct Component;
 
 /// The stream resource handed to the host.
@@ -192,4 +195,5 @@ fn spin_error(e: Error) -> spin::Error {
     }
 }
 
+#[cfg(target_arch = "wasm32")]
 bindings::export!(Component with_types_in bindings);

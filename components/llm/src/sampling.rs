@@ -319,7 +319,7 @@ mod tests {
     fn penalties_follow_llama_cpp_and_openai() {
         let mut p = params(0.0, 1);
         p.repeat_penalty = 2.0;
-        let mut s = Sampler::new(p);
+        let s = Sampler::new(p);
         let mut logits = [4.0, 3.0, -1.0];
         s.apply_penalties(&mut logits, &[0, 2], &[]);
         assert_eq!(logits, [2.0, 3.0, -2.0]);

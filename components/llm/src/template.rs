@@ -114,9 +114,9 @@ mod tests {
 
     #[test]
     fn tojson_matches_python_json_dumps() {
-        let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}", String::new(), String::new()).unwrap();
-        let env = &t.env;
-        let out = env
+        let t = ChatTemplate::new("", String::new(), String::new()).unwrap();
+        let out = t
+            .env
             .render_str(
                 "{{ x | tojson }}",
                 minijinja::context! { x => serde_json::json!({"a": [1, "é<"], "b": {}}) },
@@ -134,11 +134,12 @@ mod tests {
 
     #[test]
     fn trims_blocks_like_transformers() {
-        let src = "{% for m in messages %}\n  {{ m.role }}:{{ m.content.strip() }}\n{% endfor %}";
-        let t = ChatTemplate::new(src, String::new(), String::new()).unwrap();
-        let out = t
-            .render(&[TemplateMessage { role: "user", content: " hi " }], false)
-            .unwrap();
-        assert_eq!(out, "user:hi\n");
+        // Expected outputs are Jinja2's (trim_blocks + lstrip_blocks): indentation before
+        // `{{ }}` stays, indentation before `{% %}` and the newline after it go.
+        let msgs = [TemplateMessage { role: "user", content: " hi " }];
+        let t = ChatTemplate::new("{% for m in messages %}\n  {{ m.role }}:{{ m.content.strip() }}\n{% endfor %}", String::new(), String::new()).unwrap();
+        assert_eq!(t.render(&msgs, false).unwrap(), "  user:hi\n");
+        let t = ChatTemplate::new("{% for m in messages %}\n  {% if true %}{{ m.role }}{% endif %}\n{% endfor %}", String::new(), String::new()).unwrap();
+        assert_eq!(t.render(&msgs, false).unwrap(), "user");
     }
 }

@@ -1,0 +1,329 @@
+//! The component on the host, in process, against reference outputs of llama.cpp and Hugging
+//! Face tooling on the same GGUF: tokenizer, chat template, greedy decoding; plus sampling,
+//! stop rules, prefix reuse and the component's contract. One model load serves every test.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use wasmlm_host::backend::LoadedModel;
+use wasmlm_host::bindings::exports::wasmlm::llm::types::{
+    Error as GuestError, FinishReason, Message, Role, SamplingOptions,
+};
+use wasmlm_host::runtime::{Runtime, RuntimeError, EMBEDDED_COMPONENT};
+
+const MODEL: &str = "smollm2";
+
+fn runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| runtime_with_context(2048))
+}
+
+fn runtime_with_context(context: usize) -> Runtime {
+    let model = LoadedModel::from_gguf(&common::smollm2_path(), Some(context), &Device::Cpu).expect("model loads");
+    let models = HashMap::from([(MODEL.to_string(), std::sync::Arc::new(model))]);
+    let cache = wasmlm_host::models::cache_dir().join("components");
+    Runtime::new(EMBEDDED_COMPONENT, models, Some(&cache)).expect("runtime starts")
+}
+
+fn greedy(max_tokens: u32) -> SamplingOptions {
+    SamplingOptions {
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        top_k: None,
+        top_p: None,
+        min_p: None,
+        repeat_penalty: None,
+        repeat_last_n: None,
+        presence_penalty: None,
+        frequency_penalty: None,
+        seed: None,
+        stop: Vec::new(),
+        top_logprobs: None,
+        ignore_eos: None,
+    }
+}
+
+fn messages(v: &serde_json::Value) -> Vec<Message> {
+    v.as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| Message {
+            role: match m["role"].as_str() {
+                Some("system") => Role::System,
+                Some("assistant") => Role::Assistant,
+                Some("tool") => Role::Tool,
+                _ => Role::User,
+            },
+            content: m["content"].as_str().unwrap_or_default().to_string(),
+        })
+        .collect()
+}
+
+/// What a finished generation produced.
+struct Output {
+    text: String,
+    tokens: Vec<u32>,
+    /// Per token: (chosen logprob, alternatives) when asked for.
+    logprobs: Vec<(f32, Vec<(u32, f32)>)>,
+    finish: Option<FinishReason>,
+    prompt_tokens: u32,
+    cached_tokens: u32,
+}
+
+fn drain(mut s: wasmlm_host::runtime::Stream<'_>) -> Output {
+    let mut out = Output {
+        text: String::new(),
+        tokens: Vec::new(),
+        logprobs: Vec::new(),
+        finish: None,
+        prompt_tokens: 0,
+        cached_tokens: 0,
+    };
+    while let Some(c) = s.next_chunk().expect("next chunk") {
+        assert!(out.finish.is_none(), "a chunk after the final one");
+        out.text.push_str(&c.text);
+        out.tokens.extend(&c.tokens);
+        out.logprobs
+            .extend(c.logprobs.iter().map(|l| (l.logprob, l.top.iter().map(|t| (t.token, t.logprob)).collect())));
+        out.finish = c.finish;
+    }
+    let u = s.usage().expect("usage");
+    assert_eq!(u.completion_tokens as usize, out.tokens.len());
+    out.prompt_tokens = u.prompt_tokens;
+    out.cached_tokens = u.cached_tokens;
+    out
+}
+
+#[test]
+fn tokenizer_matches_llama_cpp_and_round_trips() {
+    let rt = runtime();
+    let mut inst = rt.instance(MODEL).unwrap();
+    let rows = common::vectors("smollm2-tokens.jsonl");
+    assert!(rows.len() >= 20);
+    for row in rows {
+        let text = row["text"].as_str().unwrap();
+        let expected = common::ids(&row["ids"]);
+        let got = inst.tokenize(MODEL, text, false).unwrap();
+        assert_eq!(got, expected, "token ids of {text:?}");
+        assert_eq!(inst.detokenize(MODEL, &got).unwrap(), text, "decoding the ids of {text:?}");
+    }
+}
+
+#[test]
+fn special_tokens_parse_only_when_asked() {
+    let rt = runtime();
+    let mut inst = rt.instance(MODEL).unwrap();
+    assert_eq!(inst.tokenize(MODEL, "<|im_start|>", true).unwrap(), vec![1]);
+    let plain = inst.tokenize(MODEL, "<|im_start|>", false).unwrap();
+    assert!(plain.len() > 1 && !plain.contains(&1), "{plain:?}");
+}
+
+#[test]
+fn chat_template_matches_transformers() {
+    let rt = runtime();
+    let mut inst = rt.instance(MODEL).unwrap();
+    let rows = common::vectors("smollm2-template.jsonl");
+    assert!(!rows.is_empty());
+    for row in rows {
+        let add = row["add_generation_prompt"].as_bool().unwrap();
+        let got = inst.apply_template(MODEL, &messages(&row["messages"]), add).unwrap();
+        assert_eq!(got, row["rendered"].as_str().unwrap());
+    }
+}
+
+/// Greedy decoding against llama.cpp's. Free-running, the sequences may part where two
+/// candidates are a float-noise tie, so the test reports how far they agree. Then it feeds
+/// llama.cpp's own tokens back (teacher forcing) and requires, at every one of the positions,
+/// that llama.cpp's token is our argmax or within `TIE_NATS` of it: a real difference in the
+/// forward pass fails wherever it happens.
+#[test]
+fn greedy_decoding_matches_llama_cpp() {
+    // llama.cpp keeps K and V in f16 and rounds the other operand of each attention product to
+    // f16; we stay in f32. Emulating its f16 rounding in our backend moved the logprob margins
+    // at these vectors' near-tie positions by up to 0.25 nats, so that is the noise we accept.
+    // Positions that are not near-ties match exactly (0.0000 nats).
+    const TIE_NATS: f32 = 0.25;
+    let rt = runtime();
+    let mut inst = rt.instance(MODEL).unwrap();
+    let mut failures = Vec::new();
+    for (i, row) in common::vectors("smollm2-greedy.jsonl").iter().enumerate() {
+        let msgs = messages(&row["messages"]);
+        let prompt_ids = common::ids(&row["prompt_ids"]);
+        let expected = common::ids(&row["greedy_ids"]);
+        assert_eq!(inst.apply_template(MODEL, &msgs, true).unwrap(), row["rendered"].as_str().unwrap());
+        assert_eq!(inst.tokenize(MODEL, row["rendered"].as_str().unwrap(), true).unwrap(), prompt_ids);
+
+        let out = drain(inst.chat(MODEL, &msgs, &greedy(expected.len() as u32)).unwrap());
+        assert_eq!(out.prompt_tokens as usize, prompt_ids.len());
+        let agree = out.tokens.iter().zip(&expected).take_while(|(a, b)| a == b).count();
+        eprintln!("row {i}: free-running greedy agrees with llama.cpp on {agree}/{} tokens", expected.len());
+        if agree == expected.len() {
+            assert_eq!(out.text, row["greedy_text"].as_str().unwrap());
+        }
+
+        let mut opts = greedy(1);
+        opts.top_logprobs = Some(20);
+        let mut worst = 0.0f32;
+        for j in 0..expected.len() {
+            let context: Vec<u32> = prompt_ids.iter().chain(&expected[..j]).copied().collect();
+            let step = drain(inst.complete_tokens(MODEL, &context, &opts).unwrap());
+            assert_eq!(step.cached_tokens as usize, context.len() - 1, "teacher forcing reuses the cache");
+            let (best, top) = &step.logprobs[0];
+            let gap = top
+                .iter()
+                .find(|(t, _)| *t == expected[j])
+                .map_or(f32::INFINITY, |(_, lp)| best - lp);
+            worst = worst.max(gap);
+            if gap > TIE_NATS {
+                failures.push(format!(
+                    "row {i} position {j}: llama.cpp's token {} is {gap} nats below our choice {}",
+                    expected[j], step.tokens[0]
+                ));
+            }
+        }
+        eprintln!("row {i}: teacher-forced, llama.cpp's tokens are at most {worst:.4} nats from our argmax");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn same_seed_same_text_other_seed_other_text() {
+    let rt = runtime();
+    let mut inst = rt.instance(MODEL).unwrap();
+    let sample = |inst: &mut wasmlm_host::runtime::PooledInstance<'_>, seed| {
+        let mut o = greedy(24);
+        o.temperature = Some(1.0);
+        o.seed = Some(seed);
+        o.ignore_eos = Some(true);
+        drain(inst.complete(MODEL, "Once upon a time", &o).unwrap()).tokens
+    };
+    let a = sample(&mut inst, 42);
+    assert_eq!(a.len(), 24);
+    assert_eq!(a, sample(&mut inst, 42));
+    assert_ne!(a, sample(&mut inst, 43));
+}
+
+#[test]
+fn stop_strings_and_max_tokens_end_generation() {
+    let rt = runtime();
+    let mut inst = rt.instance(MODEL).unwrap();
+    let row = &common::vectors("smollm2-greedy.jsonl")[0];
+    let msgs = messages(&row["messages"]);
+    let full = row["greedy_text"].as_str().unwrap();
+    let mut o = greedy(32);
+    o.stop = vec![", la".into()];
+    let out = drain(inst.chat(MODEL, &msgs, &o).unwrap());
+    assert_eq!(out.text, &full[..full.find(", la").unwrap()]);
+    assert_eq!(out.finish, Some(FinishReason::Stop));
+
+    let out = drain(inst.chat(MODEL, &msgs, &greedy(5)).unwrap());
+    assert_eq!(out.tokens.len(), 5);
+    assert_eq!(out.finish, Some(FinishReason::Length));
+}
+
+#[test]
+fn repeated_prompt_reuses_the_kv_cache() {
+    let rt = runtime();
+    let mut inst = rt.instance(MODEL).unwrap();
+    let msgs = vec![Message {
+        role: Role::User,
+        content: "Name a colour of the rainbow.".into(),
+    }];
+    let first = drain(inst.chat(MODEL, &msgs, &greedy(8)).unwrap());
+    let second = drain(inst.chat(MODEL, &msgs, &greedy(8)).unwrap());
+    assert_eq!(second.cached_tokens, second.prompt_tokens - 1);
+    assert_eq!(first.tokens, second.tokens, "reused cache changes nothing");
+}
+
+#[test]
+fn logprobs_describe_the_choice() {
+    let rt = runtime();
+    let mut inst = rt.instance(MODEL).unwrap();
+    let mut o = greedy(4);
+    o.top_logprobs = Some(3);
+    let out = drain(inst.complete(MODEL, "The capital of France is", &o).unwrap());
+    for (tok, (lp, top)) in out.tokens.iter().zip(&out.logprobs) {
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0].0, *tok, "greedy picks the most likely token");
+        assert!(*lp <= 0.0 && (lp - top[0].1).abs() < 1e-6);
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+}
+
+#[test]
+fn long_prompts_and_full_contexts_are_handled() {
+    let rt = runtime_with_context(64);
+    let mut inst = rt.instance(MODEL).unwrap();
+    let long = "word ".repeat(100);
+    match inst.complete(MODEL, &long, &greedy(4)) {
+        Err(RuntimeError::Guest(GuestError::ContextOverflow(c))) => {
+            assert_eq!(c.context_length, 64);
+            assert!(c.prompt_tokens > 64);
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a prompt longer than the context was accepted"),
+    }
+    // A prompt that fits generates until the context is full, then stops with `length`.
+    let prompt: Vec<u32> = inst.tokenize(MODEL, &"word ".repeat(30), false).unwrap();
+    let mut o = greedy(1000);
+    o.ignore_eos = Some(true);
+    let out = drain(inst.complete_tokens(MODEL, &prompt, &o).unwrap());
+    assert_eq!(out.finish, Some(FinishReason::Length));
+    assert_eq!(prompt.len() + out.tokens.len(), 64);
+}
+
+#[test]
+fn bad_requests_get_errors_not_traps() {
+    let rt = runtime();
+    let mut inst = rt.instance(MODEL).unwrap();
+    let mut o = greedy(4);
+    o.top_p = Some(0.0);
+    assert!(matches!(inst.complete(MODEL, "hi", &o), Err(RuntimeError::Guest(GuestError::InvalidInput(_)))));
+    assert!(matches!(
+        inst.complete_tokens(MODEL, &[49_152], &greedy(1)),
+        Err(RuntimeError::Guest(GuestError::InvalidInput(_)))
+    ));
+    assert!(matches!(
+        inst.complete_tokens(MODEL, &[], &greedy(1)),
+        Err(RuntimeError::Guest(GuestError::InvalidInput(_)))
+    ));
+    assert!(matches!(
+        inst.complete(MODEL, "hi", &greedy(1)).map(|_| ()).and_then(|_| inst.describe("nope").map(|_| ())),
+        Err(RuntimeError::Guest(GuestError::ModelNotFound(_)))
+    ));
+    // The instance still works after every one of those.
+    assert_eq!(drain(inst.complete(MODEL, "Hello", &greedy(2)).unwrap()).tokens.len(), 2);
+}
+
+#[test]
+fn spin_infer_uses_the_same_model() {
+    let rt = runtime();
+    let mut inst = rt.instance(MODEL).unwrap();
+    let r = inst.spin_infer(MODEL, "The capital of France is", None).unwrap().expect("infer");
+    assert!(r.usage.prompt_token_count > 0);
+    assert!(r.usage.generated_token_count > 0 && r.usage.generated_token_count <= 100);
+    assert!(!r.text.is_empty());
+    let missing = inst.spin_infer("no-such-model", "hi", None).unwrap();
+    assert!(missing.is_err());
+}
+
+#[test]
+fn component_imports_only_wasi_nn_and_wasi() {
+    let engine = runtime().engine();
+    let component = wasmtime::component::Component::new(engine, EMBEDDED_COMPONENT).unwrap();
+    let ty = component.component_type();
+    let imports: Vec<String> = ty.imports(engine).map(|(name, _)| name.to_string()).collect();
+    eprintln!("component imports: {imports:?}");
+    assert!(imports.iter().any(|i| i.starts_with("wasi:nn/graph@0.2.0-rc-2024-10-28")));
+    let allowed = ["wasi:nn/", "wasi:cli/", "wasi:io/", "wasi:clocks/", "wasi:random/", "wasi:filesystem/"];
+    for i in &imports {
+        assert!(allowed.iter().any(|a| i.starts_with(a)), "unexpected import {i}");
+    }
+    let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
+    for e in ["wasmlm:llm/generation@0.1.0", "wasmlm:llm/tokenization@0.1.0", "fermyon:spin/llm@2.0.0"] {
+        assert!(exports.iter().any(|x| x == e), "missing export {e} in {exports:?}");
+    }
+}
