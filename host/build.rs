@@ -10,8 +10,12 @@ const COMPONENT_FILE: &str = "wasmlm_llm_component.wasm";
 const WASM_TARGET: &str = "wasm32-wasip2";
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest_dir.parent().expect("host/ lives in the workspace root").to_path_buf();
+    let manifest_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest_dir
+        .parent()
+        .expect("host/ lives in the workspace root")
+        .to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     for watched in ["components", "wit", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
@@ -26,7 +30,10 @@ fn main() {
     let embedded = out_dir.join(COMPONENT_FILE);
     std::fs::copy(&wasm, &embedded)
         .unwrap_or_else(|e| panic!("copying {} to {}: {e}", wasm.display(), embedded.display()));
-    println!("cargo:rustc-env=WASMLM_EMBEDDED_COMPONENT={}", embedded.display());
+    println!(
+        "cargo:rustc-env=WASMLM_EMBEDDED_COMPONENT={}",
+        embedded.display()
+    );
 }
 
 fn build_component(root: &Path, out_dir: &Path) -> PathBuf {
@@ -41,7 +48,15 @@ fn build_component(root: &Path, out_dir: &Path) -> PathBuf {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
-        .args(["build", "--release", "--target", WASM_TARGET, "-p", COMPONENT_PACKAGE, "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            WASM_TARGET,
+            "-p",
+            COMPONENT_PACKAGE,
+            "--target-dir",
+        ])
         .arg(&target_dir);
     // The outer build's flags are for the host CPU; clippy's wrapper is not wanted either.
     for var in [
@@ -64,5 +79,8 @@ fn build_component(root: &Path, out_dir: &Path) -> PathBuf {
              install it with: rustup target add {WASM_TARGET}"
         );
     }
-    target_dir.join(WASM_TARGET).join("release").join(COMPONENT_FILE)
+    target_dir
+        .join(WASM_TARGET)
+        .join("release")
+        .join(COMPONENT_FILE)
 }

@@ -22,7 +22,8 @@ fn runtime() -> &'static Runtime {
 }
 
 fn runtime_with_context(context: usize) -> Runtime {
-    let model = LoadedModel::from_gguf(&common::smollm2_path(), Some(context), &Device::Cpu).expect("model loads");
+    let model = LoadedModel::from_gguf(&common::smollm2_path(), Some(context), &Device::Cpu)
+        .expect("model loads");
     let models = HashMap::from([(MODEL.to_string(), std::sync::Arc::new(model))]);
     let cache = wasmlm_host::models::cache_dir().join("components");
     Runtime::new(EMBEDDED_COMPONENT, models, Some(&cache)).expect("runtime starts")
@@ -86,8 +87,12 @@ fn drain(mut s: wasmlm_host::runtime::Stream<'_>) -> Output {
         assert!(out.finish.is_none(), "a chunk after the final one");
         out.text.push_str(&c.text);
         out.tokens.extend(&c.tokens);
-        out.logprobs
-            .extend(c.logprobs.iter().map(|l| (l.logprob, l.top.iter().map(|t| (t.token, t.logprob)).collect())));
+        out.logprobs.extend(c.logprobs.iter().map(|l| {
+            (
+                l.logprob,
+                l.top.iter().map(|t| (t.token, t.logprob)).collect(),
+            )
+        }));
         out.finish = c.finish;
     }
     let u = s.usage().expect("usage");
@@ -108,7 +113,11 @@ fn tokenizer_matches_llama_cpp_and_round_trips() {
         let expected = common::ids(&row["ids"]);
         let got = inst.tokenize(MODEL, text, false).unwrap();
         assert_eq!(got, expected, "token ids of {text:?}");
-        assert_eq!(inst.detokenize(MODEL, &got).unwrap(), text, "decoding the ids of {text:?}");
+        assert_eq!(
+            inst.detokenize(MODEL, &got).unwrap(),
+            text,
+            "decoding the ids of {text:?}"
+        );
     }
 }
 
@@ -129,7 +138,9 @@ fn chat_template_matches_transformers() {
     assert!(!rows.is_empty());
     for row in rows {
         let add = row["add_generation_prompt"].as_bool().unwrap();
-        let got = inst.apply_template(MODEL, &messages(&row["messages"]), add).unwrap();
+        let got = inst
+            .apply_template(MODEL, &messages(&row["messages"]), add)
+            .unwrap();
         assert_eq!(got, row["rendered"].as_str().unwrap());
     }
 }
@@ -153,13 +164,31 @@ fn greedy_decoding_matches_llama_cpp() {
         let msgs = messages(&row["messages"]);
         let prompt_ids = common::ids(&row["prompt_ids"]);
         let expected = common::ids(&row["greedy_ids"]);
-        assert_eq!(inst.apply_template(MODEL, &msgs, true).unwrap(), row["rendered"].as_str().unwrap());
-        assert_eq!(inst.tokenize(MODEL, row["rendered"].as_str().unwrap(), true).unwrap(), prompt_ids);
+        assert_eq!(
+            inst.apply_template(MODEL, &msgs, true).unwrap(),
+            row["rendered"].as_str().unwrap()
+        );
+        assert_eq!(
+            inst.tokenize(MODEL, row["rendered"].as_str().unwrap(), true)
+                .unwrap(),
+            prompt_ids
+        );
 
-        let out = drain(inst.chat(MODEL, &msgs, &greedy(expected.len() as u32)).unwrap());
+        let out = drain(
+            inst.chat(MODEL, &msgs, &greedy(expected.len() as u32))
+                .unwrap(),
+        );
         assert_eq!(out.prompt_tokens as usize, prompt_ids.len());
-        let agree = out.tokens.iter().zip(&expected).take_while(|(a, b)| a == b).count();
-        eprintln!("row {i}: free-running greedy agrees with llama.cpp on {agree}/{} tokens", expected.len());
+        let agree = out
+            .tokens
+            .iter()
+            .zip(&expected)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "row {i}: free-running greedy agrees with llama.cpp on {agree}/{} tokens",
+            expected.len()
+        );
         if agree == expected.len() {
             assert_eq!(out.text, row["greedy_text"].as_str().unwrap());
         }
@@ -170,7 +199,11 @@ fn greedy_decoding_matches_llama_cpp() {
         for j in 0..expected.len() {
             let context: Vec<u32> = prompt_ids.iter().chain(&expected[..j]).copied().collect();
             let step = drain(inst.complete_tokens(MODEL, &context, &opts).unwrap());
-            assert_eq!(step.cached_tokens as usize, context.len() - 1, "teacher forcing reuses the cache");
+            assert_eq!(
+                step.cached_tokens as usize,
+                context.len() - 1,
+                "teacher forcing reuses the cache"
+            );
             let (best, top) = &step.logprobs[0];
             let gap = top
                 .iter()
@@ -244,7 +277,10 @@ fn logprobs_describe_the_choice() {
     let mut inst = rt.instance(MODEL).unwrap();
     let mut o = greedy(4);
     o.top_logprobs = Some(3);
-    let out = drain(inst.complete(MODEL, "The capital of France is", &o).unwrap());
+    let out = drain(
+        inst.complete(MODEL, "The capital of France is", &o)
+            .unwrap(),
+    );
     for (tok, (lp, top)) in out.tokens.iter().zip(&out.logprobs) {
         assert_eq!(top.len(), 3);
         assert_eq!(top[0].0, *tok, "greedy picks the most likely token");
@@ -281,7 +317,10 @@ fn bad_requests_get_errors_not_traps() {
     let mut inst = rt.instance(MODEL).unwrap();
     let mut o = greedy(4);
     o.top_p = Some(0.0);
-    assert!(matches!(inst.complete(MODEL, "hi", &o), Err(RuntimeError::Guest(GuestError::InvalidInput(_)))));
+    assert!(matches!(
+        inst.complete(MODEL, "hi", &o),
+        Err(RuntimeError::Guest(GuestError::InvalidInput(_)))
+    ));
     assert!(matches!(
         inst.complete_tokens(MODEL, &[49_152], &greedy(1)),
         Err(RuntimeError::Guest(GuestError::InvalidInput(_)))
@@ -291,18 +330,28 @@ fn bad_requests_get_errors_not_traps() {
         Err(RuntimeError::Guest(GuestError::InvalidInput(_)))
     ));
     assert!(matches!(
-        inst.complete(MODEL, "hi", &greedy(1)).map(|_| ()).and_then(|_| inst.describe("nope").map(|_| ())),
+        inst.complete(MODEL, "hi", &greedy(1))
+            .map(|_| ())
+            .and_then(|_| inst.describe("nope").map(|_| ())),
         Err(RuntimeError::Guest(GuestError::ModelNotFound(_)))
     ));
     // The instance still works after every one of those.
-    assert_eq!(drain(inst.complete(MODEL, "Hello", &greedy(2)).unwrap()).tokens.len(), 2);
+    assert_eq!(
+        drain(inst.complete(MODEL, "Hello", &greedy(2)).unwrap())
+            .tokens
+            .len(),
+        2
+    );
 }
 
 #[test]
 fn spin_infer_uses_the_same_model() {
     let rt = runtime();
     let mut inst = rt.instance(MODEL).unwrap();
-    let r = inst.spin_infer(MODEL, "The capital of France is", None).unwrap().expect("infer");
+    let r = inst
+        .spin_infer(MODEL, "The capital of France is", None)
+        .unwrap()
+        .expect("infer");
     assert!(r.usage.prompt_token_count > 0);
     assert!(r.usage.generated_token_count > 0 && r.usage.generated_token_count <= 100);
     assert!(!r.text.is_empty());
@@ -315,15 +364,40 @@ fn component_imports_only_wasi_nn_and_wasi() {
     let engine = runtime().engine();
     let component = wasmtime::component::Component::new(engine, EMBEDDED_COMPONENT).unwrap();
     let ty = component.component_type();
-    let imports: Vec<String> = ty.imports(engine).map(|(name, _)| name.to_string()).collect();
+    let imports: Vec<String> = ty
+        .imports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
     eprintln!("component imports: {imports:?}");
-    assert!(imports.iter().any(|i| i.starts_with("wasi:nn/graph@0.2.0-rc-2024-10-28")));
-    let allowed = ["wasi:nn/", "wasi:cli/", "wasi:io/", "wasi:clocks/", "wasi:random/", "wasi:filesystem/"];
+    assert!(imports
+        .iter()
+        .any(|i| i.starts_with("wasi:nn/graph@0.2.0-rc-2024-10-28")));
+    let allowed = [
+        "wasi:nn/",
+        "wasi:cli/",
+        "wasi:io/",
+        "wasi:clocks/",
+        "wasi:random/",
+        "wasi:filesystem/",
+    ];
     for i in &imports {
-        assert!(allowed.iter().any(|a| i.starts_with(a)), "unexpected import {i}");
+        assert!(
+            allowed.iter().any(|a| i.starts_with(a)),
+            "unexpected import {i}"
+        );
     }
-    let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
-    for e in ["wasmlm:llm/generation@0.1.0", "wasmlm:llm/tokenization@0.1.0", "fermyon:spin/llm@2.0.0"] {
-        assert!(exports.iter().any(|x| x == e), "missing export {e} in {exports:?}");
+    let exports: Vec<String> = ty
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    for e in [
+        "wasmlm:llm/generation@0.1.0",
+        "wasmlm:llm/tokenization@0.1.0",
+        "fermyon:spin/llm@2.0.0",
+    ] {
+        assert!(
+            exports.iter().any(|x| x == e),
+            "missing export {e} in {exports:?}"
+        );
     }
 }

@@ -13,13 +13,23 @@ pub enum GgufError {
     #[error("model file not found: {0}")]
     NotFound(PathBuf),
     #[error("cannot read model file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0} is not a GGUF file (it does not start with the GGUF magic)")]
     NotGguf(PathBuf),
     #[error("{path} is not a valid GGUF file: {reason}")]
     Invalid { path: PathBuf, reason: String },
-    #[error("{path} is truncated: tensor {tensor} ends at byte {end} but the file has {size} bytes")]
-    Truncated { path: PathBuf, tensor: String, end: u64, size: u64 },
+    #[error(
+        "{path} is truncated: tensor {tensor} ends at byte {end} but the file has {size} bytes"
+    )]
+    Truncated {
+        path: PathBuf,
+        tensor: String,
+        end: u64,
+        size: u64,
+    },
 }
 
 /// A parsed GGUF header and a reader positioned anywhere in the file.
@@ -32,7 +42,10 @@ pub struct GgufFile {
 impl GgufFile {
     /// Opens and checks `path`: magic, header, and that every tensor lies inside the file.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
+        let io = |source| GgufError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => GgufError::NotFound(path.to_path_buf()),
             _ => io(e),
@@ -49,7 +62,7 @@ impl GgufFile {
         reader.seek(SeekFrom::Start(0)).map_err(io)?;
         let content = gguf_file::Content::read(&mut reader).map_err(|e| GgufError::Invalid {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason: crate::backend::plain_message(&e),
         })?;
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();

@@ -62,7 +62,7 @@ struct RunArgs {
     #[arg(long, short = 'n', default_value_t = 256)]
     max_tokens: u32,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     temperature: f32,
     /// Top-k cut (0 disables).
     #[arg(long, default_value_t = 40)]
@@ -145,16 +145,24 @@ fn start(a: &ModelArgs) -> Result<(Runtime, String)> {
         }
         // candle sizes its work by RAYON_NUM_THREADS; the pool must match it.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
     let dir = models::models_dir();
     let spec = match &a.model {
         Some(s) => ModelSpec::parse(s, &dir)?,
         None => ModelSpec::default_model(&dir),
     };
-    let loaded = models::load_all(std::slice::from_ref(&spec), a.context, &candle_core::Device::Cpu)?;
+    let loaded = models::load_all(
+        std::slice::from_ref(&spec),
+        a.context,
+        &candle_core::Device::Cpu,
+    )?;
     let wasm = match &a.component {
-        Some(p) => std::fs::read(p).with_context(|| format!("reading component {}", p.display()))?,
+        Some(p) => {
+            std::fs::read(p).with_context(|| format!("reading component {}", p.display()))?
+        }
         None => EMBEDDED_COMPONENT.to_vec(),
     };
     let cache = models::cache_dir().join("components");
@@ -232,7 +240,9 @@ fn run(a: RunArgs) -> Result<()> {
 
 fn tokenize(a: TokenizeArgs) -> Result<()> {
     let (runtime, model) = start(&a.model)?;
-    let ids = runtime.instance(&model)?.tokenize(&model, &a.text, a.special)?;
+    let ids = runtime
+        .instance(&model)?
+        .tokenize(&model, &a.text, a.special)?;
     println!("{}", serde_json::to_string(&ids)?);
     Ok(())
 }
@@ -246,8 +256,18 @@ fn pull(names: &[String]) -> Result<()> {
             println!("{}\t{}", k.name, spec.path.display());
         }
     }
-    if let Some(unknown) = names.iter().find(|n| !KNOWN_MODELS.iter().any(|k| k.name == n.as_str())) {
-        bail!("unknown model '{unknown}' (known: {})", KNOWN_MODELS.iter().map(|k| k.name).collect::<Vec<_>>().join(", "));
+    if let Some(unknown) = names
+        .iter()
+        .find(|n| !KNOWN_MODELS.iter().any(|k| k.name == n.as_str()))
+    {
+        bail!(
+            "unknown model '{unknown}' (known: {})",
+            KNOWN_MODELS
+                .iter()
+                .map(|k| k.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     Ok(())
 }
@@ -347,7 +367,8 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     let (runtime, model) = start(&a.model)?;
     let loaded = runtime.model(&model)?.clone();
-    let text = "The history of computing is a story of abstraction: each layer hides the one beneath it, \
+    let text =
+        "The history of computing is a story of abstraction: each layer hides the one beneath it, \
                 so that people can think about problems instead of machines. ";
     let unit = runtime.instance(&model)?.tokenize(&model, text, false)?;
     let base: Vec<u32> = unit.iter().copied().cycle().take(a.prompt_tokens).collect();

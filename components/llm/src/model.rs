@@ -106,7 +106,9 @@ impl Model {
             architecture: meta.architecture.clone(),
             context_length: meta.context_length,
             vocab_size: meta.vocab_size,
-            add_bos: meta.gguf_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            add_bos: meta
+                .gguf_bool("tokenizer.ggml.add_bos_token")
+                .unwrap_or(false),
             tokenizer: RefCell::new(tokenizer),
             template,
             bos,
@@ -121,7 +123,11 @@ impl Model {
     }
 
     /// `messages` through the chat template.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, Error> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
         let template = self.template.as_ref().ok_or_else(|| {
             Error::UnsupportedModel(format!(
                 "{} has no chat template; send the prompt as a raw completion",
@@ -187,7 +193,10 @@ fn role_name(role: Role) -> &'static str {
 
 /// The chat template: GGUF `tokenizer.chat_template`, else `tokenizer_config.json`'s
 /// `chat_template` (a string, or a list of named templates of which "default" is used).
-fn chat_template_source(meta: &ModelMetadata, config: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+fn chat_template_source(
+    meta: &ModelMetadata,
+    config: &serde_json::Map<String, serde_json::Value>,
+) -> Option<String> {
     if let Some(t) = meta.gguf_str("tokenizer.chat_template") {
         return Some(t.to_string());
     }

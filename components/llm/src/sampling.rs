@@ -346,8 +346,10 @@ mod tests {
 
     #[test]
     fn rejects_meaningless_values() {
-        let mut p = SamplingParams::default();
-        p.top_p = 0.0;
+        let mut p = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
         assert!(p.validate().is_err());
         p.top_p = 1.0;
         p.temperature = f32::NAN;

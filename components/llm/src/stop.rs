@@ -97,10 +97,7 @@ mod tests {
 
     #[test]
     fn releases_false_starts() {
-        assert_eq!(
-            run(&["END"], &["E", "N", "x", "!"]),
-            ("ENx!".into(), false)
-        );
+        assert_eq!(run(&["END"], &["E", "N", "x", "!"]), ("ENx!".into(), false));
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
     }
 

@@ -38,7 +38,11 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`, ending with the assistant's turn opener if `add_generation_prompt`.
-    pub fn render(&self, messages: &[TemplateMessage<'_>], add_generation_prompt: bool) -> Result<String, Error> {
+    pub fn render(
+        &self,
+        messages: &[TemplateMessage<'_>],
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
         let tmpl = self.env.get_template("chat")?;
         tmpl.render(minijinja::context! {
             messages => messages,
@@ -127,7 +131,12 @@ mod tests {
 
     #[test]
     fn raise_exception_fails_rendering() {
-        let t = ChatTemplate::new("{{ raise_exception('no system role') }}", String::new(), String::new()).unwrap();
+        let t = ChatTemplate::new(
+            "{{ raise_exception('no system role') }}",
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
         let err = t.render(&[], true).unwrap_err();
         assert!(err.to_string().contains("no system role"));
     }
@@ -136,10 +145,23 @@ mod tests {
     fn trims_blocks_like_transformers() {
         // Expected outputs are Jinja2's (trim_blocks + lstrip_blocks): indentation before
         // `{{ }}` stays, indentation before `{% %}` and the newline after it go.
-        let msgs = [TemplateMessage { role: "user", content: " hi " }];
-        let t = ChatTemplate::new("{% for m in messages %}\n  {{ m.role }}:{{ m.content.strip() }}\n{% endfor %}", String::new(), String::new()).unwrap();
+        let msgs = [TemplateMessage {
+            role: "user",
+            content: " hi ",
+        }];
+        let t = ChatTemplate::new(
+            "{% for m in messages %}\n  {{ m.role }}:{{ m.content.strip() }}\n{% endfor %}",
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
         assert_eq!(t.render(&msgs, false).unwrap(), "  user:hi\n");
-        let t = ChatTemplate::new("{% for m in messages %}\n  {% if true %}{{ m.role }}{% endif %}\n{% endfor %}", String::new(), String::new()).unwrap();
+        let t = ChatTemplate::new(
+            "{% for m in messages %}\n  {% if true %}{{ m.role }}{% endif %}\n{% endfor %}",
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
         assert_eq!(t.render(&msgs, false).unwrap(), "user");
     }
 }

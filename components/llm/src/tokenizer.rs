@@ -60,7 +60,9 @@ impl TextTokenizer {
         if let Some(json) = &meta.tokenizer_json {
             return Self::from_tokenizer_json(json);
         }
-        let model = meta.gguf_str("tokenizer.ggml.model").ok_or(TokenizerError::Missing)?;
+        let model = meta
+            .gguf_str("tokenizer.ggml.model")
+            .ok_or(TokenizerError::Missing)?;
         if model != "gpt2" {
             return Err(TokenizerError::UnsupportedModel(model.to_string()));
         }
@@ -80,11 +82,18 @@ impl TextTokenizer {
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| TokenizerError::Malformed(format!("merge without a space: {m:?}")))
+                    .ok_or_else(|| {
+                        TokenizerError::Malformed(format!("merge without a space: {m:?}"))
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let bpe = BPE::builder()
-            .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                merges,
+            )
             .build()
             .map_err(lib_err)?;
         let pre = meta.gguf_str("tokenizer.ggml.pre").unwrap_or("default");
@@ -153,7 +162,11 @@ impl TextTokenizer {
         for id in 0..n as u32 {
             let special = added.get(&id).is_some_and(|t| t.special);
             let text = inner.decode(&[id], false).unwrap_or_default();
-            piece_bytes.push(if special { Vec::new() } else { text.clone().into_bytes() });
+            piece_bytes.push(if special {
+                Vec::new()
+            } else {
+                text.clone().into_bytes()
+            });
             display_bytes.push(text.into_bytes());
         }
         let by_text = inner.get_vocab(true).into_iter().collect();
@@ -207,24 +220,30 @@ impl TextTokenizer {
 }
 
 fn strings(values: Option<&Vec<Value>>, what: &str) -> Result<Vec<String>, TokenizerError> {
-    let values = values.ok_or_else(|| TokenizerError::Malformed(format!("no tokenizer.ggml.{what}")))?;
+    let values =
+        values.ok_or_else(|| TokenizerError::Malformed(format!("no tokenizer.ggml.{what}")))?;
     values
         .iter()
         .map(|v| {
-            v.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| TokenizerError::Malformed(format!("tokenizer.ggml.{what} holds a non-string")))
+            v.as_str().map(str::to_string).ok_or_else(|| {
+                TokenizerError::Malformed(format!("tokenizer.ggml.{what} holds a non-string"))
+            })
         })
         .collect()
 }
 
 /// The pre-tokenizer llama.cpp uses for a `tokenizer.ggml.pre` value.
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
-    let byte_level = |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+    let byte_level =
+        |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
     let split = |regex: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
         Ok(PreTokenizerWrapper::Split(
-            Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(lib_err)?,
+            Split::new(
+                SplitPattern::Regex(regex.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(lib_err)?,
         ))
     };
     Ok(match pre {
@@ -235,12 +254,14 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
             PreTokenizerWrapper::Digits(Digits::new(true)),
             byte_level(true),
         ])),
-        "llama3" | "llama-bpe" | "llama-v3" => {
-            PreTokenizerWrapper::Sequence(Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false)]))
-        }
-        "qwen2" | "deepseek-r1-qwen" => {
-            PreTokenizerWrapper::Sequence(Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false)]))
-        }
+        "llama3" | "llama-bpe" | "llama-v3" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            split(LLAMA3_REGEX)?,
+            byte_level(false),
+        ])),
+        "qwen2" | "deepseek-r1-qwen" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            split(QWEN2_REGEX)?,
+            byte_level(false),
+        ])),
         other => return Err(TokenizerError::UnsupportedPre(other.to_string())),
     })
 }

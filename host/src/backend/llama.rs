@@ -45,7 +45,11 @@ pub struct Llama {
 
 impl Llama {
     /// Loads a llama-architecture GGUF for a context of `context` positions.
-    pub fn load(f: &mut GgufFile, context: usize, device: &Device) -> Result<Self, BackendModelError> {
+    pub fn load(
+        f: &mut GgufFile,
+        context: usize,
+        device: &Device,
+    ) -> Result<Self, BackendModelError> {
         let arch = f.architecture().unwrap_or_else(|| "llama".into());
         let need = |k: &str| {
             f.get_u32(&format!("{arch}.{k}"))
@@ -57,8 +61,14 @@ impl Llama {
             .unwrap_or(n_head as u32) as usize;
         let n_layer = need("block_count")? as usize;
         let hidden = need("embedding_length")? as usize;
-        if n_head == 0 || n_kv_head == 0 || hidden % n_head != 0 || n_head % n_kv_head != 0 {
-            return Err(BackendModelError::Invalid("inconsistent attention head counts".into()));
+        if n_head == 0
+            || n_kv_head == 0
+            || !hidden.is_multiple_of(n_head)
+            || !n_head.is_multiple_of(n_kv_head)
+        {
+            return Err(BackendModelError::Invalid(
+                "inconsistent attention head counts".into(),
+            ));
         }
         let head_dim = hidden / n_head;
         let rope_dim = f
@@ -72,13 +82,15 @@ impl Llama {
         let eps = f
             .get_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5);
-        let freq_base = f.get_f32(&format!("{arch}.rope.freq_base")).unwrap_or(10_000.0);
+        let freq_base = f
+            .get_f32(&format!("{arch}.rope.freq_base"))
+            .unwrap_or(10_000.0);
         let (cos, sin) = rope_tables(head_dim, freq_base, context, device)?;
 
         let mut tensor = |name: &str| -> Result<QTensor, BackendModelError> {
             f.content
                 .tensor(&mut f.reader, name, device)
-                .map_err(|e| BackendModelError::Tensor(name.to_string(), e.to_string()))
+                .map_err(|e| BackendModelError::Tensor(name.to_string(), super::plain_message(&e)))
         };
         let dense = |q: QTensor| q.dequantize(device).map_err(BackendModelError::from);
         let matmul = |q: QTensor| QMatMul::from_qtensor(q).map_err(BackendModelError::from);
@@ -132,19 +144,30 @@ impl Llama {
             .iter()
             .map(|&t| {
                 let start = t as usize * row_bytes;
-                let raw = data
-                    .get(start..start + row_bytes)
-                    .ok_or_else(|| candle_core::Error::Msg(format!("token {t} outside the vocabulary")))?;
-                qtensor_from_ggml(dtype, raw, vec![1, self.hidden], &Device::Cpu)?.dequantize(&Device::Cpu)
+                let raw = data.get(start..start + row_bytes).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("token {t} outside the vocabulary"))
+                })?;
+                qtensor_from_ggml(dtype, raw, vec![1, self.hidden], &Device::Cpu)?
+                    .dequantize(&Device::Cpu)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&rows, 0)?.to_device(&self.device)?.unsqueeze(0)
     }
 
-    fn attention(&self, layer: usize, x: &Tensor, pos: usize, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+    fn attention(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        pos: usize,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
         let l = &self.layers[layer];
         let (b, n, _) = x.dims3()?;
-        let heads = |t: Tensor, h: usize| t.reshape((b, n, h, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let heads = |t: Tensor, h: usize| {
+            t.reshape((b, n, h, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let q = heads(l.attn_q.forward(x)?, self.n_head)?;
         let k = heads(l.attn_k.forward(x)?, self.n_kv_head)?;
         let v = heads(l.attn_v.forward(x)?, self.n_kv_head)?;
@@ -188,7 +211,11 @@ impl CausalLm for Llama {
         cache.advance(n);
         let last = x.narrow(1, n - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.output_norm, self.eps)?;
-        self.output.forward(&last)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+        self.output
+            .forward(&last)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1()
     }
 
     fn new_cache(&self, max_len: usize) -> KvCache {
@@ -217,7 +244,12 @@ fn causal_mask(n: usize, pos: usize, device: &Device) -> candle_core::Result<Ten
     Tensor::from_vec(mask, (n, total), device)
 }
 
-fn rope_tables(head_dim: usize, base: f32, context: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+fn rope_tables(
+    head_dim: usize,
+    base: f32,
+    context: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let inv: Vec<f32> = (0..head_dim)
         .step_by(2)
         .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
@@ -229,4 +261,3 @@ fn rope_tables(head_dim: usize, base: f32, context: usize, device: &Device) -> c
     let angles = positions.matmul(&inv)?;
     Ok((angles.cos()?, angles.sin()?))
 }
-

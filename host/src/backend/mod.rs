@@ -13,7 +13,8 @@ use std::sync::Arc;
 use candle_core::Device;
 use serde_json::json;
 use wasmtime_wasi_nn::backend::{
-    BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id, NamedTensor,
+    BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
+    NamedTensor,
 };
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
 use wasmtime_wasi_nn::{ExecutionContext, Graph, Tensor};
@@ -43,15 +44,30 @@ pub enum BackendModelError {
     #[error(transparent)]
     File(#[from] GgufError),
     #[error("{path}: architecture '{arch}' is not supported (supported: {supported})")]
-    UnsupportedArchitecture { path: String, arch: String, supported: String },
+    UnsupportedArchitecture {
+        path: String,
+        arch: String,
+        supported: String,
+    },
     #[error("missing model metadata: {0}")]
     MissingMetadata(String),
     #[error("tensor {0}: {1}")]
     Tensor(String, String),
     #[error("invalid model: {0}")]
     Invalid(String),
-    #[error(transparent)]
+    #[error("{}", plain_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set.
+pub fn plain_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => plain_message(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", plain_message(inner))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// A model in memory, ready to serve sequences.
@@ -66,7 +82,11 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     /// Loads a GGUF file; `context` caps the model's own context length.
-    pub fn from_gguf(path: &Path, context: Option<usize>, device: &Device) -> Result<Self, BackendModelError> {
+    pub fn from_gguf(
+        path: &Path,
+        context: Option<usize>,
+        device: &Device,
+    ) -> Result<Self, BackendModelError> {
         let mut f = GgufFile::open(path)?;
         let file_size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let arch = f.architecture().unwrap_or_default();
@@ -77,7 +97,11 @@ impl LoadedModel {
             _ => {
                 return Err(BackendModelError::UnsupportedArchitecture {
                     path: path.display().to_string(),
-                    arch: if arch.is_empty() { "(none)".into() } else { arch },
+                    arch: if arch.is_empty() {
+                        "(none)".into()
+                    } else {
+                        arch
+                    },
                     supported: SUPPORTED_ARCHITECTURES.join(", "),
                 })
             }
@@ -91,13 +115,17 @@ impl LoadedModel {
         });
         // A model folder's tokenizer files travel with the metadata.
         if let Some(dir) = path.parent() {
-            for (key, file) in [("tokenizer_json", "tokenizer.json"), ("tokenizer_config_json", "tokenizer_config.json")] {
+            for (key, file) in [
+                ("tokenizer_json", "tokenizer.json"),
+                ("tokenizer_config_json", "tokenizer_config.json"),
+            ] {
                 if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
                     doc[key] = json!(text);
                 }
             }
         }
-        let metadata = serde_json::to_vec(&doc).map_err(|e| BackendModelError::Invalid(e.to_string()))?;
+        let metadata =
+            serde_json::to_vec(&doc).map_err(|e| BackendModelError::Invalid(e.to_string()))?;
         Ok(Self {
             architecture: doc["architecture"].as_str().unwrap_or_default().to_string(),
             context_length,
@@ -118,7 +146,11 @@ impl BackendInner for CandleBackend {
         GraphEncoding::Ggml
     }
 
-    fn load(&mut self, _builders: &[&[u8]], _target: ExecutionTarget) -> Result<Graph, BackendError> {
+    fn load(
+        &mut self,
+        _builders: &[&[u8]],
+        _target: ExecutionTarget,
+    ) -> Result<Graph, BackendError> {
         Err(protocol_error(
             "loading models from guest bytes is disabled: use load-by-name with a model the host preloaded",
         ))
@@ -167,7 +199,9 @@ impl Sequence {
         }
         let vocab = self.model.weights.vocab_size();
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(format!("token id {bad} is outside the vocabulary (size {vocab})"));
+            return Err(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            ));
         }
         let end = self.cache.len() + tokens.len();
         if end > self.cache.max_len() {
@@ -179,7 +213,7 @@ impl Sequence {
         self.model
             .weights
             .forward(tokens, &mut self.cache)
-            .map_err(|e| format!("forward pass: {e}"))
+            .map_err(|e| format!("forward pass: {}", plain_message(&e)))
     }
 
     /// Cached positions.
@@ -214,11 +248,17 @@ fn ids_of(t: &Tensor) -> Result<Vec<u32>, BackendError> {
             .chunks_exact(4)
             .map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()) as i64)
             .collect(),
-        other => return Err(protocol_error(format!("token tensors must be i64 or i32, not {other:?}"))),
+        other => {
+            return Err(protocol_error(format!(
+                "token tensors must be i64 or i32, not {other:?}"
+            )))
+        }
     };
     values
         .into_iter()
-        .map(|v| u32::try_from(v).map_err(|_| protocol_error(format!("token id {v} is out of range"))))
+        .map(|v| {
+            u32::try_from(v).map_err(|_| protocol_error(format!("token id {v} is out of range")))
+        })
         .collect()
 }
 
@@ -228,14 +268,21 @@ fn tensor(ty: TensorType, dims: Vec<u32>, data: Vec<u8>) -> Tensor {
 
 impl BackendExecutionContext for Sequence {
     fn set_input(&mut self, _id: Id, _tensor: &Tensor) -> Result<(), BackendError> {
-        Err(protocol_error("the LLM protocol uses compute with named tensors only"))
+        Err(protocol_error(
+            "the LLM protocol uses compute with named tensors only",
+        ))
     }
 
     fn get_output(&mut self, _id: Id) -> Result<Tensor, BackendError> {
-        Err(protocol_error("the LLM protocol uses compute with named tensors only"))
+        Err(protocol_error(
+            "the LLM protocol uses compute with named tensors only",
+        ))
     }
 
-    fn compute(&mut self, inputs: Option<Vec<NamedTensor>>) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+    fn compute(
+        &mut self,
+        inputs: Option<Vec<NamedTensor>>,
+    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
         let inputs = inputs.unwrap_or_default();
         let mut outputs = Vec::new();
         let find = |name: &str| inputs.iter().find(|t| t.name == name).map(|t| &t.tensor);
@@ -243,7 +290,10 @@ impl BackendExecutionContext for Sequence {
             .iter()
             .find(|t| !matches!(t.name.as_str(), "truncate" | "input_ids" | "metadata"))
         {
-            return Err(protocol_error(format!("unknown input tensor '{}'", unknown.name)));
+            return Err(protocol_error(format!(
+                "unknown input tensor '{}'",
+                unknown.name
+            )));
         }
         if find("metadata").is_some() {
             let md = self.model.metadata.clone();
@@ -274,7 +324,11 @@ impl BackendExecutionContext for Sequence {
         }
         outputs.push(NamedTensor {
             name: "n_past".into(),
-            tensor: tensor(TensorType::I64, vec![1], (self.len() as i64).to_le_bytes().to_vec()),
+            tensor: tensor(
+                TensorType::I64,
+                vec![1],
+                (self.len() as i64).to_le_bytes().to_vec(),
+            ),
         });
         Ok(Some(outputs))
     }
