@@ -7,6 +7,9 @@ use std::process::Command;
 
 const COMPONENT_PACKAGE: &str = "wasmlm-llm-component";
 const COMPONENT_FILE: &str = "wasmlm_llm_component.wasm";
+/// A guest that tries to escape the sandbox, for the host's tests (not embedded in the binary).
+const PROBE_PACKAGE: &str = "wasmlm-sandbox-probe";
+const PROBE_FILE: &str = "wasmlm-sandbox-probe.wasm";
 const WASM_TARGET: &str = "wasm32-wasip2";
 
 fn main() {
@@ -25,7 +28,14 @@ fn main() {
     // A prebuilt component (e.g. from a CI artifact) skips the nested build.
     let wasm = match env::var_os("WASMLM_COMPONENT_WASM") {
         Some(path) => PathBuf::from(path),
-        None => build_component(&root, &out_dir),
+        None => {
+            let release = build_guests(&root, &out_dir);
+            println!(
+                "cargo:rustc-env=WASMLM_SANDBOX_PROBE={}",
+                release.join(PROBE_FILE).display()
+            );
+            release.join(COMPONENT_FILE)
+        }
     };
     let embedded = out_dir.join(COMPONENT_FILE);
     std::fs::copy(&wasm, &embedded)
@@ -36,7 +46,8 @@ fn main() {
     );
 }
 
-fn build_component(root: &Path, out_dir: &Path) -> PathBuf {
+/// Builds the guests; returns the folder that holds them.
+fn build_guests(root: &Path, out_dir: &Path) -> PathBuf {
     // Our own target dir beside the outer one (OUT_DIR is <target>/<profile>/build/<pkg>/out):
     // the outer cargo holds the lock of its profile dir, and one component build serves every
     // profile of the host.
@@ -48,15 +59,8 @@ fn build_component(root: &Path, out_dir: &Path) -> PathBuf {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            WASM_TARGET,
-            "-p",
-            COMPONENT_PACKAGE,
-            "--target-dir",
-        ])
+        .args(["build", "--release", "--target", WASM_TARGET])
+        .args(["-p", COMPONENT_PACKAGE, "-p", PROBE_PACKAGE, "--target-dir"])
         .arg(&target_dir);
     // The outer build's flags are for the host CPU; clippy's wrapper is not wanted either.
     for var in [
@@ -72,15 +76,12 @@ fn build_component(root: &Path, out_dir: &Path) -> PathBuf {
     }
     let status = cmd
         .status()
-        .unwrap_or_else(|e| panic!("running cargo to build the LLM component: {e}"));
+        .unwrap_or_else(|e| panic!("running cargo to build the guests: {e}"));
     if !status.success() {
         panic!(
-            "building the LLM component for {WASM_TARGET} failed (see above). If the target is missing, \
+            "building the guests for {WASM_TARGET} failed (see above). If the target is missing, \
              install it with: rustup target add {WASM_TARGET}"
         );
     }
-    target_dir
-        .join(WASM_TARGET)
-        .join("release")
-        .join(COMPONENT_FILE)
+    target_dir.join(WASM_TARGET).join("release")
 }
