@@ -1,6 +1,9 @@
 //! The model facts the component needs, read from the metadata JSON the host sends over wasi-nn.
 
-use serde::Deserialize;
+use std::fmt;
+
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 /// Version of the tensor protocol this component speaks (see `docs/wasi-nn-protocol.md`).
@@ -13,9 +16,9 @@ pub struct ModelMetadata {
     pub architecture: String,
     pub context_length: u32,
     pub vocab_size: u32,
-    /// GGUF key-value metadata, verbatim.
+    /// GGUF key-value metadata.
     #[serde(default)]
-    pub gguf: Map<String, Value>,
+    pub gguf: GgufMetadata,
     /// Text of the model folder's `tokenizer.json`, when there is one.
     #[serde(default)]
     pub tokenizer_json: Option<String>,
@@ -24,15 +27,61 @@ pub struct ModelMetadata {
     pub tokenizer_config_json: Option<String>,
 }
 
+/// GGUF metadata. The vocabulary arrays (about 100k strings for a typical model) are read
+/// straight into typed vectors: as generic JSON values they would cost several times the
+/// memory, and a wasm instance never gives memory back.
+#[derive(Debug, Default)]
+pub struct GgufMetadata {
+    /// `tokenizer.ggml.tokens`.
+    pub tokens: Option<Vec<String>>,
+    /// `tokenizer.ggml.merges`.
+    pub merges: Option<Vec<String>>,
+    /// `tokenizer.ggml.token_type`.
+    pub token_type: Option<Vec<i32>>,
+    /// Every other key.
+    pub other: Map<String, Value>,
+}
+
+impl<'de> Deserialize<'de> for GgufMetadata {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct GgufVisitor;
+        impl<'de> Visitor<'de> for GgufVisitor {
+            type Value = GgufMetadata;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of GGUF metadata")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<GgufMetadata, A::Error> {
+                let mut out = GgufMetadata::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "tokenizer.ggml.tokens" => out.tokens = Some(map.next_value()?),
+                        "tokenizer.ggml.merges" => out.merges = Some(map.next_value()?),
+                        "tokenizer.ggml.token_type" => out.token_type = Some(map.next_value()?),
+                        _ => {
+                            let v: Value = map.next_value()?;
+                            out.other.insert(key, v);
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(GgufVisitor)
+    }
+}
+
 impl ModelMetadata {
     /// A GGUF string value.
     pub fn gguf_str(&self, key: &str) -> Option<&str> {
-        self.gguf.get(key).and_then(Value::as_str)
+        self.gguf.other.get(key).and_then(Value::as_str)
     }
 
     /// A GGUF integer value.
     pub fn gguf_u32(&self, key: &str) -> Option<u32> {
         self.gguf
+            .other
             .get(key)
             .and_then(Value::as_u64)
             .and_then(|v| u32::try_from(v).ok())
@@ -40,12 +89,7 @@ impl ModelMetadata {
 
     /// A GGUF boolean value.
     pub fn gguf_bool(&self, key: &str) -> Option<bool> {
-        self.gguf.get(key).and_then(Value::as_bool)
-    }
-
-    /// A GGUF array value.
-    pub fn gguf_array(&self, key: &str) -> Option<&Vec<Value>> {
-        self.gguf.get(key).and_then(Value::as_array)
+        self.gguf.other.get(key).and_then(Value::as_bool)
     }
 
     /// `tokenizer_config.json` parsed, or an empty object.

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 
-use serde_json::Value;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -46,12 +45,10 @@ fn lib_err(e: impl std::fmt::Display) -> TokenizerError {
 /// Text ↔ token ids for one model.
 pub struct TextTokenizer {
     inner: Tokenizer,
-    /// Bytes each token stands for when it is generated text (empty for control tokens).
-    piece_bytes: Vec<Vec<u8>>,
-    /// Text of each token when detokenizing (control tokens as their text).
-    display_bytes: Vec<Vec<u8>>,
-    /// Token id of each token text, for looking up special tokens by name.
-    by_text: HashMap<String, u32>,
+    /// Bytes of each token: what it adds to text (control tokens: their own text).
+    bytes: Vec<Box<[u8]>>,
+    /// Control tokens add nothing to generated text, but detokenize shows their text.
+    control: Vec<bool>,
 }
 
 impl TextTokenizer {
@@ -66,12 +63,18 @@ impl TextTokenizer {
         if model != "gpt2" {
             return Err(TokenizerError::UnsupportedModel(model.to_string()));
         }
-        let tokens: Vec<String> = strings(meta.gguf_array("tokenizer.ggml.tokens"), "tokens")?;
-        let merges: Vec<String> = strings(meta.gguf_array("tokenizer.ggml.merges"), "merges")?;
-        let types: Vec<i64> = meta
-            .gguf_array("tokenizer.ggml.token_type")
-            .map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1)).collect())
-            .unwrap_or_default();
+        let missing = |what: &str| TokenizerError::Malformed(format!("no tokenizer.ggml.{what}"));
+        let tokens = meta
+            .gguf
+            .tokens
+            .as_deref()
+            .ok_or_else(|| missing("tokens"))?;
+        let merges = meta
+            .gguf
+            .merges
+            .as_deref()
+            .ok_or_else(|| missing("merges"))?;
+        let types = meta.gguf.token_type.as_deref().unwrap_or_default();
 
         let mut vocab = HashMap::with_capacity(tokens.len());
         for (id, t) in tokens.iter().enumerate() {
@@ -104,7 +107,7 @@ impl TextTokenizer {
         let mut specials = Vec::new();
         let mut user_defined = Vec::new();
         for (id, t) in tokens.iter().enumerate() {
-            match types.get(id).copied() {
+            match types.get(id).map(|&t| i64::from(t)) {
                 Some(TOKEN_TYPE_CONTROL) => specials.push(AddedToken::from(t.clone(), true)),
                 Some(TOKEN_TYPE_USER_DEFINED) => {
                     user_defined.push(AddedToken::from(t.clone(), false).normalized(false))
@@ -116,39 +119,25 @@ impl TextTokenizer {
         inner.add_tokens(&user_defined);
 
         let unbyte = byte_decoder();
-        let mut piece_bytes = Vec::with_capacity(tokens.len());
-        let mut display_bytes = Vec::with_capacity(tokens.len());
+        let mut bytes = Vec::with_capacity(tokens.len());
+        let mut control = Vec::with_capacity(tokens.len());
         for (id, t) in tokens.iter().enumerate() {
-            match types.get(id).copied() {
-                Some(TOKEN_TYPE_CONTROL) => {
-                    piece_bytes.push(Vec::new());
-                    display_bytes.push(t.as_bytes().to_vec());
-                }
-                Some(TOKEN_TYPE_USER_DEFINED) => {
-                    piece_bytes.push(t.as_bytes().to_vec());
-                    display_bytes.push(t.as_bytes().to_vec());
-                }
-                _ => {
-                    let bytes: Vec<u8> = t
-                        .chars()
-                        .map(|c| unbyte.get(&c).copied())
-                        .collect::<Option<_>>()
-                        .unwrap_or_else(|| t.as_bytes().to_vec());
-                    piece_bytes.push(bytes.clone());
-                    display_bytes.push(bytes);
-                }
-            }
+            let kind = types.get(id).map(|&t| i64::from(t));
+            control.push(kind == Some(TOKEN_TYPE_CONTROL));
+            let b: Vec<u8> = match kind {
+                Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED) => t.as_bytes().to_vec(),
+                _ => t
+                    .chars()
+                    .map(|c| unbyte.get(&c).copied())
+                    .collect::<Option<_>>()
+                    .unwrap_or_else(|| t.as_bytes().to_vec()),
+            };
+            bytes.push(b.into_boxed_slice());
         }
-        let by_text = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
         Ok(Self {
             inner,
-            piece_bytes,
-            display_bytes,
-            by_text,
+            bytes,
+            control,
         })
     }
 
@@ -156,25 +145,18 @@ impl TextTokenizer {
     pub fn from_tokenizer_json(json: &str) -> Result<Self, TokenizerError> {
         let inner: Tokenizer = json.parse().map_err(lib_err)?;
         let n = inner.get_vocab_size(true);
-        let mut piece_bytes = Vec::with_capacity(n);
-        let mut display_bytes = Vec::with_capacity(n);
         let added = inner.get_added_tokens_decoder();
+        let mut bytes = Vec::with_capacity(n);
+        let mut control = Vec::with_capacity(n);
         for id in 0..n as u32 {
-            let special = added.get(&id).is_some_and(|t| t.special);
+            control.push(added.get(&id).is_some_and(|t| t.special));
             let text = inner.decode(&[id], false).unwrap_or_default();
-            piece_bytes.push(if special {
-                Vec::new()
-            } else {
-                text.clone().into_bytes()
-            });
-            display_bytes.push(text.into_bytes());
+            bytes.push(text.into_bytes().into_boxed_slice());
         }
-        let by_text = inner.get_vocab(true).into_iter().collect();
         Ok(Self {
             inner,
-            piece_bytes,
-            display_bytes,
-            by_text,
+            bytes,
+            control,
         })
     }
 
@@ -188,19 +170,19 @@ impl TextTokenizer {
 
     /// The bytes `token` adds to generated text (nothing for control tokens).
     pub fn piece(&self, token: u32) -> &[u8] {
-        self.piece_bytes
-            .get(token as usize)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+        match self.control.get(token as usize) {
+            Some(false) => &self.bytes[token as usize],
+            _ => &[],
+        }
     }
 
     /// Text of `tokens`, special tokens included. Fails on an id outside the vocabulary.
     pub fn decode(&self, tokens: &[u32]) -> Result<String, u32> {
-        let mut bytes = Vec::new();
+        let mut out = Vec::new();
         for &t in tokens {
-            bytes.extend_from_slice(self.display_bytes.get(t as usize).ok_or(t)?);
+            out.extend_from_slice(self.bytes.get(t as usize).ok_or(t)?);
         }
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
     /// Text of one token, special or not.
@@ -210,26 +192,13 @@ impl TextTokenizer {
 
     /// The id of a token given its exact text.
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.by_text.get(text).copied()
+        self.inner.token_to_id(text)
     }
 
     /// Number of token ids.
     pub fn vocab_size(&self) -> usize {
-        self.piece_bytes.len()
+        self.bytes.len()
     }
-}
-
-fn strings(values: Option<&Vec<Value>>, what: &str) -> Result<Vec<String>, TokenizerError> {
-    let values =
-        values.ok_or_else(|| TokenizerError::Malformed(format!("no tokenizer.ggml.{what}")))?;
-    values
-        .iter()
-        .map(|v| {
-            v.as_str().map(str::to_string).ok_or_else(|| {
-                TokenizerError::Malformed(format!("tokenizer.ggml.{what} holds a non-string"))
-            })
-        })
-        .collect()
 }
 
 /// The pre-tokenizer llama.cpp uses for a `tokenizer.ggml.pre` value.

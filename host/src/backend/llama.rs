@@ -177,15 +177,23 @@ impl Llama {
         let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
+        // Grouped-query attention without copying K and V per query head: the `group` query
+        // heads of one KV head become `group * n` rows of one matrix product.
         let group = self.n_head / self.n_kv_head;
-        let (k, v) = (repeat_kv(k, group)?, repeat_kv(v, group)?);
+        let total = k.dim(2)?;
+        let q = q.reshape((b, self.n_kv_head, group * n, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mut att = (q.matmul(&k.t()?)? * scale)?;
         if n > 1 {
-            att = att.broadcast_add(&causal_mask(n, pos, &self.device)?)?;
+            att = att
+                .reshape((b, self.n_kv_head, group, n, total))?
+                .broadcast_add(&causal_mask(n, pos, &self.device)?)?
+                .reshape((b, self.n_kv_head, group * n, total))?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
+        let y = att
+            .matmul(&v)?
+            .reshape((b, self.n_head, n, self.head_dim))?;
         let y = y.transpose(1, 2)?.reshape((b, n, self.hidden))?;
         l.attn_output.forward(&y)
     }
@@ -225,14 +233,6 @@ impl CausalLm for Llama {
     fn vocab_size(&self) -> usize {
         self.vocab
     }
-}
-
-fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
-    if n == 1 {
-        return Ok(x);
-    }
-    let (b, h, s, d) = x.dims4()?;
-    Tensor::cat(&vec![&x; n], 2)?.reshape((b, h * n, s, d))
 }
 
 /// `(n, pos + n)`: 0 where query i may see key j, -inf after it.

@@ -26,9 +26,9 @@ use kv_cache::KvCache;
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Most tokens one forward pass takes. Longer inputs run in chunks: attention scratch grows
-/// with chunk × context (at 2k context, 128 tokens cost ~10 MB per layer, 512 would cost ~40 MB),
-/// and the guest decides how many tokens it sends.
-const MAX_TOKENS_PER_PASS: usize = 128;
+/// with chunk × context (scores for 64 tokens at a 2k context are ~5 MB per layer, for 512
+/// ~40 MB), and the guest decides how many tokens it sends.
+const MAX_TOKENS_PER_PASS: usize = 64;
 
 /// Architectures this backend runs, by GGUF `general.architecture`.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
