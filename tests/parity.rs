@@ -12,7 +12,7 @@ use wasmlm_host::backend::LoadedModel;
 use wasmlm_host::bindings::exports::wasmlm::llm::types::{
     Error as GuestError, FinishReason, Message, Role, SamplingOptions,
 };
-use wasmlm_host::runtime::{Runtime, RuntimeError, EMBEDDED_COMPONENT};
+use wasmlm_host::runtime::{default_options, Runtime, RuntimeError, EMBEDDED_COMPONENT};
 
 const MODEL: &str = "smollm2";
 
@@ -33,17 +33,7 @@ fn greedy(max_tokens: u32) -> SamplingOptions {
     SamplingOptions {
         max_tokens: Some(max_tokens),
         temperature: Some(0.0),
-        top_k: None,
-        top_p: None,
-        min_p: None,
-        repeat_penalty: None,
-        repeat_last_n: None,
-        presence_penalty: None,
-        frequency_penalty: None,
-        seed: None,
-        stop: Vec::new(),
-        top_logprobs: None,
-        ignore_eos: None,
+        ..default_options()
     }
 }
 

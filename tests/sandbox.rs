@@ -25,7 +25,12 @@ fn run_probe(wasi: WasiCtx) -> i32 {
     let mut config = Config::new();
     config.wasm_component_model(true);
     let engine = Engine::new(&config).unwrap();
-    let component = Component::from_file(&engine, env!("WASMLM_SANDBOX_PROBE")).unwrap();
+    let probe = env!("WASMLM_SANDBOX_PROBE");
+    assert!(
+        !probe.is_empty(),
+        "the sandbox probe was not built (WASMLM_COMPONENT_WASM skips the guest build)"
+    );
+    let component = Component::from_file(&engine, probe).unwrap();
     let mut linker = Linker::new(&engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
     let mut store = Store::new(

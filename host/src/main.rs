@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use wasmlm_host::backend::{LoadedModel, Sequence};
 use wasmlm_host::bindings::exports::wasmlm::llm::types::{Message, Role, SamplingOptions};
 use wasmlm_host::models::{self, ModelSpec, KNOWN_MODELS};
-use wasmlm_host::runtime::{Runtime, EMBEDDED_COMPONENT};
+use wasmlm_host::runtime::{default_options, Runtime, EMBEDDED_COMPONENT};
 
 /// Run LLMs as WebAssembly components: the generation loop runs in a sandboxed wasm component,
 /// the forward pass natively behind wasi:nn.
@@ -180,13 +180,9 @@ fn run(a: RunArgs) -> Result<()> {
         top_p: Some(a.top_p),
         min_p: Some(a.min_p),
         repeat_penalty: Some(a.repeat_penalty),
-        repeat_last_n: None,
-        presence_penalty: None,
-        frequency_penalty: None,
         seed: a.seed,
         stop: a.stop.clone(),
-        top_logprobs: None,
-        ignore_eos: None,
+        ..default_options()
     };
     let start = Instant::now();
     let mut stream = if a.raw {
@@ -332,17 +328,8 @@ fn bench_component(runtime: &Runtime, model: &str, prompt: &[u32], gen: usize) -
     let options = SamplingOptions {
         max_tokens: Some(gen as u32),
         temperature: Some(0.0),
-        top_k: None,
-        top_p: None,
-        min_p: None,
-        repeat_penalty: None,
-        repeat_last_n: None,
-        presence_penalty: None,
-        frequency_penalty: None,
-        seed: None,
-        stop: Vec::new(),
-        top_logprobs: None,
         ignore_eos: Some(true),
+        ..default_options()
     };
     let t0 = Instant::now();
     let mut stream = inst.complete_tokens(model, prompt, &options)?;

@@ -69,6 +69,25 @@ pub fn describe_guest_error(e: &GuestError) -> String {
     }
 }
 
+/// Sampling options with every field unset: the component's defaults (OpenAI's semantics).
+pub fn default_options() -> SamplingOptions {
+    SamplingOptions {
+        max_tokens: None,
+        temperature: None,
+        top_k: None,
+        top_p: None,
+        min_p: None,
+        repeat_penalty: None,
+        repeat_last_n: None,
+        presence_penalty: None,
+        frequency_penalty: None,
+        seed: None,
+        stop: Vec::new(),
+        top_logprobs: None,
+        ignore_eos: None,
+    }
+}
+
 /// Per-instance state: WASI (nothing granted), wasi-nn, limits.
 pub struct GuestState {
     wasi: WasiCtx,

@@ -141,8 +141,9 @@ impl Generation {
             Some(l) => l,
             None => self.compute_next()?,
         };
-        let history: Vec<u32> = self.prompt.iter().chain(&self.generated).copied().collect();
-        let choice = self.sampler.sample(&mut logits, &history, &self.generated);
+        let choice = self
+            .sampler
+            .sample(&mut logits, &self.prompt, &self.generated);
         let token = choice.token;
         self.generated.push(token);
         let logprobs = match choice.logprob {

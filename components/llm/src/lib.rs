@@ -191,18 +191,17 @@ impl spin::Guest for Component {
         model: String,
         text: Vec<String>,
     ) -> Result<spin::EmbeddingsResult, spin::Error> {
-        <Component as embeddings::Guest>::embed(model, text)
-            .map(|_| unreachable_embeddings())
-            .map_err(spin_error)
-    }
-}
-
-fn unreachable_embeddings() -> spin::EmbeddingsResult {
-    spin::EmbeddingsResult {
-        embeddings: Vec::new(),
-        usage: spin::EmbeddingsUsage {
-            prompt_token_count: 0,
-        },
+        let m = model::get(&model).map_err(spin_error)?;
+        let mut prompt_token_count = 0;
+        for t in &text {
+            prompt_token_count += m.tokenize(t, false).map_err(spin_error)?.len() as u32;
+        }
+        let embeddings =
+            <Component as embeddings::Guest>::embed(model, text).map_err(spin_error)?;
+        Ok(spin::EmbeddingsResult {
+            embeddings,
+            usage: spin::EmbeddingsUsage { prompt_token_count },
+        })
     }
 }
 

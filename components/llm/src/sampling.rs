@@ -114,10 +114,10 @@ impl Sampler {
         }
     }
 
-    /// Chooses the next token. `history` is every token so far (prompt and generated),
-    /// `generated` the generated ones; both feed the penalties.
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32], generated: &[u32]) -> Choice {
-        self.apply_penalties(logits, history, generated);
+    /// Chooses the next token. The repeat penalty looks at the last tokens of `prompt`
+    /// followed by `generated`; presence and frequency penalties at `generated` alone.
+    pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) -> Choice {
+        self.apply_penalties(logits, prompt, generated);
         let (logprob_of, top) = match self.params.top_logprobs {
             Some(n) => log_softmax_top(logits, n),
             None => (None, Vec::new()),
@@ -134,11 +134,16 @@ impl Sampler {
         }
     }
 
-    fn apply_penalties(&self, logits: &mut [f32], history: &[u32], generated: &[u32]) {
+    fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
         let p = &self.params;
         if p.repeat_penalty != 1.0 && p.repeat_last_n > 0 {
-            let start = history.len().saturating_sub(p.repeat_last_n);
-            let mut seen: Vec<u32> = history[start..].to_vec();
+            let mut seen: Vec<u32> = prompt
+                .iter()
+                .chain(generated)
+                .rev()
+                .take(p.repeat_last_n)
+                .copied()
+                .collect();
             seen.sort_unstable();
             seen.dedup();
             for t in seen {
@@ -321,8 +326,19 @@ mod tests {
         p.repeat_penalty = 2.0;
         let s = Sampler::new(p);
         let mut logits = [4.0, 3.0, -1.0];
-        s.apply_penalties(&mut logits, &[0, 2], &[]);
+        s.apply_penalties(&mut logits, &[0], &[2]);
         assert_eq!(logits, [2.0, 3.0, -2.0]);
+        let mut p = params(0.0, 1);
+        p.repeat_penalty = 2.0;
+        p.repeat_last_n = 1;
+        let s = Sampler::new(p);
+        let mut logits = [4.0, 3.0, -1.0];
+        s.apply_penalties(&mut logits, &[0], &[2]);
+        assert_eq!(
+            logits,
+            [4.0, 3.0, -2.0],
+            "only the last token is in the window"
+        );
         let mut p = params(0.0, 1);
         p.presence_penalty = 0.5;
         p.frequency_penalty = 1.0;
