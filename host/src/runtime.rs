@@ -319,18 +319,39 @@ impl Drop for PooledInstance<'_> {
 }
 
 impl Instance {
+    /// Runs a call into the guest; a trap poisons the instance, whose state can no longer be
+    /// trusted.
+    fn guard<R>(
+        &mut self,
+        f: impl FnOnce(&LlmHost, &mut Store<GuestState>) -> wasmtime::Result<R>,
+    ) -> Result<R, RuntimeError> {
+        f(&self.api, &mut self.store).map_err(|trap| {
+            self.poisoned = true;
+            RuntimeError::Wasm(trap)
+        })
+    }
+
+    /// Runs a call whose result carries the component's own error type.
     fn call<R>(
         &mut self,
         f: impl FnOnce(&LlmHost, &mut Store<GuestState>) -> wasmtime::Result<Result<R, GuestError>>,
     ) -> Result<R, RuntimeError> {
-        match f(&self.api, &mut self.store) {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(RuntimeError::Guest(e)),
-            Err(trap) => {
-                self.poisoned = true;
-                Err(RuntimeError::Wasm(trap))
-            }
-        }
+        self.guard(f)?.map_err(RuntimeError::Guest)
+    }
+
+    /// Runs a call that starts a generation, and wraps its stream resource.
+    fn start(
+        &mut self,
+        f: impl FnOnce(
+            &LlmHost,
+            &mut Store<GuestState>,
+        ) -> wasmtime::Result<Result<ResourceAny, GuestError>>,
+    ) -> Result<Stream<'_>, RuntimeError> {
+        let res = self.call(f)?;
+        Ok(Stream {
+            inst: self,
+            res: Some(res),
+        })
     }
 
     /// Facts about `model`; sets the model up in this instance on first use.
@@ -383,18 +404,10 @@ impl Instance {
         prompt: &str,
         params: Option<SpinParams>,
     ) -> Result<Result<SpinResult, SpinError>, RuntimeError> {
-        match self.api.fermyon_spin_llm().call_infer(
-            &mut self.store,
-            &model.to_string(),
-            prompt,
-            params,
-        ) {
-            Ok(r) => Ok(r),
-            Err(trap) => {
-                self.poisoned = true;
-                Err(RuntimeError::Wasm(trap))
-            }
-        }
+        self.guard(|api, store| {
+            api.fermyon_spin_llm()
+                .call_infer(store, &model.to_string(), prompt, params)
+        })
     }
 
     /// Starts a chat completion.
@@ -404,13 +417,9 @@ impl Instance {
         messages: &[Message],
         options: &SamplingOptions,
     ) -> Result<Stream<'_>, RuntimeError> {
-        let res = self.call(|api, store| {
+        self.start(|api, store| {
             api.wasmlm_llm_generation()
                 .call_chat(store, model, messages, options)
-        })?;
-        Ok(Stream {
-            inst: self,
-            res: Some(res),
         })
     }
 
@@ -421,13 +430,9 @@ impl Instance {
         prompt: &str,
         options: &SamplingOptions,
     ) -> Result<Stream<'_>, RuntimeError> {
-        let res = self.call(|api, store| {
+        self.start(|api, store| {
             api.wasmlm_llm_generation()
                 .call_complete(store, model, prompt, options)
-        })?;
-        Ok(Stream {
-            inst: self,
-            res: Some(res),
         })
     }
 
@@ -438,13 +443,9 @@ impl Instance {
         prompt: &[u32],
         options: &SamplingOptions,
     ) -> Result<Stream<'_>, RuntimeError> {
-        let res = self.call(|api, store| {
+        self.start(|api, store| {
             api.wasmlm_llm_generation()
                 .call_complete_tokens(store, model, prompt, options)
-        })?;
-        Ok(Stream {
-            inst: self,
-            res: Some(res),
         })
     }
 }
@@ -473,22 +474,20 @@ impl Stream<'_> {
     /// Asks the generation to end.
     pub fn cancel(&mut self) -> Result<(), RuntimeError> {
         let res = self.resource();
-        self.inst.call(|api, store| {
+        self.inst.guard(|api, store| {
             api.wasmlm_llm_generation()
                 .completion_stream()
                 .call_cancel(store, res)
-                .map(Ok)
         })
     }
 
     /// Token counts so far.
     pub fn usage(&mut self) -> Result<Usage, RuntimeError> {
         let res = self.resource();
-        self.inst.call(|api, store| {
+        self.inst.guard(|api, store| {
             api.wasmlm_llm_generation()
                 .completion_stream()
                 .call_usage(store, res)
-                .map(Ok)
         })
     }
 }
