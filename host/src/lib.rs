@@ -5,6 +5,7 @@ pub mod backend;
 pub mod gguf;
 pub mod models;
 pub mod runtime;
+pub mod server;
 
 /// Host-side bindings of the component's exports.
 pub mod bindings {

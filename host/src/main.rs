@@ -12,6 +12,7 @@ use wasmlm_host::backend::{LoadedModel, Sequence};
 use wasmlm_host::bindings::exports::wasmlm::llm::types::{Message, Role, SamplingOptions};
 use wasmlm_host::models::{self, ModelSpec, KNOWN_MODELS};
 use wasmlm_host::runtime::{default_options, Runtime, EMBEDDED_COMPONENT};
+use wasmlm_host::server::{self, config::NodeConfig, config::Overrides};
 
 /// Run LLMs as WebAssembly components: the generation loop runs in a sandboxed wasm component,
 /// the forward pass natively behind wasi:nn.
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Answer one prompt, streaming the text to stdout and a summary line to stderr.
     Run(RunArgs),
+    /// Serve the OpenAI-compatible API (see docs/api.md).
+    Serve(ServeArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize(TokenizeArgs),
     /// Measure prefill and decode speed natively and through the component, in one run.
@@ -93,6 +96,40 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    /// Node config (TOML): listen address, labels, API keys, models.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Model to serve as NAME=PATH, PATH or a known name (repeatable; default: smollm2).
+    #[arg(long, short)]
+    model: Vec<String>,
+    /// Address to listen on (default 127.0.0.1:8080; port 0 picks a free one).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Concurrent generations per model (default 2).
+    #[arg(long)]
+    slots: Option<usize>,
+    /// Requests that may wait for a slot, per model, before 429 (default 16).
+    #[arg(long)]
+    queue: Option<usize>,
+    /// Context length in tokens (default: the model's own).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Accepted API key (repeatable; also WASMLM_API_KEY). Without one the API is open.
+    #[arg(long = "api-key", env = "WASMLM_API_KEY")]
+    api_keys: Vec<String>,
+    /// Label KEY=VALUE reported in /node (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// CPU threads for the forward pass (default: available cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Use this component file instead of the embedded one.
+    #[arg(long, hide = true)]
+    component: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct TokenizeArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -122,6 +159,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
+        Command::Serve(a) => serve(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench(a),
         Command::Pull { names } => pull(&names),
@@ -137,9 +175,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads the model and the runtime; returns the runtime and the model's name.
-fn start(a: &ModelArgs) -> Result<(Runtime, String)> {
-    if let Some(n) = a.threads {
+/// Sizes the forward pass's thread pool.
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
@@ -149,6 +187,42 @@ fn start(a: &ModelArgs) -> Result<(Runtime, String)> {
             .num_threads(n)
             .build_global();
     }
+    Ok(())
+}
+
+/// The component to run: `path`, or the embedded one.
+fn component_wasm(path: Option<&PathBuf>) -> Result<Vec<u8>> {
+    match path {
+        Some(p) => std::fs::read(p).with_context(|| format!("reading component {}", p.display())),
+        None => Ok(EMBEDDED_COMPONENT.to_vec()),
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let overrides = Overrides {
+        listen: a.listen,
+        models: a.model,
+        slots: a.slots,
+        queue: a.queue,
+        context_length: a.context,
+        api_keys: a.api_keys,
+        labels: a.labels,
+    };
+    let config = NodeConfig::load(a.config.as_deref(), overrides, &models::models_dir())?;
+    let wasm = component_wasm(a.component.as_ref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(server::serve(config, wasm))?;
+    Ok(())
+}
+
+/// Loads the model and the runtime; returns the runtime and the model's name.
+fn start(a: &ModelArgs) -> Result<(Runtime, String)> {
+    set_threads(a.threads)?;
     let dir = models::models_dir();
     let spec = match &a.model {
         Some(s) => ModelSpec::parse(s, &dir)?,
@@ -159,12 +233,7 @@ fn start(a: &ModelArgs) -> Result<(Runtime, String)> {
         a.context,
         &candle_core::Device::Cpu,
     )?;
-    let wasm = match &a.component {
-        Some(p) => {
-            std::fs::read(p).with_context(|| format!("reading component {}", p.display()))?
-        }
-        None => EMBEDDED_COMPONENT.to_vec(),
-    };
+    let wasm = component_wasm(a.component.as_ref())?;
     let cache = models::cache_dir().join("components");
     let runtime = Runtime::new(&wasm, loaded, Some(&cache))?;
     Ok((runtime, spec.name))

@@ -142,16 +142,26 @@ pub fn load_all(
         if out.contains_key(&spec.name) {
             return Err(ModelError::Duplicate(spec.name.clone()));
         }
-        if let Some(k) = spec
-            .known
-            .and_then(|n| KNOWN_MODELS.iter().find(|k| k.name == n))
-        {
-            ensure_fetched(k, &spec.path)?;
-        }
-        let model = LoadedModel::from_gguf(&spec.path, context, device)?;
-        out.insert(spec.name.clone(), Arc::new(model));
+        out.insert(spec.name.clone(), load_one(spec, context, device)?);
     }
     Ok(out)
+}
+
+/// Loads one spec, fetching it first when it is a known model that is missing.
+pub fn load_one(
+    spec: &ModelSpec,
+    context: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<Arc<LoadedModel>, ModelError> {
+    if let Some(k) = spec
+        .known
+        .and_then(|n| KNOWN_MODELS.iter().find(|k| k.name == n))
+    {
+        ensure_fetched(k, &spec.path)?;
+    }
+    Ok(Arc::new(LoadedModel::from_gguf(
+        &spec.path, context, device,
+    )?))
 }
 
 /// Makes sure `dest` holds the verified file of `k`, fetching it if needed.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, ResourceAny, ResourceTable};
@@ -135,8 +135,9 @@ impl GraphRegistry for NamedGraphs {
 pub struct Runtime {
     engine: Engine,
     pre: LlmHostPre<GuestState>,
-    graphs: NamedGraphs,
-    models: HashMap<String, Arc<LoadedModel>>,
+    /// Models load while the runtime serves others (a node warms models on demand); an
+    /// instance sees the models loaded when it was created.
+    models: RwLock<HashMap<String, Arc<LoadedModel>>>,
     idle: Mutex<HashMap<String, Vec<Instance>>>,
 }
 
@@ -157,23 +158,29 @@ impl Runtime {
             WasiNnView::new(&mut s.table, &mut s.nn)
         })?;
         let pre = LlmHostPre::new(linker.instantiate_pre(&component)?)?;
-        let graphs = models
-            .iter()
-            .map(|(name, m)| (name.clone(), CandleGraph::graph(m.clone())))
-            .collect();
         Ok(Self {
             engine,
             pre,
-            graphs: NamedGraphs(Arc::new(graphs)),
-            models,
+            models: RwLock::new(models),
             idle: Mutex::new(HashMap::new()),
         })
     }
 
+    /// Serves `model` under `name` from now on (replacing a model of that name).
+    pub fn add_model(&self, name: &str, model: Arc<LoadedModel>) {
+        if let Ok(mut m) = self.models.write() {
+            m.insert(name.to_string(), model);
+        }
+        if let Ok(mut pools) = self.idle.lock() {
+            pools.remove(name);
+        }
+    }
+
     /// A loaded model.
-    pub fn model(&self, name: &str) -> Result<&Arc<LoadedModel>, RuntimeError> {
-        self.models.get(name).ok_or_else(|| {
-            let mut loaded: Vec<&str> = self.models.keys().map(String::as_str).collect();
+    pub fn model(&self, name: &str) -> Result<Arc<LoadedModel>, RuntimeError> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models.get(name).cloned().ok_or_else(|| {
+            let mut loaded: Vec<&str> = models.keys().map(String::as_str).collect();
             loaded.sort();
             RuntimeError::UnknownModel {
                 name: name.to_string(),
@@ -198,12 +205,7 @@ impl Runtime {
             .and_then(|mut pools| pools.get_mut(model).and_then(Vec::pop));
         let inst = match idle {
             Some(i) => i,
-            None => {
-                let mut inst = self.new_instance()?;
-                // Tokenizer and template set-up happen here, once per instance.
-                inst.describe(model)?;
-                inst
-            }
+            None => self.create_instance(model)?,
         };
         Ok(PooledInstance {
             runtime: self,
@@ -212,12 +214,28 @@ impl Runtime {
         })
     }
 
+    /// A new instance, outside the pool, with `model` set up in it (tokenizer and template
+    /// parsed once here, not per request).
+    pub fn create_instance(&self, model: &str) -> Result<Instance, RuntimeError> {
+        self.model(model)?;
+        let mut inst = self.new_instance()?;
+        inst.describe(model)?;
+        Ok(inst)
+    }
+
     fn new_instance(&self) -> Result<Instance, RuntimeError> {
         let backends: Vec<Backend> = vec![Backend::from(CandleBackend)];
+        let graphs = self
+            .models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, m)| (name.clone(), CandleGraph::graph(m.clone())))
+            .collect();
         let state = GuestState {
             wasi: sandboxed_wasi(),
             table: ResourceTable::new(),
-            nn: WasiNnCtx::new(backends, Registry::from(self.graphs.clone())),
+            nn: WasiNnCtx::new(backends, Registry::from(NamedGraphs(Arc::new(graphs)))),
             limits: StoreLimitsBuilder::new()
                 .memory_size(GUEST_MEMORY_LIMIT)
                 .build(),
@@ -319,6 +337,11 @@ impl Drop for PooledInstance<'_> {
 }
 
 impl Instance {
+    /// False once a trap left the instance's state untrustworthy: drop it and make another.
+    pub fn is_healthy(&self) -> bool {
+        !self.poisoned
+    }
+
     /// Runs a call into the guest; a trap poisons the instance, whose state can no longer be
     /// trusted.
     fn guard<R>(

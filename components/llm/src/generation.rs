@@ -151,6 +151,8 @@ impl Generation {
                 let tok = self.model.tokenizer.borrow();
                 vec![TokenLogprob {
                     token,
+                    text: tok.token_text(token),
+                    bytes: tok.piece(token).to_vec(),
                     logprob: lp,
                     top: choice
                         .top
@@ -158,6 +160,7 @@ impl Generation {
                         .map(|&(t, l)| TopLogprob {
                             token: t,
                             text: tok.token_text(t),
+                            bytes: tok.piece(t).to_vec(),
                             logprob: l,
                         })
                         .collect(),

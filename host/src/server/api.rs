@@ -1,0 +1,802 @@
+//! The endpoints.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::node::{unix_now, Node, ServedModel, WarmState};
+use super::slots::AcquireError;
+use super::wire::{self, chat_logprob, finish_reason, GenRequest, LegacyLogprobs, Prompt};
+use super::worker::{self, Event, Job, Timings};
+use crate::bindings::exports::wasmlm::llm::generation::Chunk;
+use crate::bindings::exports::wasmlm::llm::types::{FinishReason, Role, Usage};
+
+type ApiResult = Result<Response, ApiError>;
+
+fn respond(r: ApiResult) -> Response {
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn read_body(body: Body) -> Result<wire::Body, ApiError> {
+    let bytes = axum::body::to_bytes(body, wire::MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "The request body could not be read or is larger than {} bytes.",
+                wire::MAX_BODY_BYTES
+            ))
+        })?;
+    wire::Body::parse(&bytes)
+}
+
+/// The device a request prefers: the `X-GPU-Preference` header, else the body's field.
+fn preference(headers: &HeaderMap, body: Option<String>) -> Option<String> {
+    headers
+        .get("x-gpu-preference")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or(body)
+}
+
+/// Checks that `m` runs on the preferred device; else a 400 listing the valid ones.
+fn check_device(m: &ServedModel, pref: Option<&str>) -> Result<(), ApiError> {
+    match pref {
+        None | Some("auto" | "any") => Ok(()),
+        Some(p) if p == m.config.device => Ok(()),
+        Some(p) => Err(ApiError::bad_param(
+            "gpu_preference",
+            format!(
+                "The device '{p}' is unknown or cannot run '{}' on this node (valid: {}, auto).",
+                m.name(),
+                m.config.device
+            ),
+        )),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(generate(node, headers, body, Kind::Chat).await)
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(generate(node, headers, body, Kind::Completion).await)
+}
+
+/// The text a slot's caches will hold for these prompts, to route a conversation back to the
+/// slot that holds its prefix.
+fn affinity_key(prompts: &[Prompt]) -> String {
+    match prompts.first() {
+        Some(Prompt::Chat(messages)) => {
+            let mut k = String::new();
+            for m in messages {
+                let role = match m.role {
+                    Role::System => "system",
+                    Role::User => "user",
+                    Role::Assistant => "assistant",
+                    Role::Tool => "tool",
+                };
+                k.push_str(role);
+                k.push('\u{1}');
+                k.push_str(&m.content);
+                k.push('\u{2}');
+            }
+            // The answer the worker appends then reads as the next turn's assistant message.
+            k.push_str("assistant\u{1}");
+            k
+        }
+        Some(Prompt::Text(t)) => t.clone(),
+        Some(Prompt::Tokens(t)) => t.iter().map(|x| format!("{x},")).collect(),
+        None => String::new(),
+    }
+}
+
+/// What every response of one request shares.
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    device: String,
+}
+
+impl Meta {
+    fn fingerprint(&self) -> String {
+        format!("wasmlm-{}-{}", env!("CARGO_PKG_VERSION"), self.device)
+    }
+}
+
+fn request_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!("{prefix}-{:x}{:06x}", t, n & 0xff_ffff)
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+fn add_usage(sum: &mut Usage, u: &Usage) {
+    sum.prompt_tokens += u.prompt_tokens;
+    sum.completion_tokens += u.completion_tokens;
+    sum.cached_tokens += u.cached_tokens;
+}
+
+fn add_timings(sum: &mut Timings, t: &Timings) {
+    if sum.prompt_n == 0 && sum.predicted_n == 0 && sum.prompt_ms == 0.0 {
+        *sum = t.clone();
+        return;
+    }
+    sum.prompt_n += t.prompt_n;
+    sum.prompt_ms += t.prompt_ms;
+    sum.predicted_n += t.predicted_n;
+    sum.predicted_ms += t.predicted_ms;
+    let rate = |n: u32, ms: f64| {
+        if ms > 0.0 {
+            f64::from(n) * 1e3 / ms
+        } else {
+            0.0
+        }
+    };
+    sum.prompt_per_second = rate(sum.prompt_n, sum.prompt_ms);
+    sum.predicted_per_second = rate(sum.predicted_n, sum.predicted_ms);
+}
+
+async fn generate(node: Arc<Node>, headers: HeaderMap, body: Body, kind: Kind) -> ApiResult {
+    let b = read_body(body).await?;
+    let req = match kind {
+        Kind::Chat => wire::chat_request(&b)?,
+        Kind::Completion => wire::completion_request(&b)?,
+    };
+    let m = node.find(&req.model)?;
+    check_device(
+        &m,
+        preference(&headers, req.gpu_preference.clone()).as_deref(),
+    )?;
+    if req.echo && req.prompts.iter().any(|p| matches!(p, Prompt::Tokens(_))) {
+        return Err(ApiError::bad_param("echo", "'echo' needs text prompts."));
+    }
+    let in_flight = node.enter();
+    node.ensure_warm(&m, false).await?;
+    let key = affinity_key(&req.prompts);
+    let lease = m.pool.acquire(&key).await.map_err(|e| match e {
+        AcquireError::Busy => ApiError::busy(m.name()),
+        AcquireError::Closed => ApiError::unavailable(format!("'{}' has no slots", m.name())),
+    })?;
+    let (tx, mut rx) = mpsc::channel(64);
+    let job = Job {
+        model: m.name().to_string(),
+        prompts: req.prompts.clone(),
+        options: req.options.clone(),
+        key,
+    };
+    let worker_node = node.clone();
+    tokio::task::spawn_blocking(move || {
+        worker::run(&worker_node.runtime, lease, job, tx, &worker_node.metrics)
+    });
+    // The first event decides the status: an error before any token is a plain error answer.
+    let first = match rx.recv().await {
+        Some(Event::Error(e)) => return Err(e),
+        Some(ev) => ev,
+        None => return Err(ApiError::internal("the generation ended without an answer")),
+    };
+    let meta = Meta {
+        id: request_id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
+        created: unix_now(),
+        model: req.model.clone(),
+        device: m.config.device.clone(),
+    };
+    let fmt = Formatter::new(meta, kind, &req);
+    if req.stream {
+        Ok(sse(fmt, first, rx, in_flight))
+    } else {
+        collect(fmt, first, rx).await
+    }
+}
+
+/// Builds the JSON of responses and stream chunks.
+struct Formatter {
+    meta: Meta,
+    kind: Kind,
+    include_usage: bool,
+    logprobs: bool,
+    /// Completions with `echo`: the prompt texts to put first.
+    echo: Vec<Option<String>>,
+    choices: Vec<ChoiceState>,
+    usage: Usage,
+    timings: Timings,
+    done: usize,
+}
+
+#[derive(Default)]
+struct ChoiceState {
+    text: String,
+    chat_logprobs: Vec<Value>,
+    legacy: LegacyLogprobs,
+    finish: Option<FinishReason>,
+    started: bool,
+    /// A stream's finishing chunk waits for its timings.
+    held: Option<Chunk>,
+}
+
+impl Formatter {
+    fn new(meta: Meta, kind: Kind, req: &GenRequest) -> Self {
+        let echo = req
+            .prompts
+            .iter()
+            .map(|p| match p {
+                Prompt::Text(t) if req.echo => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        Self {
+            meta,
+            kind,
+            include_usage: req.include_usage,
+            logprobs: req.logprobs,
+            echo,
+            choices: (0..req.prompts.len())
+                .map(|_| ChoiceState::default())
+                .collect(),
+            usage: Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cached_tokens: 0,
+            },
+            timings: Timings::default(),
+            done: 0,
+        }
+    }
+
+    fn record(&mut self, index: usize, chunk: &Chunk) {
+        let Some(c) = self.choices.get_mut(index) else {
+            return;
+        };
+        if !c.started {
+            c.started = true;
+            if let Some(Some(e)) = self.echo.get(index) {
+                c.text.push_str(e);
+            }
+        }
+        c.legacy.push(chunk, c.text.len());
+        c.chat_logprobs
+            .extend(chunk.logprobs.iter().map(chat_logprob));
+        c.text.push_str(&chunk.text);
+        if chunk.finish.is_some() {
+            c.finish = chunk.finish;
+        }
+    }
+
+    fn finish_name(&self, f: Option<FinishReason>) -> Value {
+        f.map_or(Value::Null, |f| json!(finish_reason(f)))
+    }
+
+    /// The whole (non-streaming) response.
+    fn response(&self) -> Value {
+        let choices: Vec<Value> = self
+            .choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match self.kind {
+                Kind::Chat => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": if self.logprobs { json!({"content": c.chat_logprobs}) } else { Value::Null },
+                    "finish_reason": self.finish_name(c.finish),
+                }),
+                Kind::Completion => json!({
+                    "index": i,
+                    "text": c.text,
+                    "logprobs": if self.logprobs { c.legacy.to_json() } else { Value::Null },
+                    "finish_reason": self.finish_name(c.finish),
+                }),
+            })
+            .collect();
+        json!({
+            "id": self.meta.id,
+            "object": if self.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "system_fingerprint": self.meta.fingerprint(),
+            "choices": choices,
+            "usage": usage_json(&self.usage),
+            "timings": self.timings,
+            "device": self.meta.device,
+        })
+    }
+
+    /// One stream chunk's JSON around `choices`.
+    fn chunk_json(&self, choices: Value) -> Value {
+        let mut v = json!({
+            "id": self.meta.id,
+            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "system_fingerprint": self.meta.fingerprint(),
+            "choices": choices,
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    /// A stream chunk carrying `text` (and the logprobs and finish of `chunk`).
+    fn delta(&self, index: usize, text: &str, chunk: Option<&Chunk>) -> Value {
+        let finish = self.finish_name(chunk.and_then(|c| c.finish));
+        let lps = chunk.map_or(&[][..], |c| &c.logprobs[..]);
+        let choice = match self.kind {
+            Kind::Chat => {
+                let delta = if text.is_empty() && finish.is_string() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!({
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": if self.logprobs && !lps.is_empty() {
+                        json!({"content": lps.iter().map(chat_logprob).collect::<Vec<_>>()})
+                    } else { Value::Null },
+                    "finish_reason": finish,
+                })
+            }
+            Kind::Completion => {
+                let logprobs = if self.logprobs && !lps.is_empty() {
+                    let mut l = LegacyLogprobs::default();
+                    if let Some(c) = chunk {
+                        l.push(c, 0);
+                    }
+                    l.to_json()
+                } else {
+                    Value::Null
+                };
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+            }
+        };
+        self.chunk_json(json!([choice]))
+    }
+
+    /// Stream events for `ev`, appended to `out`; false once the stream must end.
+    fn stream_event(&mut self, ev: Event, out: &mut VecDeque<Bytes>) -> bool {
+        match ev {
+            Event::Chunk { index, chunk } => {
+                let Some(c) = self.choices.get_mut(index) else {
+                    return true;
+                };
+                if !c.started {
+                    c.started = true;
+                    match self.kind {
+                        Kind::Chat => {
+                            let choice = json!([{
+                                "index": index,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": Value::Null,
+                                "finish_reason": Value::Null,
+                            }]);
+                            out.push_back(data(&self.chunk_json(choice)));
+                        }
+                        Kind::Completion => {
+                            if let Some(Some(e)) = self.echo.get(index).cloned() {
+                                out.push_back(data(&self.delta(index, &e, None)));
+                            }
+                        }
+                    }
+                }
+                if chunk.finish.is_some() {
+                    if let Some(c) = self.choices.get_mut(index) {
+                        c.held = Some(chunk);
+                    }
+                } else if !chunk.text.is_empty() || (self.logprobs && !chunk.logprobs.is_empty()) {
+                    out.push_back(data(&self.delta(index, &chunk.text, Some(&chunk))));
+                }
+                true
+            }
+            Event::Done {
+                index,
+                usage,
+                timings,
+            } => {
+                add_usage(&mut self.usage, &usage);
+                add_timings(&mut self.timings, &timings);
+                self.done += 1;
+                let held = self.choices.get_mut(index).and_then(|c| c.held.take());
+                if let Some(chunk) = held {
+                    let mut v = self.delta(index, &chunk.text, Some(&chunk));
+                    v["timings"] = json!(timings);
+                    out.push_back(data(&v));
+                }
+                true
+            }
+            Event::Error(e) => {
+                out.push_back(data(&e.body()));
+                false
+            }
+        }
+    }
+
+    /// The end of a stream whose worker is gone.
+    fn stream_end(&mut self, out: &mut VecDeque<Bytes>) {
+        if self.done < self.choices.len() {
+            let e = ApiError::internal("the generation ended unexpectedly");
+            out.push_back(data(&e.body()));
+            return;
+        }
+        if self.include_usage {
+            let mut v = self.chunk_json(json!([]));
+            v["usage"] = usage_json(&self.usage);
+            v["timings"] = json!(self.timings);
+            out.push_back(data(&v));
+        }
+        out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+    }
+}
+
+fn data(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+async fn collect(mut fmt: Formatter, first: Event, mut rx: mpsc::Receiver<Event>) -> ApiResult {
+    let mut next = Some(first);
+    while let Some(ev) = next {
+        match ev {
+            Event::Chunk { index, chunk } => fmt.record(index, &chunk),
+            Event::Done { usage, timings, .. } => {
+                add_usage(&mut fmt.usage, &usage);
+                add_timings(&mut fmt.timings, &timings);
+                fmt.done += 1;
+            }
+            Event::Error(e) => return Err(e),
+        }
+        next = rx.recv().await;
+    }
+    if fmt.done < fmt.choices.len() {
+        return Err(ApiError::internal("the generation ended unexpectedly"));
+    }
+    Ok(Json(fmt.response()).into_response())
+}
+
+struct SseState {
+    fmt: Formatter,
+    rx: mpsc::Receiver<Event>,
+    first: Option<Event>,
+    out: VecDeque<Bytes>,
+    ended: bool,
+    _in_flight: super::node::InFlight,
+}
+
+fn sse(
+    fmt: Formatter,
+    first: Event,
+    rx: mpsc::Receiver<Event>,
+    in_flight: super::node::InFlight,
+) -> Response {
+    let state = SseState {
+        fmt,
+        rx,
+        first: Some(first),
+        out: VecDeque::new(),
+        ended: false,
+        _in_flight: in_flight,
+    };
+    // Dropping this stream (the client went away) drops the receiver, which the worker sees
+    // at its next token.
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(b) = st.out.pop_front() {
+                return Some((Ok::<_, Infallible>(b), st));
+            }
+            if st.ended {
+                return None;
+            }
+            let ev = match st.first.take() {
+                Some(e) => Some(e),
+                None => st.rx.recv().await,
+            };
+            match ev {
+                Some(ev) => {
+                    if !st.fmt.stream_event(ev, &mut st.out) {
+                        st.ended = true;
+                    }
+                }
+                None => {
+                    st.fmt.stream_end(&mut st.out);
+                    st.ended = true;
+                }
+            }
+        }
+    });
+    let mut res = Response::new(Body::from_stream(stream));
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    res
+}
+
+/// `GET /v1/models`.
+pub async fn list_models(State(node): State<Arc<Node>>) -> Response {
+    let data: Vec<Value> = node.models.iter().map(|m| node.model_json(m)).collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/models/{id}`.
+pub async fn get_model(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Response {
+    respond(
+        node.find(&id)
+            .map(|m| Json(node.model_json(&m)).into_response()),
+    )
+}
+
+/// `GET /health`: 200 once every preloaded model is warm.
+pub async fn health(State(node): State<Arc<Node>>) -> Response {
+    let mut failed = Vec::new();
+    for m in node.models.iter().filter(|m| m.config.preload) {
+        let w = m.warmth();
+        match w.state {
+            WarmState::Cold | WarmState::Loading => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"status": "loading"})),
+                )
+                    .into_response()
+            }
+            WarmState::Failed => {
+                failed.push(format!("{}: {}", m.name(), w.error.unwrap_or_default()))
+            }
+            WarmState::Warm => {}
+        }
+    }
+    if failed.is_empty() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "error", "message": failed.join("; ")})),
+        )
+            .into_response()
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let text = node.metrics.render(&node.gauges(), node.in_flight());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// `POST /api/warmup/{model}`: answers once the model is warm.
+pub async fn warmup(
+    State(node): State<Arc<Node>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(
+        async {
+            let bytes = axum::body::to_bytes(body, wire::MAX_BODY_BYTES)
+                .await
+                .map_err(|_| ApiError::bad_request("The request body could not be read."))?;
+            let body_pref = if bytes.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                wire::Body::parse(&bytes)?.opt_string("gpu_preference")?
+            };
+            let m = node.find(&model)?;
+            check_device(&m, preference(&headers, body_pref).as_deref())?;
+            let was_warm = m.warmth().state == WarmState::Warm;
+            let secs = node.ensure_warm(&m, true).await?;
+            Ok(Json(json!({
+                "model": m.name(),
+                "state": "warm",
+                "device": m.config.device,
+                "load_time_ms": secs * 1e3,
+                "already_warm": was_warm,
+                "message": format!("{} warmed up in {secs:.2} s", m.name()),
+            }))
+            .into_response())
+        }
+        .await,
+    )
+}
+
+/// `GET /api/warmup/status/{model}`.
+pub async fn warmup_status(State(node): State<Arc<Node>>, Path(model): Path<String>) -> Response {
+    respond(node.find(&model).map(|m| {
+        let w = m.warmth();
+        Json(json!({
+            "model": m.name(),
+            "state": w.state.as_str(),
+            "device": m.config.device,
+            "load_time_ms": w.load_secs.map(|s| s * 1e3),
+            "error": w.error,
+        }))
+        .into_response()
+    }))
+}
+
+/// The model a utility request names, or the only one served.
+fn pick_model(node: &Node, b: &wire::Body) -> Result<Arc<ServedModel>, ApiError> {
+    match b.opt_string("model")? {
+        Some(name) => node.find(&name),
+        None if node.models.len() == 1 => Ok(node.models[0].clone()),
+        None => Err(ApiError::bad_param(
+            "model",
+            format!(
+                "This node serves several models; name one in 'model' ({}).",
+                node.model_names().join(", ")
+            ),
+        )),
+    }
+}
+
+/// Runs `f` on a pooled instance of `m` on a blocking thread.
+async fn with_instance<R: Send + 'static>(
+    node: &Arc<Node>,
+    m: &Arc<ServedModel>,
+    f: impl FnOnce(&mut crate::runtime::Instance, &str) -> Result<R, crate::runtime::RuntimeError>
+        + Send
+        + 'static,
+) -> Result<R, ApiError> {
+    node.ensure_warm(m, false).await?;
+    let n = node.clone();
+    let name = m.name().to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut inst = n.runtime.instance(&name)?;
+        f(&mut inst, &name)
+    })
+    .await
+    .map_err(|_| ApiError::internal("the tokenizer task failed"))?
+    .map_err(ApiError::from)
+}
+
+/// `POST /tokenize`, as llama.cpp's server has it.
+pub async fn tokenize(State(node): State<Arc<Node>>, body: Body) -> Response {
+    respond(
+        async {
+            let b = read_body(body).await?;
+            let m = pick_model(&node, &b)?;
+            let content = b.string("content")?;
+            let add_special = b.bool("add_special")?.unwrap_or(false);
+            let parse_special = b.bool("parse_special")?.unwrap_or(true);
+            let mut tokens = with_instance(&node, &m, move |inst, name| {
+                inst.tokenize(name, &content, parse_special)
+            })
+            .await?;
+            if add_special {
+                if let Some(bos) = m.info().and_then(|i| i.bos_token) {
+                    tokens.insert(0, bos);
+                }
+            }
+            Ok(Json(json!({"tokens": tokens})).into_response())
+        }
+        .await,
+    )
+}
+
+/// `POST /detokenize`.
+pub async fn detokenize(State(node): State<Arc<Node>>, body: Body) -> Response {
+    respond(
+        async {
+            let b = read_body(body).await?;
+            let m = pick_model(&node, &b)?;
+            let tokens: Vec<u32> = match b.get("tokens") {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| {
+                        ApiError::bad_param("tokens", "'tokens' must be a list of token ids.")
+                    })?,
+                _ => {
+                    return Err(ApiError::bad_param(
+                        "tokens",
+                        "'tokens' must be a list of token ids.",
+                    ))
+                }
+            };
+            let content =
+                with_instance(&node, &m, move |inst, name| inst.detokenize(name, &tokens)).await?;
+            Ok(Json(json!({"content": content})).into_response())
+        }
+        .await,
+    )
+}
+
+/// `POST /apply-template`.
+pub async fn apply_template(State(node): State<Arc<Node>>, body: Body) -> Response {
+    respond(
+        async {
+            let b = read_body(body).await?;
+            let m = pick_model(&node, &b)?;
+            let messages = wire::messages(&b)?;
+            let add = b.bool("add_generation_prompt")?.unwrap_or(true);
+            let prompt = with_instance(&node, &m, move |inst, name| {
+                inst.apply_template(name, &messages, add)
+            })
+            .await?;
+            Ok(Json(json!({"prompt": prompt})).into_response())
+        }
+        .await,
+    )
+}
+
+/// `GET /node`: the inventory the gateway places requests by.
+pub async fn node_info(State(node): State<Arc<Node>>) -> Response {
+    Json(node.inventory()).into_response()
+}
+
+/// Routes this node does not have.
+pub async fn fallback(State(node): State<Arc<Node>>, method: Method, uri: Uri) -> Response {
+    let path = uri.path();
+    let out_of_scope = [
+        "/v1/files",
+        "/v1/fine_tuning",
+        "/v1/fine-tunes",
+        "/v1/batches",
+        "/v1/uploads",
+    ];
+    let e = if out_of_scope.iter().any(|p| path.starts_with(p)) {
+        ApiError::not_found(format!(
+            "{path} is not served: files, fine-tuning and batches are out of scope for an \
+             inference node."
+        ))
+    } else {
+        ApiError::not_found(format!("Unknown route: {method} {path}"))
+    };
+    node.metrics.request("unmatched", 404);
+    e.into_response()
+}
+
+/// A known route called with the wrong method.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let mut e = ApiError::bad_request(format!("{method} is not allowed on {}", uri.path()));
+    e.status = StatusCode::METHOD_NOT_ALLOWED;
+    e.into_response()
+}

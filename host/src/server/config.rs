@@ -1,0 +1,317 @@
+//! What a node serves: `node.toml` merged with the command line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::models::{ModelError, ModelSpec};
+
+/// Slots per model unless configured.
+pub const DEFAULT_SLOTS: usize = 2;
+/// Requests that may wait for a slot, per model, unless configured.
+pub const DEFAULT_QUEUE: usize = 16;
+/// Where a node listens unless configured.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `node.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// Address to listen on, `HOST:PORT`.
+    pub listen: Option<String>,
+    /// Name of this node in `/node` (default: the host name).
+    pub node_id: Option<String>,
+    /// Free-form labels reported in `/node` (zone, rack, ...), for the gateway's placement.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Accepted bearer keys; none means the API is open.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Requests that may wait for a slot, per model.
+    pub queue: Option<usize>,
+    /// Slots for models that do not set their own.
+    pub slots: Option<usize>,
+    #[serde(default)]
+    pub models: Vec<ModelFile>,
+}
+
+/// One `[[models]]` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFile {
+    pub name: String,
+    /// GGUF file (relative to the config file) or, when absent, the known model `name`.
+    pub path: Option<PathBuf>,
+    /// Device to run on (`cpu`).
+    pub device: Option<String>,
+    /// Concurrent generations (warm instances, each with its own KV cache).
+    pub slots: Option<usize>,
+    /// Context length in tokens (default: the model's own; larger is capped to it).
+    pub context_length: Option<usize>,
+    /// Other names clients may use for this model.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Load at start-up (default) or on the first request or warm-up call.
+    pub preload: Option<bool>,
+}
+
+/// One model as the node serves it.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub spec: ModelSpec,
+    pub device: String,
+    pub slots: usize,
+    pub context_length: Option<usize>,
+    pub aliases: Vec<String>,
+    pub preload: bool,
+}
+
+/// Everything `wasmlm serve` runs with.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub listen: String,
+    pub node_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub api_keys: Vec<String>,
+    pub queue: usize,
+    pub models: Vec<ModelConfig>,
+}
+
+/// Command-line settings that add to or override the config file.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub models: Vec<String>,
+    pub slots: Option<usize>,
+    pub queue: Option<usize>,
+    pub context_length: Option<usize>,
+    pub api_keys: Vec<String>,
+    pub labels: Vec<String>,
+}
+
+/// Devices this build can run models on.
+pub const DEVICES: &[&str] = &["cpu"];
+
+impl NodeConfig {
+    /// The config of `file` (if any) with `cli` applied; `models_dir` holds known models.
+    pub fn load(
+        file: Option<&Path>,
+        cli: Overrides,
+        models_dir: &Path,
+    ) -> Result<Self, ConfigError> {
+        let (nf, base) = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.into(),
+                    source,
+                })?;
+                let nf: NodeFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: p.into(),
+                    message: e.message().to_string(),
+                })?;
+                (nf, p.parent().map(Path::to_path_buf).unwrap_or_default())
+            }
+            None => (NodeFile::default(), PathBuf::new()),
+        };
+        let default_slots = cli.slots.or(nf.slots).unwrap_or(DEFAULT_SLOTS);
+        let mut models = Vec::new();
+        for m in nf.models {
+            let spec = match &m.path {
+                Some(p) => ModelSpec {
+                    name: m.name.clone(),
+                    path: base.join(p),
+                    known: None,
+                },
+                None => {
+                    let spec = ModelSpec::parse(&m.name, models_dir)?;
+                    if spec.known.is_none() {
+                        return Err(ConfigError::Invalid(format!(
+                            "model '{}' has no path and is not a known model",
+                            m.name
+                        )));
+                    }
+                    spec
+                }
+            };
+            models.push(ModelConfig {
+                spec,
+                device: m.device.unwrap_or_else(|| "cpu".into()),
+                slots: cli.slots.or(m.slots).unwrap_or(default_slots),
+                context_length: cli.context_length.or(m.context_length),
+                aliases: m.aliases,
+                preload: m.preload.unwrap_or(true),
+            });
+        }
+        for s in &cli.models {
+            let spec = ModelSpec::parse(s, models_dir)?;
+            let m = ModelConfig {
+                spec,
+                device: "cpu".into(),
+                slots: default_slots,
+                context_length: cli.context_length,
+                aliases: Vec::new(),
+                preload: true,
+            };
+            match models.iter_mut().find(|x| x.spec.name == m.spec.name) {
+                Some(x) => x.spec = m.spec,
+                None => models.push(m),
+            }
+        }
+        if models.is_empty() {
+            models.push(ModelConfig {
+                spec: ModelSpec::default_model(models_dir),
+                device: "cpu".into(),
+                slots: default_slots,
+                context_length: cli.context_length,
+                aliases: Vec::new(),
+                preload: true,
+            });
+        }
+        let mut labels = nf.labels;
+        for l in &cli.labels {
+            let (k, v) = l
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| ConfigError::Invalid(format!("--label '{l}' is not KEY=VALUE")))?;
+            labels.insert(k.into(), v.into());
+        }
+        let mut api_keys = nf.api_keys;
+        api_keys.extend(cli.api_keys);
+        if api_keys.iter().any(String::is_empty) {
+            return Err(ConfigError::Invalid("an API key is empty".into()));
+        }
+        let config = Self {
+            listen: cli
+                .listen
+                .or(nf.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.into()),
+            node_id: nf.node_id.unwrap_or_else(host_name),
+            labels,
+            api_keys,
+            queue: cli.queue.or(nf.queue).unwrap_or(DEFAULT_QUEUE),
+            models,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for m in &self.models {
+            if m.slots == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "model '{}': slots must be at least 1",
+                    m.spec.name
+                )));
+            }
+            if m.context_length == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "model '{}': context_length must be at least 1",
+                    m.spec.name
+                )));
+            }
+            if !DEVICES.contains(&m.device.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "model '{}': device '{}' is not available on this node (available: {})",
+                    m.spec.name,
+                    m.device,
+                    DEVICES.join(", ")
+                )));
+            }
+            for n in std::iter::once(&m.spec.name).chain(&m.aliases) {
+                if !names.insert(n.clone()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "the model name '{n}' is used twice"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// This machine's host name, or `wasmlm` where there is none.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "wasmlm".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_and_flags_merge() {
+        let dir = std::env::temp_dir().join(format!("wasmlm-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.toml");
+        std::fs::write(
+            &path,
+            r#"
+listen = "0.0.0.0:9000"
+api_keys = ["k1"]
+[labels]
+zone = "a"
+[[models]]
+name = "small"
+path = "m/small.gguf"
+slots = 3
+aliases = ["gpt-4o-mini"]
+"#,
+        )
+        .unwrap();
+        let cli = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            api_keys: vec!["k2".into()],
+            labels: vec!["rack=7".into()],
+            ..Overrides::default()
+        };
+        let c = NodeConfig::load(Some(&path), cli, &dir).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:0");
+        assert_eq!(c.api_keys, ["k1", "k2"]);
+        assert_eq!(c.labels["zone"], "a");
+        assert_eq!(c.labels["rack"], "7");
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.models[0].slots, 3);
+        assert_eq!(c.models[0].spec.path, dir.join("m/small.gguf"));
+        assert_eq!(c.models[0].aliases, ["gpt-4o-mini"]);
+        std::fs::write(
+            &path,
+            "[[models]]\nname = \"x\"\npath = \"x\"\ndevice = \"cuda:7\"\n",
+        )
+        .unwrap();
+        let e = NodeConfig::load(Some(&path), Overrides::default(), &dir).unwrap_err();
+        assert!(e.to_string().contains("available: cpu"), "{e}");
+        std::fs::write(&path, "bogus = 1\n").unwrap();
+        let e = NodeConfig::load(Some(&path), Overrides::default(), &dir).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn no_model_means_the_default() {
+        let c = NodeConfig::load(None, Overrides::default(), Path::new("/m")).unwrap();
+        assert_eq!(c.models[0].spec.name, "smollm2");
+        assert_eq!(c.models[0].slots, DEFAULT_SLOTS);
+    }
+}

@@ -1,0 +1,181 @@
+//! `wasmlm serve`: the OpenAI-compatible API of one node (`docs/api.md` is the contract).
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod node;
+pub mod slots;
+pub mod wire;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use self::config::NodeConfig;
+use self::error::ApiError;
+use self::node::Node;
+use crate::runtime::{Runtime, RuntimeError};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The router of `node`.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/v1/completions", post(api::completions))
+        .route("/v1/models", get(api::list_models))
+        .route("/v1/models/{id}", get(api::get_model))
+        .route("/health", get(api::health))
+        .route("/metrics", get(api::metrics))
+        .route("/api/warmup/{model}", post(api::warmup))
+        .route("/api/warmup/status/{model}", get(api::warmup_status))
+        .route("/tokenize", post(api::tokenize))
+        .route("/detokenize", post(api::detokenize))
+        .route("/apply-template", post(api::apply_template))
+        .route("/node", get(api::node_info))
+        .route_layer(middleware::from_fn_with_state(node.clone(), authorize))
+        .route_layer(middleware::from_fn_with_state(node.clone(), count))
+        .fallback(api::fallback)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .with_state(node)
+}
+
+/// Checks the bearer key on every route but `/health`.
+async fn authorize(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let keys = &node.config.api_keys;
+    if keys.is_empty() || req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(k) if keys.iter().any(|x| same_key(x, k)) => next.run(req).await,
+        _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// Compares keys in time independent of where they differ.
+fn same_key(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Counts requests by route and status.
+async fn count(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let res = next.run(req).await;
+    node.metrics.request(&endpoint, res.status().as_u16());
+    res
+}
+
+/// Serves `config` with the component `wasm` until SIGINT or SIGTERM.
+pub async fn serve(config: NodeConfig, wasm: Vec<u8>) -> Result<(), ServeError> {
+    let cache = crate::models::cache_dir().join("components");
+    let runtime =
+        tokio::task::spawn_blocking(move || Runtime::new(&wasm, HashMap::new(), Some(&cache)))
+            .await
+            .map_err(|e| ServeError::Io(std::io::Error::other(e.to_string())))??;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    let node = Node::new(config, Arc::new(runtime));
+    announce(&node, addr);
+    let preloader = node.clone();
+    tokio::spawn(async move {
+        for m in preloader.models.iter().filter(|m| m.config.preload) {
+            match preloader.ensure_warm(m, false).await {
+                Ok(secs) => eprintln!("wasmlm: {} warmed up in {secs:.2} s", m.name()),
+                Err(e) => eprintln!("wasmlm: {}: {}", m.name(), e.message),
+            }
+        }
+    });
+    axum::serve(listener, router(node))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+/// Prints where the node listens and what it serves (stdout, for scripts and tests).
+fn announce(node: &Node, addr: SocketAddr) {
+    let models: Vec<String> = node
+        .models
+        .iter()
+        .map(|m| {
+            let aliases = if m.config.aliases.is_empty() {
+                String::new()
+            } else {
+                format!(", aliases {}", m.config.aliases.join(" "))
+            };
+            format!(
+                "{} ({}, {} slots{aliases}) from {}",
+                m.name(),
+                m.config.device,
+                m.config.slots,
+                m.config.spec.path.display()
+            )
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "wasmlm: listening on http://{addr}");
+    for m in models {
+        let _ = writeln!(out, "wasmlm: serving {m}");
+    }
+    let _ = out.flush();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,510 @@
+//! OpenAI request bodies read into the component's types, parameter by parameter, so a bad
+//! value gets a 400 that names it. Unknown fields are ignored, as OpenAI does.
+
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use crate::bindings::exports::wasmlm::llm::generation::Chunk;
+use crate::bindings::exports::wasmlm::llm::types::{
+    FinishReason, Message, Role, SamplingOptions, TokenLogprob,
+};
+
+/// Most bytes of a request body.
+pub const MAX_BODY_BYTES: usize = 16 << 20;
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Chat(Vec<Message>),
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// A generation request, read from a chat or completions body.
+#[derive(Debug)]
+pub struct GenRequest {
+    pub model: String,
+    pub prompts: Vec<Prompt>,
+    pub options: SamplingOptions,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Chat: `logprobs: true`; completions: `logprobs: N`.
+    pub logprobs: bool,
+    /// Completions: return the prompt before the completion.
+    pub echo: bool,
+    /// Device the client asked for (`gpu_preference`).
+    pub gpu_preference: Option<String>,
+}
+
+/// A JSON object body.
+pub struct Body(pub Map<String, Value>);
+
+impl Body {
+    /// Parses `bytes` as a JSON object.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        match serde_json::from_slice::<Value>(bytes) {
+            Ok(Value::Object(m)) => Ok(Self(m)),
+            Ok(_) => Err(ApiError::bad_request(
+                "The request body must be a JSON object.",
+            )),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "We could not parse the JSON body of your request ({e})."
+            ))),
+        }
+    }
+
+    /// The value of `key`, with JSON `null` read as absent.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    /// A required string.
+    pub fn string(&self, key: &str) -> Result<String, ApiError> {
+        match self.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(ApiError::bad_param(
+                key,
+                format!("'{key}' must be a string."),
+            )),
+            None => Err(ApiError::bad_param(
+                key,
+                format!("Missing required parameter: '{key}'."),
+            )),
+        }
+    }
+
+    /// An optional string.
+    pub fn opt_string(&self, key: &str) -> Result<Option<String>, ApiError> {
+        self.get(key).map(|_| self.string(key)).transpose()
+    }
+
+    /// An optional boolean.
+    pub fn bool(&self, key: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(ApiError::bad_param(
+                key,
+                format!("'{key}' must be a boolean."),
+            )),
+        }
+    }
+
+    /// An optional number within `[lo, hi]`.
+    pub fn f32_in(&self, key: &str, lo: f32, hi: f32) -> Result<Option<f32>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() && (lo as f64..=hi as f64).contains(&x) => {
+                    Ok(Some(x as f32))
+                }
+                _ => Err(ApiError::bad_param(
+                    key,
+                    format!("'{key}' must be a number from {lo} to {hi}; got {v}."),
+                )),
+            },
+        }
+    }
+
+    /// An optional integer within `[lo, hi]`.
+    pub fn int_in(&self, key: &str, lo: i64, hi: i64) -> Result<Option<i64>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_i64() {
+                Some(x) if (lo..=hi).contains(&x) => Ok(Some(x)),
+                _ => Err(ApiError::bad_param(
+                    key,
+                    format!("'{key}' must be an integer from {lo} to {hi}; got {v}."),
+                )),
+            },
+        }
+    }
+}
+
+/// Sampling options and stream settings shared by chat and completions.
+fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
+    let model = b.string("model")?;
+    if let Some(n) = b.int_in("n", 1, i64::MAX).map_err(|_| n_error())? {
+        if n != 1 {
+            return Err(n_error());
+        }
+    }
+    let max_tokens = match b.int_in("max_completion_tokens", 1, u32::MAX as i64)? {
+        Some(n) => Some(n),
+        None => b.int_in("max_tokens", 1, u32::MAX as i64)?,
+    };
+    let stop = match b.get("stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().map(String::from))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                ApiError::bad_param("stop", "'stop' must be a string or a list of strings.")
+            })?,
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "stop",
+                "'stop' must be a string or a list of strings.",
+            ))
+        }
+    };
+    if stop.len() > 16 || stop.iter().any(String::is_empty) {
+        return Err(ApiError::bad_param(
+            "stop",
+            "'stop' takes at most 16 non-empty strings.",
+        ));
+    }
+    // vLLM spells "top-k off" as -1.
+    let top_k = b
+        .int_in("top_k", -1, u32::MAX as i64)?
+        .map(|k| k.max(0) as u32);
+    let seed = match b.get("seed") {
+        None => None,
+        Some(v) => Some(match (v.as_u64(), v.as_i64()) {
+            (Some(u), _) => u,
+            // Negative seeds are valid for OpenAI: keep their bits.
+            (None, Some(i)) => i as u64,
+            _ => return Err(ApiError::bad_param("seed", "'seed' must be an integer.")),
+        }),
+    };
+    let (logprobs, top_logprobs) = if chat {
+        let on = b.bool("logprobs")?.unwrap_or(false);
+        let top = b.int_in("top_logprobs", 0, 20)?;
+        if top.is_some() && !on {
+            return Err(ApiError::bad_param(
+                "top_logprobs",
+                "'top_logprobs' needs 'logprobs' set to true.",
+            ));
+        }
+        (on, on.then(|| top.unwrap_or(0) as u32))
+    } else {
+        let n = b.int_in("logprobs", 0, 20)?;
+        (n.is_some(), n.map(|n| n as u32))
+    };
+    let stream = b.bool("stream")?.unwrap_or(false);
+    let include_usage = match b.get("stream_options") {
+        None => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(x)) => *x,
+            Some(_) => {
+                return Err(ApiError::bad_param(
+                    "stream_options.include_usage",
+                    "'stream_options.include_usage' must be a boolean.",
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "stream_options",
+                "'stream_options' must be an object.",
+            ))
+        }
+    };
+    let options = SamplingOptions {
+        max_tokens: max_tokens.map(|n| n as u32),
+        temperature: b.f32_in("temperature", 0.0, 100.0)?,
+        top_k,
+        top_p: b.f32_in("top_p", 0.0, 1.0)?,
+        min_p: b.f32_in("min_p", 0.0, 1.0)?,
+        repeat_penalty: b.f32_in("repeat_penalty", 0.0, 100.0)?,
+        repeat_last_n: b
+            .int_in("repeat_last_n", 0, u32::MAX as i64)?
+            .map(|n| n as u32),
+        presence_penalty: b.f32_in("presence_penalty", -2.0, 2.0)?,
+        frequency_penalty: b.f32_in("frequency_penalty", -2.0, 2.0)?,
+        seed,
+        stop,
+        top_logprobs,
+        ignore_eos: b.bool("ignore_eos")?,
+    };
+    Ok(GenRequest {
+        model,
+        prompts: Vec::new(),
+        options,
+        stream,
+        include_usage,
+        logprobs,
+        echo: false,
+        gpu_preference: b.opt_string("gpu_preference")?,
+    })
+}
+
+fn n_error() -> ApiError {
+    ApiError::bad_param("n", "Only n=1 is supported: one choice per request.")
+}
+
+/// Reads a `/v1/chat/completions` body.
+pub fn chat_request(b: &Body) -> Result<GenRequest, ApiError> {
+    let mut r = common(b, true)?;
+    r.prompts = vec![Prompt::Chat(messages(b)?)];
+    Ok(r)
+}
+
+/// Reads the `messages` of a chat body.
+pub fn messages(b: &Body) -> Result<Vec<Message>, ApiError> {
+    let bad =
+        |i: usize, what: &str| ApiError::bad_param(&format!("messages[{i}]"), what.to_string());
+    let list = match b.get("messages") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::bad_param(
+                "messages",
+                "'messages' must not be empty.",
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "messages",
+                "'messages' must be a list.",
+            ))
+        }
+        None => {
+            return Err(ApiError::bad_param(
+                "messages",
+                "Missing required parameter: 'messages'.",
+            ))
+        }
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let Value::Object(m) = m else {
+            return Err(bad(
+                i,
+                "each message must be an object with 'role' and 'content'",
+            ));
+        };
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some("system" | "developer") => Role::System,
+            Some("user") => Role::User,
+            Some("assistant") => Role::Assistant,
+            Some("tool" | "function") => Role::Tool,
+            Some(other) => {
+                return Err(bad(
+                    i,
+                    &format!("unknown role '{other}' (system, developer, user, assistant, tool)"),
+                ))
+            }
+            None => return Err(bad(i, "a message needs a 'role'")),
+        };
+        let content = match m.get("content") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                        (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                        (Some(t), _) if t != "text" => {
+                            return Err(bad(
+                                i,
+                                &format!(
+                                    "content parts of type '{t}' are not supported; send text"
+                                ),
+                            ))
+                        }
+                        _ => return Err(bad(i, "a text part needs 'text'")),
+                    }
+                }
+                text
+            }
+            Some(_) => return Err(bad(i, "'content' must be a string or a list of parts")),
+        };
+        out.push(Message { role, content });
+    }
+    Ok(out)
+}
+
+/// Reads a `/v1/completions` body.
+pub fn completion_request(b: &Body) -> Result<GenRequest, ApiError> {
+    let mut r = common(b, false)?;
+    r.echo = b.bool("echo")?.unwrap_or(false);
+    if b.get("suffix").is_some() {
+        return Err(ApiError::bad_param(
+            "suffix",
+            "'suffix' (fill-in-the-middle) is not supported.",
+        ));
+    }
+    b.int_in("best_of", 1, 1)
+        .map_err(|_| ApiError::bad_param("best_of", "Only best_of=1 is supported."))?;
+    let bad = || {
+        ApiError::bad_param(
+            "prompt",
+            "'prompt' must be a string, a list of strings, a list of token ids or a list of \
+             such lists.",
+        )
+    };
+    let tokens = |a: &[Value]| -> Option<Vec<u32>> {
+        a.iter()
+            .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
+            .collect()
+    };
+    r.prompts = match b.get("prompt") {
+        Some(Value::String(s)) => vec![Prompt::Text(s.clone())],
+        Some(Value::Array(a)) if a.is_empty() => return Err(bad()),
+        Some(Value::Array(a)) if a[0].is_string() => a
+            .iter()
+            .map(|v| v.as_str().map(|s| Prompt::Text(s.into())))
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?,
+        Some(Value::Array(a)) if a[0].is_number() => {
+            vec![Prompt::Tokens(tokens(a).ok_or_else(bad)?)]
+        }
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_array().and_then(|x| tokens(x)).map(Prompt::Tokens))
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?,
+        None => {
+            return Err(ApiError::bad_param(
+                "prompt",
+                "Missing required parameter: 'prompt'.",
+            ))
+        }
+        Some(_) => return Err(bad()),
+    };
+    if r.prompts.len() > 64 {
+        return Err(ApiError::bad_param(
+            "prompt",
+            "At most 64 prompts per request.",
+        ));
+    }
+    if r.prompts
+        .iter()
+        .any(|p| matches!(p, Prompt::Tokens(t) if t.is_empty()))
+    {
+        return Err(ApiError::bad_param(
+            "prompt",
+            "A token prompt must not be empty.",
+        ));
+    }
+    Ok(r)
+}
+
+/// OpenAI's name of a finish reason.
+pub fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Cancelled => "cancelled",
+    }
+}
+
+/// One token's chat logprobs entry.
+pub fn chat_logprob(lp: &TokenLogprob) -> Value {
+    json!({
+        "token": lp.text,
+        "logprob": lp.logprob,
+        "bytes": lp.bytes,
+        "top_logprobs": lp.top.iter().map(|t| json!({
+            "token": t.text,
+            "logprob": t.logprob,
+            "bytes": t.bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Legacy completions logprobs, accumulated over chunks.
+#[derive(Default)]
+pub struct LegacyLogprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top: Vec<Value>,
+    offsets: Vec<usize>,
+}
+
+impl LegacyLogprobs {
+    /// Adds the tokens of `chunk`, `offset` bytes into the choice's text.
+    pub fn push(&mut self, chunk: &Chunk, offset: usize) {
+        let mut off = offset;
+        for lp in &chunk.logprobs {
+            self.tokens.push(lp.text.clone());
+            self.token_logprobs.push(lp.logprob);
+            let top: Map<String, Value> = lp
+                .top
+                .iter()
+                .map(|t| (t.text.clone(), json!(t.logprob)))
+                .collect();
+            self.top.push(Value::Object(top));
+            self.offsets.push(off);
+            off += lp.text.len();
+        }
+    }
+
+    /// The `logprobs` object of a choice.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top,
+            "text_offset": self.offsets,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(v: Value) -> Body {
+        Body(v.as_object().unwrap().clone())
+    }
+
+    #[test]
+    fn chat_reads_parts_aliases_and_rejects_what_it_cannot_do() {
+        let r = chat_request(&body(json!({
+            "model": "m",
+            "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                         {"role": "user", "content": "hi"}],
+            "max_completion_tokens": 5, "stop": "x", "top_k": -1, "seed": -1, "frobnicate": true,
+        })))
+        .unwrap();
+        let Prompt::Chat(m) = &r.prompts[0] else {
+            panic!()
+        };
+        assert_eq!(m[0].content, "ab");
+        assert_eq!(r.options.max_tokens, Some(5));
+        assert_eq!(r.options.stop, ["x"]);
+        assert_eq!(r.options.top_k, Some(0));
+        assert_eq!(r.options.seed, Some(u64::MAX));
+        for (bad, param) in [
+            (json!({"model": "m", "messages": []}), "messages"),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+                "n",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+                "temperature",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+                "messages[0]",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}]}),
+                "model",
+            ),
+        ] {
+            let e = chat_request(&body(bad)).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn completion_prompts_come_in_four_shapes() {
+        let n = |p: Value| {
+            completion_request(&body(json!({"model": "m", "prompt": p}))).map(|r| r.prompts.len())
+        };
+        assert_eq!(n(json!("a")).unwrap(), 1);
+        assert_eq!(n(json!(["a", "b"])).unwrap(), 2);
+        assert_eq!(n(json!([1, 2, 3])).unwrap(), 1);
+        assert_eq!(n(json!([[1], [2]])).unwrap(), 2);
+        assert!(n(json!([])).is_err());
+        assert!(n(json!([1, "a"])).is_err());
+        assert!(n(json!(7)).is_err());
+    }
+}
