@@ -1,0 +1,174 @@
+"""Drives a wasmlm node with the official openai SDK. Usage: openai_sdk.py BASE_URL BUSY_URL
+
+Each check prints its name; any failure raises and exits non-zero.
+"""
+import sys
+
+import openai
+
+BASE, BUSY = sys.argv[1], sys.argv[2]
+KEY = "test-key"
+client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0, timeout=120)
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+QUESTION = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
+
+
+def check(name):
+    def wrap(f):
+        f()
+        print(f"ok  {name}", flush=True)
+        return f
+    return wrap
+
+
+@check("non-streaming chat")
+def _():
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24)
+    c = r.choices[0]
+    assert c.message.role == "assistant"
+    assert "Paris" in c.message.content, c.message.content
+    assert c.finish_reason == "stop", c.finish_reason
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    assert r.model == "smollm2" and r.object == "chat.completion"
+
+
+@check("streaming chat with include_usage")
+def _():
+    whole = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24)
+    chunks = list(client.chat.completions.create(
+        model="smollm2", messages=QUESTION, temperature=0, max_tokens=24,
+        stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:] if c.choices)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content, (text, whole.choices[0].message.content)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and all(f is None for f in finishes[:-1]), finishes
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+
+
+@check("completions, plain and streaming")
+def _():
+    r = client.completions.create(model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=6)
+    assert r.object == "text_completion" and r.choices[0].text, r
+    s = "".join(c.choices[0].text for c in client.completions.create(
+        model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=6, stream=True) if c.choices)
+    assert s == r.choices[0].text, (s, r.choices[0].text)
+    two = client.completions.create(model="smollm2", prompt=["One", "Two"], max_tokens=2, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1]
+
+
+@check("models")
+def _():
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["smollm2"], ids
+    assert client.models.retrieve("smollm2").id == "smollm2"
+
+
+@check("seeds reproduce and differ")
+def _():
+    def sample(seed):
+        return client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Write a poem."}],
+            temperature=1.0, max_tokens=16, seed=seed).choices[0].message.content
+    a = sample(42)
+    assert sample(42) == a
+    assert any(sample(s) != a for s in (1, 2, 3))
+
+
+@check("stop strings")
+def _():
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24, stop=["Paris"])
+    assert "Paris" not in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+
+
+@check("logprobs")
+def _():
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3)
+    lps = r.choices[0].logprobs.content
+    assert len(lps) == r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in lps)
+    # Greedy: the chosen token is the most likely one.
+    assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-4 for t in lps)
+
+
+@check("a multi-turn conversation reuses the cached prefix")
+def _():
+    history = [SYSTEM, {"role": "user", "content": "Name a fruit."}]
+    first = client.chat.completions.create(model="smollm2", messages=history, temperature=0, max_tokens=12)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And a vegetable?"}]
+    second = client.chat.completions.create(model="smollm2", messages=history, temperature=0, max_tokens=12)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens, (cached, first.usage.prompt_tokens)
+
+
+@check("BadRequestError")
+def _():
+    for kwargs in ({"n": 2}, {"temperature": "hot"}, {"messages": []}):
+        args = {"model": "smollm2", "messages": QUESTION, **kwargs}
+        try:
+            client.chat.completions.create(**args)
+        except openai.BadRequestError as e:
+            assert e.status_code == 400
+        else:
+            raise AssertionError(f"no error for {kwargs}")
+    try:
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "word " * 700}])
+    except openai.BadRequestError as e:
+        assert e.code == "context_length_exceeded" and "512" in e.message, e.message
+    else:
+        raise AssertionError("no error for a prompt longer than the context")
+
+
+@check("NotFoundError")
+def _():
+    try:
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION)
+    except openai.NotFoundError as e:
+        assert "smollm2" in e.message, e.message
+    else:
+        raise AssertionError("no error for an unknown model")
+    try:
+        client.files.list()
+    except openai.NotFoundError:
+        pass
+    else:
+        raise AssertionError("files should be out of scope")
+
+
+@check("AuthenticationError")
+def _():
+    bad = openai.OpenAI(base_url=BASE, api_key="wrong", max_retries=0)
+    try:
+        bad.models.list()
+    except openai.AuthenticationError as e:
+        assert e.status_code == 401
+    else:
+        raise AssertionError("a wrong key was accepted")
+
+
+@check("RateLimitError when every slot is busy")
+def _():
+    busy = openai.OpenAI(base_url=BUSY, api_key=KEY, max_retries=0, timeout=120)
+    stream = busy.chat.completions.create(
+        model="smollm2", messages=QUESTION, max_tokens=400, stream=True,
+        extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    try:
+        busy.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=2)
+    except openai.RateLimitError as e:
+        assert e.response.headers.get("retry-after") == "1"
+    else:
+        raise AssertionError("a busy node did not answer 429")
+    finally:
+        stream.close()
+
+
+print("all SDK checks passed")
