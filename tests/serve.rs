@@ -192,7 +192,7 @@ fn errors_have_openai_shapes_and_status_codes() {
         &[("Authorization", "Bearer nope")],
         None,
     );
-    assert_eq!(expect_error(&wrong, 401).contains("API key"), true);
+    assert!(expect_error(&wrong, 401).contains("API key"));
     assert_eq!(node.request("GET", "/v1/models", &auth, None).status, 200);
 
     expect_error(&post("/v1/chat/completions", b"{not json"), 400);
