@@ -391,3 +391,83 @@ fn component_imports_only_wasi_nn_and_wasi() {
         );
     }
 }
+
+/// Batched decode (several sequences in one forward pass) gives each sequence the logits it
+/// would get alone, both through the model directly and through the backend's batcher when
+/// sequences decode from several threads at once.
+#[test]
+fn batched_decode_matches_one_sequence_at_a_time() {
+    use wasmlm_host::backend::Sequence;
+    let model = runtime().model(MODEL).unwrap();
+    let prompts: Vec<Vec<u32>> = common::vectors("smollm2-greedy.jsonl")
+        .iter()
+        .take(3)
+        .map(|r| common::ids(&r["prompt_ids"]))
+        .collect();
+    let steps = 6;
+    // Alone: greedy continuations and their logits, one sequence at a time.
+    let mut alone = Vec::new();
+    for p in &prompts {
+        let mut seq = Sequence::new(model.clone());
+        let mut logits = seq.extend(p).unwrap();
+        let mut trace = Vec::new();
+        for _ in 0..steps {
+            let t = argmax(&logits);
+            logits = seq.extend(&[t]).unwrap();
+            trace.push((t, logits.clone()));
+        }
+        alone.push(trace);
+    }
+    let close = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    // Together: one forward_batch call per step.
+    let mut caches: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let mut c = model.weights.new_cache(model.context_length);
+            model.weights.forward(p, &mut c).unwrap();
+            c
+        })
+        .collect();
+    for step in 0..steps {
+        let tokens: Vec<u32> = alone.iter().map(|t| t[step].0).collect();
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        let out = model.weights.forward_batch(&tokens, &mut refs).unwrap();
+        for (i, l) in out.iter().enumerate() {
+            let d = close(l, &alone[i][step].1);
+            assert!(
+                d < 1e-3,
+                "sequence {i} step {step}: max logit difference {d}"
+            );
+        }
+    }
+    // From threads, through the batcher.
+    std::thread::scope(|s| {
+        for (i, p) in prompts.iter().enumerate() {
+            let (model, alone) = (model.clone(), &alone);
+            s.spawn(move || {
+                let mut seq = Sequence::new(model);
+                seq.extend(p).unwrap();
+                for (step, (t, expected)) in alone[i].iter().enumerate() {
+                    let l = seq.extend(&[*t]).unwrap();
+                    let d = close(&l, expected);
+                    assert!(d < 1e-3, "thread {i} step {step}: max logit difference {d}");
+                }
+            });
+        }
+    });
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in l.iter().enumerate() {
+        if v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

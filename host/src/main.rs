@@ -1,5 +1,7 @@
 //! `wasmlm`: run LLM components on this machine.
 
+mod bench_serve;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +35,9 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Measure prefill and decode speed natively and through the component, in one run.
     Bench(BenchArgs),
+    /// Measure the node's HTTP path against the in-process one, and decode throughput with
+    /// several concurrent streams, in one run.
+    BenchServe(BenchServeArgs),
     /// Fetch the known models (default: all) into the model cache.
     Pull {
         /// Names of models to fetch.
@@ -130,6 +135,21 @@ struct ServeArgs {
 }
 
 #[derive(Args)]
+struct BenchServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Tokens to generate per request.
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: u32,
+    /// Rounds of the HTTP-overhead comparison.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Concurrent stream counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    streams: Vec<usize>,
+}
+
+#[derive(Args)]
 struct TokenizeArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -162,6 +182,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench(a),
+        Command::BenchServe(a) => bench_serve(a),
         Command::Pull { names } => pull(&names),
     };
     match result {
@@ -218,6 +239,24 @@ fn serve(a: ServeArgs) -> Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(server::serve(config, wasm))?;
     Ok(())
+}
+
+fn bench_serve(a: BenchServeArgs) -> Result<()> {
+    if a.gen_tokens < 2 || a.rounds == 0 || a.streams.contains(&0) {
+        bail!("need --gen-tokens >= 2, --rounds >= 1 and stream counts >= 1");
+    }
+    let (runtime, model) = start(&a.model)?;
+    let spec = format!("{model}={}", runtime_model_path(&a.model)?.display());
+    bench_serve::run(runtime, model, spec, a.gen_tokens, a.rounds, &a.streams)
+}
+
+/// The file of the model `a` names.
+fn runtime_model_path(a: &ModelArgs) -> Result<PathBuf> {
+    let dir = models::models_dir();
+    Ok(match &a.model {
+        Some(s) => ModelSpec::parse(s, &dir)?.path,
+        None => ModelSpec::default_model(&dir).path,
+    })
 }
 
 /// Loads the model and the runtime; returns the runtime and the model's name.

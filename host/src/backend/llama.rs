@@ -154,23 +154,27 @@ impl Llama {
         Tensor::cat(&rows, 0)?.to_device(&self.device)?.unsqueeze(0)
     }
 
-    fn attention(
+    /// Attention of one sequence from its projected `q`, `k`, `v` (each `(1, n, heads *
+    /// head_dim)`), its first position `pos` and its cache; `(1, n, hidden)` before the output
+    /// projection.
+    fn attend(
         &self,
         layer: usize,
-        x: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         pos: usize,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
-        let l = &self.layers[layer];
-        let (b, n, _) = x.dims3()?;
-        let heads = |t: Tensor, h: usize| {
+        let (b, n, _) = q.dims3()?;
+        let heads = |t: &Tensor, h: usize| {
             t.reshape((b, n, h, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(l.attn_q.forward(x)?, self.n_head)?;
-        let k = heads(l.attn_k.forward(x)?, self.n_kv_head)?;
-        let v = heads(l.attn_v.forward(x)?, self.n_kv_head)?;
+        let q = heads(q, self.n_head)?;
+        let k = heads(k, self.n_kv_head)?;
+        let v = heads(v, self.n_kv_head)?;
         let cos = self.cos.narrow(0, pos, n)?;
         let sin = self.sin.narrow(0, pos, n)?;
         // GGUF llama weights are permuted for interleaved (GPT-J style) rotation.
@@ -194,8 +198,52 @@ impl Llama {
         let y = att
             .matmul(&v)?
             .reshape((b, self.n_head, n, self.head_dim))?;
-        let y = y.transpose(1, 2)?.reshape((b, n, self.hidden))?;
+        y.transpose(1, 2)?.reshape((b, n, self.hidden))
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        pos: usize,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let l = &self.layers[layer];
+        let q = l.attn_q.forward(x)?;
+        let k = l.attn_k.forward(x)?;
+        let v = l.attn_v.forward(x)?;
+        let y = self.attend(layer, &q, &k, &v, pos, cache)?;
         l.attn_output.forward(&y)
+    }
+
+    /// Attention of `caches.len()` sequences with one new token each: `x` is `(1, batch,
+    /// hidden)`; the projections run as one batched product, attention per sequence.
+    fn attention_batch(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Tensor> {
+        let l = &self.layers[layer];
+        let q = l.attn_q.forward(x)?;
+        let k = l.attn_k.forward(x)?;
+        let v = l.attn_v.forward(x)?;
+        let ys = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(i, cache)| {
+                let pos = cache.len();
+                self.attend(
+                    layer,
+                    &q.narrow(1, i, 1)?,
+                    &k.narrow(1, i, 1)?,
+                    &v.narrow(1, i, 1)?,
+                    pos,
+                    cache,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        l.attn_output.forward(&Tensor::cat(&ys, 1)?)
     }
 
     fn mlp(&self, layer: usize, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -224,6 +272,29 @@ impl CausalLm for Llama {
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1()
+    }
+
+    fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let mut x = self.embed(tokens)?;
+        for i in 0..self.layers.len() {
+            let h = candle_nn::ops::rms_norm(&x, &self.layers[i].attn_norm, self.eps)?;
+            x = (x + self.attention_batch(i, &h, caches)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &self.layers[i].ffn_norm, self.eps)?;
+            x = (x + self.mlp(i, &h)?)?;
+        }
+        for c in caches.iter_mut() {
+            c.advance(1);
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.eps)?;
+        self.output
+            .forward(&x)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_vec2()
     }
 
     fn new_cache(&self, max_len: usize) -> KvCache {

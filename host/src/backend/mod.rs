@@ -4,6 +4,7 @@
 //! One architecture per file behind [`CausalLm`]; a graph is a loaded model shared by all its
 //! execution contexts, and an execution context is one sequence with its own [`KvCache`].
 
+pub mod batch;
 pub mod kv_cache;
 pub mod llama;
 
@@ -37,6 +38,19 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
 pub trait CausalLm: Send + Sync {
     /// Appends `tokens` to the sequence in `cache` and returns the logits after the last one.
     fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Vec<f32>>;
+    /// Appends one token to each of several sequences in one pass (batched decode) and
+    /// returns each one's logits. The default runs them one by one.
+    fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        tokens
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(&t, c)| self.forward(&[t], c))
+            .collect()
+    }
     /// An empty cache for one sequence of at most `max_len` positions.
     fn new_cache(&self, max_len: usize) -> KvCache;
     /// Number of logits per position.
@@ -83,6 +97,8 @@ pub struct LoadedModel {
     /// The protocol's metadata document, built once.
     pub metadata: Vec<u8>,
     pub file_size: u64,
+    /// Where concurrent decode steps meet to run as one batch.
+    pub batcher: batch::Batcher,
 }
 
 impl LoadedModel {
@@ -141,6 +157,7 @@ impl LoadedModel {
             weights,
             metadata,
             file_size,
+            batcher: batch::Batcher::default(),
         })
     }
 }
@@ -232,11 +249,13 @@ impl Sequence {
         }
         let mut logits = Vec::new();
         for chunk in tokens.chunks(MAX_TOKENS_PER_PASS) {
-            logits = self
+            let cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
+            let (cache, out) = self
                 .model
-                .weights
-                .forward(chunk, &mut self.cache)
-                .map_err(|e| format!("forward pass: {}", plain_message(&e)))?;
+                .batcher
+                .forward(&*self.model.weights, chunk, cache);
+            self.cache = cache;
+            logits = out?;
         }
         Ok(logits)
     }

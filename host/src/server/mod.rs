@@ -102,6 +102,15 @@ async fn count(State(node): State<Arc<Node>>, req: Request, next: Next) -> Respo
 
 /// Serves `config` with the component `wasm` until SIGINT or SIGTERM.
 pub async fn serve(config: NodeConfig, wasm: Vec<u8>) -> Result<(), ServeError> {
+    serve_with(config, wasm, |_| {}).await
+}
+
+/// [`serve`], calling `on_listen` with the bound address once the node accepts connections.
+pub async fn serve_with(
+    config: NodeConfig,
+    wasm: Vec<u8>,
+    on_listen: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
     let cache = crate::models::cache_dir().join("components");
     let runtime =
         tokio::task::spawn_blocking(move || Runtime::new(&wasm, HashMap::new(), Some(&cache)))
@@ -116,6 +125,7 @@ pub async fn serve(config: NodeConfig, wasm: Vec<u8>) -> Result<(), ServeError> 
     let addr = listener.local_addr()?;
     let node = Node::new(config, Arc::new(runtime));
     announce(&node, addr);
+    on_listen(addr);
     let preloader = node.clone();
     tokio::spawn(async move {
         for m in preloader.models.iter().filter(|m| m.config.preload) {
