@@ -135,6 +135,10 @@ pub async fn serve_with(
             }
         }
     });
+    // Streams write one small event per token: Nagle's algorithm would hold them back.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(node))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
