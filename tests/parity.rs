@@ -22,7 +22,7 @@ fn runtime() -> &'static Runtime {
 }
 
 fn runtime_with_context(context: usize) -> Runtime {
-    let model = LoadedModel::from_gguf(&common::smollm2_path(), Some(context), &Device::Cpu)
+    let model = LoadedModel::from_path(&common::smollm2_path(), Some(context), &Device::Cpu)
         .expect("model loads");
     let models = HashMap::from([(MODEL.to_string(), std::sync::Arc::new(model))]);
     let cache = wasmlm_host::models::cache_dir().join("components");

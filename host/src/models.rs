@@ -159,7 +159,7 @@ pub fn load_one(
     {
         ensure_fetched(k, &spec.path)?;
     }
-    Ok(Arc::new(LoadedModel::from_gguf(
+    Ok(Arc::new(LoadedModel::from_path(
         &spec.path, context, device,
     )?))
 }

@@ -5,8 +5,12 @@
 //! execution contexts, and an execution context is one sequence with its own [`KvCache`].
 
 pub mod batch;
+pub mod decoder;
 pub mod kv_cache;
 pub mod llama;
+pub mod qwen2;
+pub mod qwen3;
+pub mod weights;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,8 +24,9 @@ use wasmtime_wasi_nn::backend::{
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
 use wasmtime_wasi_nn::{ExecutionContext, Graph, Tensor};
 
-use crate::gguf::{GgufError, GgufFile};
+use crate::gguf::GgufError;
 use kv_cache::KvCache;
+use weights::WeightSource;
 
 /// Version of the tensor protocol the backend speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -31,8 +36,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// ~40 MB), and the guest decides how many tokens it sends.
 const MAX_TOKENS_PER_PASS: usize = 64;
 
-/// Architectures this backend runs, by GGUF `general.architecture`.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+/// Architectures this backend runs, by GGUF `general.architecture` or `config.json`'s
+/// `model_type`.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
 
 /// A decoder-only language model: the seam between the protocol and each architecture.
 pub trait CausalLm: Send + Sync {
@@ -102,19 +108,20 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads a GGUF file; `context` caps the model's own context length.
-    pub fn from_gguf(
+    /// Loads a GGUF file or a Hugging Face model folder; `context` caps the model's own
+    /// context length. What the model is comes from its metadata, never its file name.
+    pub fn from_path(
         path: &Path,
         context: Option<usize>,
         device: &Device,
     ) -> Result<Self, BackendModelError> {
-        let mut f = GgufFile::open(path)?;
-        let file_size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let arch = f.architecture().unwrap_or_default();
-        let trained = f.get_u32(&format!("{arch}.context_length")).unwrap_or(2048) as usize;
-        let context_length = context.map_or(trained, |c| c.min(trained)).max(1);
-        let weights: Box<dyn CausalLm> = match arch.as_str() {
-            "llama" => Box::new(llama::Llama::load(&mut f, context_length, device)?),
+        let mut src = WeightSource::open(path)?;
+        let file_size = model_size(path);
+        let arch = src.architecture().unwrap_or_default();
+        let (weights, context_length): (Box<dyn CausalLm>, usize) = match arch.as_str() {
+            "llama" => boxed(llama::load(&mut src, context, device)?),
+            "qwen2" => boxed(qwen2::load(&mut src, context, device)?),
+            "qwen3" => boxed(qwen3::load(&mut src, context, device)?),
             _ => {
                 return Err(BackendModelError::UnsupportedArchitecture {
                     path: path.display().to_string(),
@@ -132,13 +139,17 @@ impl LoadedModel {
             "architecture": arch,
             "context_length": context_length,
             "vocab_size": weights.vocab_size(),
-            "gguf": f.metadata_json(),
+            "gguf": src.metadata_json(),
         });
-        // A model folder's tokenizer files travel with the metadata.
-        if let Some(dir) = path.parent() {
+        if let Some(config) = src.config() {
+            doc["hf_config"] = json!(config);
+        }
+        // A model folder's tokenizer and template files travel with the metadata.
+        if let Some(dir) = src.folder() {
             for (key, file) in [
                 ("tokenizer_json", "tokenizer.json"),
                 ("tokenizer_config_json", "tokenizer_config.json"),
+                ("chat_template_jinja", "chat_template.jinja"),
             ] {
                 if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
                     doc[key] = json!(text);
@@ -149,7 +160,7 @@ impl LoadedModel {
             serde_json::to_vec(&doc).map_err(|e| BackendModelError::Invalid(e.to_string()))?;
         let architecture = doc["architecture"].as_str().unwrap_or_default().to_string();
         drop(doc);
-        drop(f);
+        drop(src);
         release_freed_memory();
         Ok(Self {
             architecture,
@@ -159,6 +170,27 @@ impl LoadedModel {
             file_size,
             batcher: batch::Batcher::default(),
         })
+    }
+}
+
+fn boxed<M: CausalLm + 'static>((m, context): (M, usize)) -> (Box<dyn CausalLm>, usize) {
+    (Box::new(m), context)
+}
+
+/// Bytes of a model file, or of a folder's files.
+fn model_size(path: &Path) -> u64 {
+    if path.is_dir() {
+        std::fs::read_dir(path)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    } else {
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
     }
 }
 
