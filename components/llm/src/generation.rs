@@ -8,6 +8,7 @@ use crate::bindings::exports::wasmlm::llm::types::{
 };
 use crate::model::{common_prefix, Model};
 use crate::nn::Sequence;
+use crate::response::ResponseParser;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::utf8::Utf8Stream;
@@ -30,6 +31,10 @@ pub struct Generation {
     sampler: Sampler,
     utf8: Utf8Stream,
     stop: StopMatcher,
+    /// Token sequences the output must be one of (empty: unconstrained).
+    choices: Vec<Vec<u32>>,
+    /// Splits a chat answer into reasoning, text and tool calls.
+    parser: Option<ResponseParser>,
     cancelled: bool,
     done: bool,
 }
@@ -70,6 +75,14 @@ impl Generation {
                 model.vocab_size
             )));
         }
+        let choices = options
+            .choices
+            .iter()
+            .map(|c| model.tokenize(c, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        if choices.iter().any(Vec::is_empty) {
+            return Err(Error::InvalidInput("a choice is empty".into()));
+        }
         if prompt.len() >= model.context_length as usize {
             return Err(Error::ContextOverflow(ContextOverflow {
                 prompt_tokens: prompt.len() as u32,
@@ -88,6 +101,8 @@ impl Generation {
             sampler: Sampler::new(params),
             utf8: Utf8Stream::default(),
             stop: StopMatcher::new(&options.stop),
+            choices,
+            parser: None,
             cancelled: false,
             done: false,
             model,
@@ -101,6 +116,12 @@ impl Generation {
             completion_tokens: self.generated.len() as u32,
             cached_tokens: self.cached_tokens as u32,
         }
+    }
+
+    /// Splits the answer with `parser` from now on.
+    pub fn with_parser(mut self, parser: ResponseParser) -> Self {
+        self.parser = Some(parser);
+        self
     }
 
     /// Asks the loop to end at the next step.
@@ -133,14 +154,61 @@ impl Generation {
         if result.is_err() {
             self.done = true;
         }
-        result.map(Some)
+        result.map(|c| Some(self.split(c)))
+    }
+
+    /// Applies the response parser to a chunk's text.
+    fn split(&mut self, mut chunk: Chunk) -> Chunk {
+        let Some(parser) = self.parser.as_mut() else {
+            return chunk;
+        };
+        let mut parsed = parser.push(&chunk.text);
+        if chunk.finish.is_some() {
+            let rest = parser.finish();
+            parsed.content.push_str(&rest.content);
+            parsed.reasoning.push_str(&rest.reasoning);
+            parsed.tool_calls.extend(rest.tool_calls);
+            if chunk.finish == Some(FinishReason::Stop) && parser.made_calls() {
+                chunk.finish = Some(FinishReason::ToolCalls);
+            }
+        }
+        chunk.text = parsed.content;
+        chunk.reasoning = parsed.reasoning;
+        chunk.tool_calls = parsed.tool_calls;
+        chunk
+    }
+
+    /// Masks every token that would not keep the output a prefix of one of the choices.
+    fn constrain(&self, logits: &mut [f32]) {
+        if self.choices.is_empty() {
+            return;
+        }
+        let n = self.generated.len();
+        let mut allowed = vec![false; logits.len()];
+        for c in &self.choices {
+            if c.len() > n && c[..n] == self.generated[..] {
+                if let Some(a) = allowed.get_mut(c[n] as usize) {
+                    *a = true;
+                }
+            }
+        }
+        for (l, ok) in logits.iter_mut().zip(allowed) {
+            if !ok {
+                *l = f32::NEG_INFINITY;
+            }
+        }
     }
 
     fn step(&mut self) -> Result<Chunk, Error> {
+        // A constrained output ends as soon as it is one of the choices.
+        if self.choices.contains(&self.generated) {
+            return Ok(self.finish(String::new(), Vec::new(), Vec::new(), FinishReason::Stop));
+        }
         let mut logits = match self.logits.take() {
             Some(l) => l,
             None => self.compute_next()?,
         };
+        self.constrain(&mut logits);
         let choice = self
             .sampler
             .sample(&mut logits, &self.prompt, &self.generated);
@@ -189,6 +257,8 @@ impl Generation {
         self.pending = Some(token);
         Ok(Chunk {
             text: outcome.emit,
+            reasoning: String::new(),
+            tool_calls: Vec::new(),
             tokens: vec![token],
             logprobs,
             finish: None,
@@ -252,6 +322,8 @@ impl Generation {
         self.done = true;
         Chunk {
             text,
+            reasoning: String::new(),
+            tool_calls: Vec::new(),
             tokens,
             logprobs,
             finish: Some(reason),

@@ -16,6 +16,7 @@ mod generation;
 mod metadata;
 mod model;
 mod nn;
+pub mod response;
 pub mod sampling;
 pub mod stop;
 pub mod template;
@@ -25,7 +26,7 @@ pub mod utf8;
 use std::cell::RefCell;
 
 use bindings::exports::fermyon::spin::llm as spin;
-use bindings::exports::wasmlm::llm::types::{Error, Message, SamplingOptions, Usage};
+use bindings::exports::wasmlm::llm::types::{ChatContext, Error, Message, SamplingOptions, Usage};
 use bindings::exports::wasmlm::llm::{embeddings, generation as gen, models, tokenization};
 use generation::Generation;
 
@@ -61,13 +62,20 @@ impl gen::Guest for Component {
     fn chat(
         model: String,
         messages: Vec<Message>,
+        context: ChatContext,
         options: SamplingOptions,
     ) -> Result<gen::CompletionStream, Error> {
         let m = model::get(&model)?;
-        let prompt = m.render(&messages, true)?;
+        let prompt = m.render(&messages, &context, true)?;
         // The template writes special tokens (and BOS where the model wants it) as text.
         let ids = m.tokenize(&prompt, true)?;
-        Ok(stream(Generation::new(m, ids, &options)?))
+        let parse_tools = model::extras(&context)?.tools.is_some();
+        // With thinking off, Qwen3's template writes an empty `<think></think>` itself.
+        let opened = prompt.trim_end().ends_with("<think>");
+        let parser = response::ResponseParser::new(m.thinks, opened, parse_tools);
+        Ok(stream(
+            Generation::new(m, ids, &options)?.with_parser(parser),
+        ))
     }
 
     fn complete(
@@ -81,6 +89,9 @@ impl gen::Guest for Component {
             ids.extend(m.bos);
         }
         ids.extend(m.tokenize(&prompt, false)?);
+        if m.add_eos {
+            ids.extend(m.eos);
+        }
         Ok(stream(Generation::new(m, ids, &options)?))
     }
 
@@ -110,9 +121,10 @@ impl tokenization::Guest for Component {
     fn apply_template(
         model: String,
         messages: Vec<Message>,
+        context: ChatContext,
         add_generation_prompt: bool,
     ) -> Result<String, Error> {
-        model::get(&model)?.render(&messages, add_generation_prompt)
+        model::get(&model)?.render(&messages, &context, add_generation_prompt)
     }
 }
 
@@ -170,6 +182,7 @@ impl spin::Guest for Component {
             stop: Vec::new(),
             top_logprobs: None,
             ignore_eos: None,
+            choices: Vec::new(),
         };
         let s = <Component as gen::Guest>::complete(model, prompt, options).map_err(spin_error)?;
         let g = s.get::<CompletionStream>();

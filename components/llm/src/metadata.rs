@@ -25,6 +25,12 @@ pub struct ModelMetadata {
     /// Text of the model folder's `tokenizer_config.json`, when there is one.
     #[serde(default)]
     pub tokenizer_config_json: Option<String>,
+    /// Text of the model folder's `chat_template.jinja`, when there is one.
+    #[serde(default)]
+    pub chat_template_jinja: Option<String>,
+    /// The model folder's `config.json`.
+    #[serde(default)]
+    pub hf_config: Option<Map<String, Value>>,
 }
 
 /// GGUF metadata. The vocabulary arrays (about 100k strings for a typical model) are read

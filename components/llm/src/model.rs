@@ -5,11 +5,11 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use crate::bindings::exports::wasmlm::llm::types::{Error, Message, Role};
+use crate::bindings::exports::wasmlm::llm::types::{ChatContext, Error, Message, Role};
 use crate::bindings::wasi::nn::graph::Graph;
 use crate::metadata::ModelMetadata;
 use crate::nn::{self, Sequence};
-use crate::template::{ChatTemplate, TemplateMessage};
+use crate::template::{ChatTemplate, TemplateExtras};
 use crate::tokenizer::TextTokenizer;
 
 /// Texts llama.cpp also treats as end-of-generation when they are tokens of the vocabulary.
@@ -38,6 +38,11 @@ pub struct Model {
     template: Option<ChatTemplate>,
     pub bos: Option<u32>,
     pub add_bos: bool,
+    pub eos: Option<u32>,
+    /// Append EOS to raw prompts (some embedding and encoder models want it).
+    pub add_eos: bool,
+    /// The template opens a `<think>` block that the model closes (Qwen3, DeepSeek-R1).
+    pub thinks: bool,
     pub eog: Vec<u32>,
     idle: RefCell<Vec<Sequence>>,
 }
@@ -70,18 +75,23 @@ impl Model {
         let tokenizer = TextTokenizer::from_metadata(&meta)
             .map_err(|e| Error::UnsupportedModel(format!("{name}: {e}")))?;
         let config = meta.tokenizer_config();
-        let bos = meta.gguf_u32("tokenizer.ggml.bos_token_id").or_else(|| {
-            config
-                .get("bos_token")
-                .and_then(|v| v.as_str())
-                .and_then(|t| tokenizer.token_id(t))
-        });
-        let eos = meta.gguf_u32("tokenizer.ggml.eos_token_id").or_else(|| {
-            config
-                .get("eos_token")
-                .and_then(|v| v.as_str())
-                .and_then(|t| tokenizer.token_id(t))
-        });
+        // tokenizer_config.json names special tokens by text, or as `{"content": text}`.
+        let named = |key: &str| {
+            let v = config.get(key)?;
+            let text = v.as_str().or_else(|| v.get("content")?.as_str())?;
+            tokenizer.token_id(text)
+        };
+        let bos = meta
+            .gguf_u32("tokenizer.ggml.bos_token_id")
+            .or_else(|| named("bos_token"));
+        let eos = meta
+            .gguf_u32("tokenizer.ggml.eos_token_id")
+            .or_else(|| named("eos_token"));
+        let flag = |gguf: &str, hf: &str| {
+            meta.gguf_bool(gguf)
+                .or_else(|| config.get(hf).and_then(|v| v.as_bool()))
+                .unwrap_or(false)
+        };
         let mut eog: Vec<u32> = [
             eos,
             meta.gguf_u32("tokenizer.ggml.eot_token_id"),
@@ -93,7 +103,15 @@ impl Model {
         .collect();
         eog.sort_unstable();
         eog.dedup();
-        let template = chat_template_source(&meta, &config)
+        let template_src = chat_template_source(&meta, &config);
+        // A thinking template writes `<think>` itself; its model then answers with
+        // `...</think>` and both tags are tokens of the vocabulary.
+        let template_src_thinks = template_src
+            .as_deref()
+            .is_some_and(|t| t.contains("<think>") && t.contains("</think>"))
+            && tokenizer.token_id("<think>").is_some()
+            && tokenizer.token_id("</think>").is_some();
+        let template = template_src
             .map(|src| {
                 let text = |t: Option<u32>| t.map(|t| tokenizer.token_text(t)).unwrap_or_default();
                 ChatTemplate::new(&src, text(bos), text(eos))
@@ -106,9 +124,10 @@ impl Model {
             architecture: meta.architecture.clone(),
             context_length: meta.context_length,
             vocab_size: meta.vocab_size,
-            add_bos: meta
-                .gguf_bool("tokenizer.ggml.add_bos_token")
-                .unwrap_or(false),
+            add_bos: flag("tokenizer.ggml.add_bos_token", "add_bos_token") && bos.is_some(),
+            add_eos: flag("tokenizer.ggml.add_eos_token", "add_eos_token") && eos.is_some(),
+            eos,
+            thinks: template_src_thinks,
             tokenizer: RefCell::new(tokenizer),
             template,
             bos,
@@ -122,10 +141,11 @@ impl Model {
         self.template.is_some()
     }
 
-    /// `messages` through the chat template.
+    /// `messages` and `context` through the chat template.
     pub fn render(
         &self,
         messages: &[Message],
+        context: &ChatContext,
         add_generation_prompt: bool,
     ) -> Result<String, Error> {
         let template = self.template.as_ref().ok_or_else(|| {
@@ -134,15 +154,9 @@ impl Model {
                 self.name
             ))
         })?;
-        let msgs: Vec<TemplateMessage<'_>> = messages
-            .iter()
-            .map(|m| TemplateMessage {
-                role: role_name(m.role),
-                content: &m.content,
-            })
-            .collect();
+        let msgs: Vec<serde_json::Value> = messages.iter().map(message_json).collect();
         template
-            .render(&msgs, add_generation_prompt)
+            .render(&msgs, &extras(context)?, add_generation_prompt)
             .map_err(|e| Error::InvalidInput(format!("chat template: {e}")))
     }
 
@@ -182,6 +196,62 @@ pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// A message as transformers hands it to templates: OpenAI's shape, with a tool call's
+/// arguments parsed into an object when they are JSON (as vLLM does).
+fn message_json(m: &Message) -> serde_json::Value {
+    let mut out = serde_json::json!({"role": role_name(m.role), "content": m.content});
+    if let Some(r) = &m.reasoning {
+        out["reasoning_content"] = r.clone().into();
+    }
+    if !m.tool_calls.is_empty() {
+        let calls: Vec<serde_json::Value> = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let args = serde_json::from_str::<serde_json::Value>(&c.arguments)
+                    .unwrap_or_else(|_| c.arguments.clone().into());
+                serde_json::json!({
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": args},
+                })
+            })
+            .collect();
+        out["tool_calls"] = calls.into();
+    }
+    if let Some(id) = &m.tool_call_id {
+        out["tool_call_id"] = id.clone().into();
+    }
+    out
+}
+
+/// The template's extra variables from the request's context.
+pub fn extras(context: &ChatContext) -> Result<TemplateExtras, Error> {
+    let bad = |what: &str, e: serde_json::Error| Error::InvalidInput(format!("{what}: {e}"));
+    let tools = match &context.tools_json {
+        Some(text) => match serde_json::from_str(text).map_err(|e| bad("tools", e))? {
+            serde_json::Value::Array(list) if list.is_empty() => None,
+            v @ serde_json::Value::Array(_) => Some(v),
+            _ => return Err(Error::InvalidInput("tools must be an array".into())),
+        },
+        None => None,
+    };
+    let kwargs = match &context.template_kwargs_json {
+        Some(text) => {
+            match serde_json::from_str(text).map_err(|e| bad("chat_template_kwargs", e))? {
+                serde_json::Value::Object(map) => map,
+                _ => {
+                    return Err(Error::InvalidInput(
+                        "chat_template_kwargs must be an object".into(),
+                    ))
+                }
+            }
+        }
+        None => serde_json::Map::new(),
+    };
+    Ok(TemplateExtras { tools, kwargs })
+}
+
 fn role_name(role: Role) -> &'static str {
     match role {
         Role::System => "system",
@@ -191,14 +261,18 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// The chat template: GGUF `tokenizer.chat_template`, else `tokenizer_config.json`'s
-/// `chat_template` (a string, or a list of named templates of which "default" is used).
+/// The chat template: GGUF `tokenizer.chat_template`, else the folder's
+/// `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template` (a string, or a list
+/// of named templates of which "default" is used).
 fn chat_template_source(
     meta: &ModelMetadata,
     config: &serde_json::Map<String, serde_json::Value>,
 ) -> Option<String> {
     if let Some(t) = meta.gguf_str("tokenizer.chat_template") {
         return Some(t.to_string());
+    }
+    if let Some(t) = &meta.chat_template_jinja {
+        return Some(t.clone());
     }
     match config.get("chat_template")? {
         serde_json::Value::String(s) => Some(s.clone()),

@@ -4,13 +4,15 @@
 
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, Error, ErrorKind};
-use serde::Serialize;
 
-/// One message as the template sees it.
-#[derive(Serialize)]
-pub struct TemplateMessage<'a> {
-    pub role: &'a str,
-    pub content: &'a str,
+/// What a template sees besides the messages: `tools` and any extra variables
+/// (`enable_thinking`, ...), as transformers' `apply_chat_template(..., tools=, **kwargs)`.
+#[derive(Default)]
+pub struct TemplateExtras {
+    /// OpenAI-shaped tool definitions.
+    pub tools: Option<serde_json::Value>,
+    /// Extra variables; they cannot replace `messages`, `tools` or `add_generation_prompt`.
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A compiled chat template.
@@ -37,19 +39,24 @@ impl ChatTemplate {
         })
     }
 
-    /// Renders `messages`, ending with the assistant's turn opener if `add_generation_prompt`.
+    /// Renders `messages` (OpenAI-shaped JSON objects), ending with the assistant's turn
+    /// opener if `add_generation_prompt`.
     pub fn render(
         &self,
-        messages: &[TemplateMessage<'_>],
+        messages: &[serde_json::Value],
+        extras: &TemplateExtras,
         add_generation_prompt: bool,
     ) -> Result<String, Error> {
         let tmpl = self.env.get_template("chat")?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-        })
+        let mut vars: serde_json::Map<String, serde_json::Value> = extras.kwargs.clone();
+        vars.insert("bos_token".into(), self.bos_token.clone().into());
+        vars.insert("eos_token".into(), self.eos_token.clone().into());
+        vars.insert("messages".into(), messages.to_vec().into());
+        vars.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        if let Some(tools) = &extras.tools {
+            vars.insert("tools".into(), tools.clone());
+        }
+        tmpl.render(Value::from_serialize(&vars))
     }
 }
 
@@ -137,7 +144,7 @@ mod tests {
             String::new(),
         )
         .unwrap();
-        let err = t.render(&[], true).unwrap_err();
+        let err = t.render(&[], &TemplateExtras::default(), true).unwrap_err();
         assert!(err.to_string().contains("no system role"));
     }
 
@@ -145,23 +152,26 @@ mod tests {
     fn trims_blocks_like_transformers() {
         // Expected outputs are Jinja2's (trim_blocks + lstrip_blocks): indentation before
         // `{{ }}` stays, indentation before `{% %}` and the newline after it go.
-        let msgs = [TemplateMessage {
-            role: "user",
-            content: " hi ",
-        }];
+        let msgs = [serde_json::json!({"role": "user", "content": " hi "})];
         let t = ChatTemplate::new(
             "{% for m in messages %}\n  {{ m.role }}:{{ m.content.strip() }}\n{% endfor %}",
             String::new(),
             String::new(),
         )
         .unwrap();
-        assert_eq!(t.render(&msgs, false).unwrap(), "  user:hi\n");
+        assert_eq!(
+            t.render(&msgs, &TemplateExtras::default(), false).unwrap(),
+            "  user:hi\n"
+        );
         let t = ChatTemplate::new(
             "{% for m in messages %}\n  {% if true %}{{ m.role }}{% endif %}\n{% endfor %}",
             String::new(),
             String::new(),
         )
         .unwrap();
-        assert_eq!(t.render(&msgs, false).unwrap(), "user");
+        assert_eq!(
+            t.render(&msgs, &TemplateExtras::default(), false).unwrap(),
+            "user"
+        );
     }
 }

@@ -146,12 +146,27 @@ impl TextTokenizer {
         let inner: Tokenizer = json.parse().map_err(lib_err)?;
         let n = inner.get_vocab_size(true);
         let added = inner.get_added_tokens_decoder();
+        // A token's own bytes, which may be part of a UTF-8 character: decoding it alone
+        // would replace those with U+FFFD.
+        let kind = decoder_kind(json);
+        let unbyte = byte_decoder();
+        let own_bytes = |t: &str| match kind {
+            DecoderKind::ByteLevel => t.chars().map(|c| unbyte.get(&c).copied()).collect(),
+            DecoderKind::SentencePiece => Some(sentencepiece_bytes(t)),
+            DecoderKind::Other => None,
+        };
         let mut bytes = Vec::with_capacity(n);
         let mut control = Vec::with_capacity(n);
         for id in 0..n as u32 {
-            control.push(added.get(&id).is_some_and(|t| t.special));
-            let text = inner.decode(&[id], false).unwrap_or_default();
-            bytes.push(text.into_bytes().into_boxed_slice());
+            let added_token = added.get(&id);
+            control.push(added_token.is_some_and(|t| t.special));
+            let own: Option<Vec<u8>> = match added_token {
+                Some(t) => Some(t.content.as_bytes().to_vec()),
+                None => inner.id_to_token(id).and_then(|t| own_bytes(&t)),
+            };
+            let text =
+                own.unwrap_or_else(|| inner.decode(&[id], false).unwrap_or_default().into_bytes());
+            bytes.push(text.into_boxed_slice());
         }
         Ok(Self {
             inner,
@@ -199,6 +214,43 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.bytes.len()
     }
+}
+
+/// How a `tokenizer.json` maps vocabulary strings back to bytes.
+enum DecoderKind {
+    /// GPT-2's byte-to-character table (Qwen, Llama 3, SmolLM).
+    ByteLevel,
+    /// `▁` for spaces and `<0xNN>` byte tokens (Llama 2, Gemma, Mistral).
+    SentencePiece,
+    Other,
+}
+
+fn decoder_kind(json: &str) -> DecoderKind {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default)]
+        decoder: serde_json::Value,
+    }
+    let decoder = serde_json::from_str::<Head>(json)
+        .map(|h| h.decoder.to_string())
+        .unwrap_or_default();
+    if decoder.contains("\"ByteLevel\"") {
+        DecoderKind::ByteLevel
+    } else if decoder.contains("ByteFallback") || decoder.contains('▁') {
+        DecoderKind::SentencePiece
+    } else {
+        DecoderKind::Other
+    }
+}
+
+/// The bytes of a SentencePiece vocabulary string: `<0xNN>` is that byte, `▁` a space.
+fn sentencepiece_bytes(t: &str) -> Vec<u8> {
+    if let Some(hex) = t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+        if let Ok(b) = u8::from_str_radix(hex, 16) {
+            return vec![b];
+        }
+    }
+    t.replace('▁', " ").into_bytes()
 }
 
 /// The pre-tokenizer llama.cpp uses for a `tokenizer.ggml.pre` value.

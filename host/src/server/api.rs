@@ -18,7 +18,7 @@ use super::slots::AcquireError;
 use super::wire::{self, chat_logprob, finish_reason, GenRequest, LegacyLogprobs, Prompt};
 use super::worker::{self, Event, Job, Timings};
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
-use crate::bindings::exports::wasmlm::llm::types::{FinishReason, Role, Usage};
+use crate::bindings::exports::wasmlm::llm::types::{FinishReason, Role, ToolCall, Usage};
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -92,7 +92,7 @@ pub async fn completions(
 /// slot that holds its prefix.
 fn affinity_key(prompts: &[Prompt]) -> String {
     match prompts.first() {
-        Some(Prompt::Chat(messages)) => {
+        Some(Prompt::Chat(messages, _)) => {
             let mut k = String::new();
             for m in messages {
                 let role = match m.role {
@@ -248,6 +248,10 @@ struct Formatter {
 #[derive(Default)]
 struct ChoiceState {
     text: String,
+    reasoning: String,
+    tool_calls: Vec<ToolCall>,
+    /// Tool calls already streamed (the next one's index).
+    calls_sent: usize,
     chat_logprobs: Vec<Value>,
     legacy: LegacyLogprobs,
     finish: Option<FinishReason>,
@@ -299,9 +303,50 @@ impl Formatter {
         c.chat_logprobs
             .extend(chunk.logprobs.iter().map(chat_logprob));
         c.text.push_str(&chunk.text);
+        c.reasoning.push_str(&chunk.reasoning);
+        c.tool_calls.extend(chunk.tool_calls.iter().cloned());
         if chunk.finish.is_some() {
             c.finish = chunk.finish;
         }
+    }
+
+    /// A tool call as OpenAI writes it, with an id unique to this response.
+    fn tool_call_json(&self, k: usize, call: &ToolCall, streaming: bool) -> Value {
+        let id = format!(
+            "call_{}_{k}",
+            self.meta.id.rsplit('-').next().unwrap_or("0")
+        );
+        let mut v = json!({
+            "id": id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        });
+        if streaming {
+            v["index"] = json!(k);
+        }
+        v
+    }
+
+    /// The chat `message` of a finished choice.
+    fn message_json(&self, c: &ChoiceState) -> Value {
+        let mut m = json!({"role": "assistant", "content": c.text});
+        if !c.reasoning.is_empty() {
+            m["reasoning_content"] = json!(c.reasoning);
+        }
+        if !c.tool_calls.is_empty() {
+            let calls: Vec<Value> = c
+                .tool_calls
+                .iter()
+                .enumerate()
+                .map(|(k, call)| self.tool_call_json(k, call, false))
+                .collect();
+            m["tool_calls"] = json!(calls);
+            // OpenAI sends null content beside tool calls when the model wrote no text.
+            if c.text.trim().is_empty() {
+                m["content"] = Value::Null;
+            }
+        }
+        m
     }
 
     fn finish_name(&self, f: Option<FinishReason>) -> Value {
@@ -317,7 +362,7 @@ impl Formatter {
             .map(|(i, c)| match self.kind {
                 Kind::Chat => json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": self.message_json(c),
                     "logprobs": if self.logprobs { json!({"content": c.chat_logprobs}) } else { Value::Null },
                     "finish_reason": self.finish_name(c.finish),
                 }),
@@ -358,17 +403,34 @@ impl Formatter {
         v
     }
 
-    /// A stream chunk carrying `text` (and the logprobs and finish of `chunk`).
-    fn delta(&self, index: usize, text: &str, chunk: Option<&Chunk>) -> Value {
+    /// A stream chunk carrying `text` (and the reasoning, tool calls, logprobs and finish of
+    /// `chunk`, whose first tool call is the choice's `call_base`-th).
+    fn delta(&self, index: usize, text: &str, chunk: Option<&Chunk>, call_base: usize) -> Value {
         let finish = self.finish_name(chunk.and_then(|c| c.finish));
         let lps = chunk.map_or(&[][..], |c| &c.logprobs[..]);
         let choice = match self.kind {
             Kind::Chat => {
-                let delta = if text.is_empty() && finish.is_string() {
-                    json!({})
-                } else {
-                    json!({"content": text})
-                };
+                let mut delta = json!({});
+                if !text.is_empty() {
+                    delta["content"] = json!(text);
+                }
+                if let Some(c) = chunk {
+                    if !c.reasoning.is_empty() {
+                        delta["reasoning_content"] = json!(c.reasoning);
+                    }
+                    if !c.tool_calls.is_empty() {
+                        let calls: Vec<Value> = c
+                            .tool_calls
+                            .iter()
+                            .enumerate()
+                            .map(|(k, call)| self.tool_call_json(call_base + k, call, true))
+                            .collect();
+                        delta["tool_calls"] = json!(calls);
+                    }
+                }
+                if delta.as_object().is_some_and(|d| d.is_empty()) && !finish.is_string() {
+                    delta["content"] = json!(text);
+                }
                 json!({
                     "index": index,
                     "delta": delta,
@@ -415,7 +477,7 @@ impl Formatter {
                         }
                         Kind::Completion => {
                             if let Some(Some(e)) = self.echo.get(index).cloned() {
-                                out.push_back(data(&self.delta(index, &e, None)));
+                                out.push_back(data(&self.delta(index, &e, None, 0)));
                             }
                         }
                     }
@@ -424,8 +486,13 @@ impl Formatter {
                     if let Some(c) = self.choices.get_mut(index) {
                         c.held = Some(chunk);
                     }
-                } else if !chunk.text.is_empty() || (self.logprobs && !chunk.logprobs.is_empty()) {
-                    out.push_back(data(&self.delta(index, &chunk.text, Some(&chunk))));
+                } else if !chunk.text.is_empty()
+                    || !chunk.reasoning.is_empty()
+                    || !chunk.tool_calls.is_empty()
+                    || (self.logprobs && !chunk.logprobs.is_empty())
+                {
+                    let base = self.sent_calls(index, chunk.tool_calls.len());
+                    out.push_back(data(&self.delta(index, &chunk.text, Some(&chunk), base)));
                 }
                 true
             }
@@ -439,7 +506,8 @@ impl Formatter {
                 self.done += 1;
                 let held = self.choices.get_mut(index).and_then(|c| c.held.take());
                 if let Some(chunk) = held {
-                    let mut v = self.delta(index, &chunk.text, Some(&chunk));
+                    let base = self.sent_calls(index, chunk.tool_calls.len());
+                    let mut v = self.delta(index, &chunk.text, Some(&chunk), base);
                     v["timings"] = json!(timings);
                     out.push_back(data(&v));
                 }
@@ -450,6 +518,14 @@ impl Formatter {
                 false
             }
         }
+    }
+
+    /// Counts `n` more streamed tool calls of choice `index`; returns the first one's index.
+    fn sent_calls(&mut self, index: usize, n: usize) -> usize {
+        self.choices.get_mut(index).map_or(0, |c| {
+            c.calls_sent += n;
+            c.calls_sent - n
+        })
     }
 
     /// The end of a stream whose worker is gone.
@@ -756,9 +832,10 @@ pub async fn apply_template(State(node): State<Arc<Node>>, body: Body) -> Respon
             let b = read_body(body).await?;
             let m = pick_model(&node, &b)?;
             let messages = wire::messages(&b)?;
+            let context = wire::chat_context(&b)?;
             let add = b.bool("add_generation_prompt")?.unwrap_or(true);
             let prompt = with_instance(&node, &m, move |inst, name| {
-                inst.apply_template(name, &messages, add)
+                inst.apply_template(name, &messages, &context, add)
             })
             .await?;
             Ok(Json(json!({"prompt": prompt})).into_response())

@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
 use crate::bindings::exports::wasmlm::llm::types::{
-    FinishReason, Message, Role, SamplingOptions, TokenLogprob,
+    ChatContext, FinishReason, Message, Role, SamplingOptions, TokenLogprob, ToolCall,
 };
 
 /// Most bytes of a request body.
@@ -15,7 +15,7 @@ pub const MAX_BODY_BYTES: usize = 16 << 20;
 /// What to generate from.
 #[derive(Debug, Clone)]
 pub enum Prompt {
-    Chat(Vec<Message>),
+    Chat(Vec<Message>, ChatContext),
     Text(String),
     Tokens(Vec<u32>),
 }
@@ -219,6 +219,7 @@ fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
         stop,
         top_logprobs,
         ignore_eos: b.bool("ignore_eos")?,
+        choices: choices(b)?,
     };
     Ok(GenRequest {
         model,
@@ -239,8 +240,85 @@ fn n_error() -> ApiError {
 /// Reads a `/v1/chat/completions` body.
 pub fn chat_request(b: &Body) -> Result<GenRequest, ApiError> {
     let mut r = common(b, true)?;
-    r.prompts = vec![Prompt::Chat(messages(b)?)];
+    r.prompts = vec![Prompt::Chat(messages(b)?, chat_context(b)?)];
     Ok(r)
+}
+
+/// vLLM's `guided_choice` (or `structured_outputs.choice`): the output must be one of these.
+fn choices(b: &Body) -> Result<Vec<String>, ApiError> {
+    let (key, v) = match (b.get("guided_choice"), b.get("structured_outputs")) {
+        (Some(v), _) => ("guided_choice", v),
+        (None, Some(Value::Object(o))) => match o.get("choice") {
+            Some(v) => ("structured_outputs.choice", v),
+            None => return Ok(Vec::new()),
+        },
+        _ => return Ok(Vec::new()),
+    };
+    let bad = || {
+        ApiError::bad_param(
+            key,
+            format!("'{key}' must be a list of 1 to 256 non-empty strings."),
+        )
+    };
+    let list = v.as_array().ok_or_else(bad)?;
+    let out: Vec<String> = list
+        .iter()
+        .map(|c| c.as_str().filter(|s| !s.is_empty()).map(String::from))
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    if out.is_empty() || out.len() > 256 {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+/// What a chat body gives the template besides messages: `tools` (unless `tool_choice` is
+/// "none") and `chat_template_kwargs`.
+pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
+    let tools = match b.get("tools") {
+        None => None,
+        Some(Value::Array(list)) => {
+            for (i, t) in list.iter().enumerate() {
+                let name = t
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str);
+                if t.get("type").and_then(Value::as_str) != Some("function") || name.is_none() {
+                    return Err(ApiError::bad_param(
+                        &format!("tools[{i}]"),
+                        "each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                    ));
+                }
+            }
+            (!list.is_empty()).then(|| Value::Array(list.clone()).to_string())
+        }
+        Some(_) => return Err(ApiError::bad_param("tools", "'tools' must be a list.")),
+    };
+    let tools = match b.get("tool_choice") {
+        None => tools,
+        Some(Value::String(c)) if c == "auto" => tools,
+        Some(Value::String(c)) if c == "none" => None,
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "tool_choice",
+                "Only 'auto' and 'none' are supported for 'tool_choice'.",
+            ))
+        }
+    };
+    let kwargs = match b.get("chat_template_kwargs") {
+        None => None,
+        Some(v @ Value::Object(_)) => Some(v.to_string()),
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "chat_template_kwargs",
+                "'chat_template_kwargs' must be an object.",
+            ))
+        }
+    };
+    Ok(ChatContext {
+        tools_json: tools,
+        template_kwargs_json: kwargs,
+    })
 }
 
 /// Reads the `messages` of a chat body.
@@ -312,7 +390,48 @@ pub fn messages(b: &Body) -> Result<Vec<Message>, ApiError> {
             }
             Some(_) => return Err(bad(i, "'content' must be a string or a list of parts")),
         };
-        out.push(Message { role, content });
+        let reasoning = match m.get("reasoning_content") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err(bad(i, "'reasoning_content' must be a string")),
+        };
+        let tool_call_id = match m.get("tool_call_id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err(bad(i, "'tool_call_id' must be a string")),
+        };
+        let tool_calls = match m.get("tool_calls") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(calls)) => calls
+                .iter()
+                .map(|c| {
+                    let f = c.get("function")?;
+                    let arguments = match f.get("arguments") {
+                        Some(Value::String(a)) => a.clone(),
+                        Some(other) => other.to_string(),
+                        None => "{}".into(),
+                    };
+                    Some(ToolCall {
+                        id: c
+                            .get("id")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .into(),
+                        name: f.get("name")?.as_str()?.into(),
+                        arguments,
+                    })
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad(i, "each tool call needs a 'function' with a 'name'"))?,
+            Some(_) => return Err(bad(i, "'tool_calls' must be a list")),
+        };
+        out.push(Message {
+            role,
+            content,
+            reasoning,
+            tool_calls,
+            tool_call_id,
+        });
     }
     Ok(out)
 }
@@ -389,6 +508,7 @@ pub fn finish_reason(f: FinishReason) -> &'static str {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
         FinishReason::Cancelled => "cancelled",
+        FinishReason::ToolCalls => "tool_calls",
     }
 }
 
@@ -461,7 +581,7 @@ mod tests {
             "max_completion_tokens": 5, "stop": "x", "top_k": -1, "seed": -1, "frobnicate": true,
         })))
         .unwrap();
-        let Prompt::Chat(m) = &r.prompts[0] else {
+        let Prompt::Chat(m, _) = &r.prompts[0] else {
             panic!()
         };
         assert_eq!(m[0].content, "ab");

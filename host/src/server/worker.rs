@@ -80,7 +80,7 @@ pub fn run(
     for (index, prompt) in job.prompts.iter().enumerate() {
         let t0 = Instant::now();
         let started = match prompt {
-            Prompt::Chat(m) => inst.chat(&job.model, m, &job.options),
+            Prompt::Chat(m, context) => inst.chat(&job.model, m, context, &job.options),
             Prompt::Text(t) => inst.complete(&job.model, t, &job.options),
             Prompt::Tokens(t) => inst.complete_tokens(&job.model, t, &job.options),
         };

@@ -1,0 +1,293 @@
+//! Splits a chat answer as it streams into its parts: a thinking model's reasoning
+//! (`<think>...</think>`, as Qwen3 and DeepSeek-R1 write it), the answer, and Hermes-style tool
+//! calls (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, as Qwen2.5 and Qwen3 write
+//! them). Text that may be the start of a tag is held back until it is known not to be.
+
+use crate::bindings::exports::wasmlm::llm::types::ToolCall;
+
+const THINK_OPEN: &str = "<think>";
+const THINK_CLOSE: &str = "</think>";
+const CALL_OPEN: &str = "<tool_call>";
+const CALL_CLOSE: &str = "</tool_call>";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// Nothing emitted yet: a `<think>` here opens reasoning.
+    Start,
+    Reasoning,
+    Content,
+    ToolCall,
+}
+
+/// What one piece of text turned out to be.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub content: String,
+    pub reasoning: String,
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// The streaming splitter of one answer.
+pub struct ResponseParser {
+    mode: Mode,
+    parse_tools: bool,
+    held: String,
+    calls: usize,
+    /// Strip newlines at the start of the next reasoning or content text.
+    skip_newlines: bool,
+}
+
+impl ResponseParser {
+    /// A parser; `thinking` when the prompt already opened `<think>` or the model may open it,
+    /// `parse_tools` when the request offered tools.
+    pub fn new(thinking: bool, prompt_opened_think: bool, parse_tools: bool) -> Self {
+        let mode = match (thinking, prompt_opened_think) {
+            (true, true) => Mode::Reasoning,
+            (true, false) => Mode::Start,
+            (false, _) => Mode::Content,
+        };
+        Self {
+            mode,
+            parse_tools,
+            held: String::new(),
+            calls: 0,
+            skip_newlines: mode == Mode::Reasoning,
+        }
+    }
+
+    /// Whether any tool call was parsed.
+    pub fn made_calls(&self) -> bool {
+        self.calls > 0
+    }
+
+    /// Takes the next piece of generated text.
+    pub fn push(&mut self, text: &str) -> Parsed {
+        self.held.push_str(text);
+        let mut out = Parsed::default();
+        self.drain(&mut out, false);
+        out
+    }
+
+    /// Ends the answer: held text goes where it was heading; an unclosed tool call is text.
+    pub fn finish(&mut self) -> Parsed {
+        let mut out = Parsed::default();
+        self.drain(&mut out, true);
+        let rest = std::mem::take(&mut self.held);
+        match self.mode {
+            Mode::Reasoning => out.reasoning.push_str(rest.trim_end_matches('\n')),
+            Mode::ToolCall => {
+                out.content.push_str(CALL_OPEN);
+                out.content.push_str(&rest);
+            }
+            Mode::Start | Mode::Content => out.content.push_str(&rest),
+        }
+        out
+    }
+
+    fn drain(&mut self, out: &mut Parsed, last: bool) {
+        loop {
+            if self.skip_newlines {
+                let trimmed = self.held.trim_start_matches('\n');
+                if trimmed.is_empty() && !last {
+                    self.held.clear();
+                    return;
+                }
+                self.held = trimmed.to_string();
+                self.skip_newlines = false;
+            }
+            match self.mode {
+                Mode::Start => {
+                    let t = self.held.trim_start();
+                    if let Some(rest) = t.strip_prefix(THINK_OPEN) {
+                        self.held = rest.to_string();
+                        self.mode = Mode::Reasoning;
+                        self.skip_newlines = true;
+                        continue;
+                    }
+                    if !last && THINK_OPEN.starts_with(t) {
+                        return; // maybe the start of `<think>`
+                    }
+                    self.mode = Mode::Content;
+                }
+                Mode::Reasoning => {
+                    if let Some(i) = self.held.find(THINK_CLOSE) {
+                        out.reasoning
+                            .push_str(self.held[..i].trim_end_matches('\n'));
+                        self.held = self.held[i + THINK_CLOSE.len()..].to_string();
+                        self.mode = Mode::Content;
+                        self.skip_newlines = true;
+                        continue;
+                    }
+                    let keep = self.keep_back(THINK_CLOSE, true);
+                    out.reasoning.push_str(&self.held[..keep]);
+                    self.held.drain(..keep);
+                    return;
+                }
+                Mode::Content => {
+                    if self.parse_tools {
+                        if let Some(i) = self.held.find(CALL_OPEN) {
+                            out.content.push_str(&self.held[..i]);
+                            self.held = self.held[i + CALL_OPEN.len()..].to_string();
+                            self.mode = Mode::ToolCall;
+                            continue;
+                        }
+                        let keep = self.keep_back(CALL_OPEN, false);
+                        out.content.push_str(&self.held[..keep]);
+                        self.held.drain(..keep);
+                    } else {
+                        out.content.push_str(&self.held);
+                        self.held.clear();
+                    }
+                    return;
+                }
+                Mode::ToolCall => {
+                    let Some(i) = self.held.find(CALL_CLOSE) else {
+                        return;
+                    };
+                    let body = self.held[..i].to_string();
+                    self.held = self.held[i + CALL_CLOSE.len()..].to_string();
+                    self.mode = Mode::Content;
+                    match parse_call(&body, self.calls) {
+                        Some(call) => {
+                            self.calls += 1;
+                            out.tool_calls.push(call);
+                            // Newlines between calls and after the last are layout.
+                            self.skip_newlines = true;
+                        }
+                        None => {
+                            out.content.push_str(CALL_OPEN);
+                            out.content.push_str(&body);
+                            out.content.push_str(CALL_CLOSE);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// How much of `held` can be emitted: all but a tail that may begin `tag` (and, in
+    /// reasoning, the newlines that would precede it).
+    fn keep_back(&self, tag: &str, newlines: bool) -> usize {
+        let h = &self.held;
+        let mut cut = h.len();
+        for (i, _) in h.char_indices().rev().take(tag.len()) {
+            if tag.starts_with(&h[i..]) {
+                cut = i;
+            }
+        }
+        if newlines {
+            cut = h[..cut].trim_end_matches('\n').len();
+        }
+        cut
+    }
+}
+
+/// `{"name": ..., "arguments": {...}}` as a tool call, or `None` when it is not one.
+fn parse_call(body: &str, index: usize) -> Option<ToolCall> {
+    let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
+    let name = v.get("name")?.as_str()?.to_string();
+    let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => "{}".into(),
+    };
+    Some(ToolCall {
+        id: format!("call_{index}"),
+        name,
+        arguments,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `pieces` one by one and gathers everything.
+    fn run(p: &mut ResponseParser, pieces: &[&str]) -> Parsed {
+        let mut all = Parsed::default();
+        let mut add = |x: Parsed| {
+            all.content.push_str(&x.content);
+            all.reasoning.push_str(&x.reasoning);
+            all.tool_calls.extend(x.tool_calls);
+        };
+        for piece in pieces {
+            add(p.push(piece));
+        }
+        add(p.finish());
+        all
+    }
+
+    #[test]
+    fn splits_reasoning_from_the_answer() {
+        let mut p = ResponseParser::new(true, false, false);
+        let out = run(
+            &mut p,
+            &[
+                "<think>",
+                "\n",
+                "Paris is",
+                " the capital",
+                ".\n",
+                "</think>",
+                "\n\n",
+                "Paris.",
+            ],
+        );
+        assert_eq!(out.reasoning, "Paris is the capital.");
+        assert_eq!(out.content, "Paris.");
+    }
+
+    #[test]
+    fn a_prompt_that_opened_think_starts_in_reasoning() {
+        let mut p = ResponseParser::new(true, true, false);
+        let out = run(&mut p, &["\nhm", "m</th", "ink>\n\nok"]);
+        assert_eq!(
+            (out.reasoning.as_str(), out.content.as_str()),
+            ("hmm", "ok")
+        );
+    }
+
+    #[test]
+    fn no_think_means_all_content() {
+        let mut p = ResponseParser::new(true, false, false);
+        let out = run(&mut p, &["<", "b>hi</b> <think> stays"]);
+        assert_eq!(out.content, "<b>hi</b> <think> stays");
+        assert_eq!(out.reasoning, "");
+    }
+
+    #[test]
+    fn parses_tool_calls_split_across_pieces() {
+        let mut p = ResponseParser::new(false, false, true);
+        let out = run(
+            &mut p,
+            &[
+                "Let me check.\n<tool",
+                "_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": ",
+                "\"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>",
+            ],
+        );
+        assert_eq!(out.content, "Let me check.\n");
+        assert_eq!(out.tool_calls.len(), 2);
+        assert_eq!(out.tool_calls[0].name, "get_weather");
+        assert_eq!(out.tool_calls[0].arguments, r#"{"city":"Paris"}"#);
+        assert_eq!(out.tool_calls[1].id, "call_1");
+        assert!(p.made_calls());
+    }
+
+    #[test]
+    fn broken_or_unclosed_calls_stay_text() {
+        let mut p = ResponseParser::new(false, false, true);
+        let out = run(
+            &mut p,
+            &["<tool_call>not json</tool_call> and <tool_call>{\"name\""],
+        );
+        assert_eq!(
+            out.content,
+            "<tool_call>not json</tool_call> and <tool_call>{\"name\""
+        );
+        assert!(out.tool_calls.is_empty());
+        let mut p = ResponseParser::new(false, false, false);
+        let out = run(&mut p, &["<tool_call>{\"name\": \"x\"}</tool_call>"]);
+        assert!(out.tool_calls.is_empty(), "no tools offered: no parsing");
+    }
+}
