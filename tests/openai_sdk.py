@@ -2,6 +2,7 @@
 
 Each check prints its name; any failure raises and exits non-zero.
 """
+import json
 import sys
 
 import openai
@@ -65,7 +66,7 @@ def _():
 @check("models")
 def _():
     ids = [m.id for m in client.models.list()]
-    assert ids == ["smollm2"], ids
+    assert ids == ["smollm2", "qwen3"], ids
     assert client.models.retrieve("smollm2").id == "smollm2"
 
 
@@ -169,6 +170,82 @@ def _():
         raise AssertionError("a busy node did not answer 429")
     finally:
         stream.close()
+
+
+# Qwen3 (random weights, the real tokenizer and template). A random model cannot write a
+# tool call or a think block: these checks constrain its output with vLLM's `guided_choice`
+# and check that the node splits what comes out into reasoning_content and tool_calls.
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+SCRIPT = ("<think>\nThe user wants the weather in Paris.\n</think>\n\n<tool_call>\n"
+          '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+
+
+@check("qwen3: reasoning_content and tool_calls")
+def _():
+    r = client.chat.completions.create(
+        model="qwen3", messages=WEATHER, tools=TOOLS, temperature=0, max_tokens=100,
+        extra_body={"guided_choice": [SCRIPT]})
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    assert c.message.reasoning_content == "The user wants the weather in Paris.", c.message
+    assert c.message.content is None, c.message
+    (call,) = c.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+@check("qwen3: streamed reasoning_content and tool_calls")
+def _():
+    stream = client.chat.completions.create(
+        model="qwen3", messages=WEATHER, tools=TOOLS, temperature=0, max_tokens=100,
+        stream=True, extra_body={"guided_choice": [SCRIPT]})
+    reasoning, content, calls, finish = "", "", [], None
+    for chunk in stream:
+        for c in chunk.choices:
+            d = c.delta
+            reasoning += getattr(d, "reasoning_content", None) or ""
+            content += d.content or ""
+            calls += d.tool_calls or []
+            finish = c.finish_reason or finish
+    assert reasoning == "The user wants the weather in Paris.", reasoning
+    assert content == "", repr(content)
+    assert finish == "tool_calls"
+    assert [(t.index, t.function.name) for t in calls] == [(0, "get_weather")], calls
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+
+
+@check("qwen3: a tool's answer goes back, thinking off")
+def _():
+    history = WEATHER + [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny"}'},
+    ]
+    r = client.chat.completions.create(
+        model="qwen3", messages=history, tools=TOOLS, temperature=0, max_tokens=50,
+        extra_body={"guided_choice": ["It is sunny in Paris."],
+                    "chat_template_kwargs": {"enable_thinking": False}})
+    c = r.choices[0]
+    assert c.message.content == "It is sunny in Paris.", c.message
+    assert getattr(c.message, "reasoning_content", None) is None
+    assert not c.message.tool_calls and c.finish_reason == "stop"
+
+
+@check("qwen3: unsupported tool_choice is a BadRequestError")
+def _():
+    try:
+        client.chat.completions.create(model="qwen3", messages=WEATHER, tools=TOOLS,
+                                       tool_choice="required", max_tokens=5)
+    except openai.BadRequestError as e:
+        assert "tool_choice" in str(e)
+    else:
+        raise AssertionError("tool_choice=required was accepted")
 
 
 print("all SDK checks passed")

@@ -46,7 +46,19 @@ fn sdk_dir() -> PathBuf {
 #[test]
 fn the_openai_python_sdk_works_unchanged() {
     let sdk = sdk_dir();
-    let node = Node::start(&["--api-key", "test-key", "--context", "512"]);
+    let smollm2 = format!("smollm2={}", common::smollm2_path().display());
+    // A random-weight Qwen3 with the real tokenizer and template, for reasoning and tools.
+    let qwen3 = format!("qwen3={}", common::random_qwen3_folder().display());
+    let node = Node::start(&[
+        "--api-key",
+        "test-key",
+        "--context",
+        "512",
+        "--model",
+        &smollm2,
+        "--model",
+        &qwen3,
+    ]);
     // A node with one slot and no queue, to see 429 from a busy node.
     let busy = Node::start(&["--api-key", "test-key", "--slots", "1", "--queue", "0"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/openai_sdk.py");

@@ -55,14 +55,21 @@ pub fn ids(v: &Value) -> Vec<u32> {
 pub fn random_qwen3_folder() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("random-qwen3");
-        let tok = qwen3_tokenizer_dir();
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the model folder");
-        for f in ["tokenizer.json", "tokenizer_config.json"] {
-            std::fs::copy(tok.join(f), dir.join(f)).expect("copying the tokenizer");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("random-qwen3-v1");
+        if dir.join(".complete").exists() {
+            return dir;
         }
-        write_random_qwen3(&dir);
+        let tok = qwen3_tokenizer_dir();
+        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).expect("creating the model folder");
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(tok.join(f), tmp.join(f)).expect("copying the tokenizer");
+        }
+        write_random_qwen3(&tmp);
+        std::fs::write(tmp.join(".complete"), "").expect("marking the folder complete");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir).expect("moving the model folder into place");
         dir
     })
     .clone()
