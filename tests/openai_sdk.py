@@ -1,4 +1,5 @@
-"""Drives a wasmlm node with the official openai SDK. Usage: openai_sdk.py BASE_URL BUSY_URL
+"""Drives a wasmlm node with the official openai SDK.
+Usage: openai_sdk.py BASE_URL BUSY_URL MINILM_VECTORS_JSONL
 
 Each check prints its name; any failure raises and exits non-zero.
 """
@@ -7,7 +8,7 @@ import sys
 
 import openai
 
-BASE, BUSY = sys.argv[1], sys.argv[2]
+BASE, BUSY, EMBEDDING_VECTORS = sys.argv[1], sys.argv[2], sys.argv[3]
 KEY = "test-key"
 client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0, timeout=120)
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -66,7 +67,7 @@ def _():
 @check("models")
 def _():
     ids = [m.id for m in client.models.list()]
-    assert ids == ["smollm2", "qwen3"], ids
+    assert ids == ["smollm2", "qwen3", "minilm"], ids
     assert client.models.retrieve("smollm2").id == "smollm2"
 
 
@@ -246,6 +247,46 @@ def _():
         assert "tool_choice" in str(e)
     else:
         raise AssertionError("tool_choice=required was accepted")
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+
+@check("embeddings (base64 by default) match sentence-transformers")
+def _():
+    rows = [json.loads(line) for line in open(EMBEDDING_VECTORS, encoding="utf-8")]
+    r = client.embeddings.create(model="minilm", input=[row["text"] for row in rows])
+    assert r.object == "list" and r.model == "minilm" and r.usage.prompt_tokens > 0
+    assert [d.index for d in r.data] == list(range(len(rows)))
+    for row, d in zip(rows, r.data):
+        assert len(d.embedding) == 384
+        assert cosine(d.embedding, row["embedding"]) > 0.9999, row["text"]
+    e = [d.embedding for d in r.data]
+    assert cosine(e[0], e[1]) > cosine(e[0], e[2])
+
+
+@check("embeddings as floats, one string")
+def _():
+    r = client.embeddings.create(model="minilm", input="The cat sits on the mat.",
+                                 encoding_format="float")
+    (d,) = r.data
+    assert abs(sum(x * x for x in d.embedding) - 1.0) < 1e-4
+
+
+@check("embedding and generator models refuse each other's work")
+def _():
+    for call in (
+        lambda: client.embeddings.create(model="smollm2", input="x"),
+        lambda: client.chat.completions.create(model="minilm", messages=QUESTION, max_tokens=2),
+    ):
+        try:
+            call()
+        except openai.BadRequestError as e:
+            assert "embedding model" in str(e), e
+        else:
+            raise AssertionError("a model did what it cannot")
 
 
 print("all SDK checks passed")

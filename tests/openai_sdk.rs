@@ -49,6 +49,7 @@ fn the_openai_python_sdk_works_unchanged() {
     let smollm2 = format!("smollm2={}", common::smollm2_path().display());
     // A random-weight Qwen3 with the real tokenizer and template, for reasoning and tools.
     let qwen3 = format!("qwen3={}", common::random_qwen3_folder().display());
+    let minilm = format!("minilm={}", common::minilm_dir().display());
     let node = Node::start(&[
         "--api-key",
         "test-key",
@@ -58,6 +59,8 @@ fn the_openai_python_sdk_works_unchanged() {
         &smollm2,
         "--model",
         &qwen3,
+        "--model",
+        &minilm,
     ]);
     // A node with one slot and no queue, to see 429 from a busy node.
     let busy = Node::start(&["--api-key", "test-key", "--slots", "1", "--queue", "0"]);
@@ -66,6 +69,7 @@ fn the_openai_python_sdk_works_unchanged() {
         .arg(&script)
         .arg(format!("http://{}/v1", node.addr))
         .arg(format!("http://{}/v1", busy.addr))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors/minilm-embeddings.jsonl"))
         .env("PYTHONPATH", &sdk)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()

@@ -399,6 +399,7 @@ fn component_imports_only_wasi_nn_and_wasi() {
 fn batched_decode_matches_one_sequence_at_a_time() {
     use wasmlm_host::backend::Sequence;
     let model = runtime().model(MODEL).unwrap();
+    let weights = model.weights.causal().expect("a generator");
     let prompts: Vec<Vec<u32>> = common::vectors("smollm2-greedy.jsonl")
         .iter()
         .take(3)
@@ -428,15 +429,15 @@ fn batched_decode_matches_one_sequence_at_a_time() {
     let mut caches: Vec<_> = prompts
         .iter()
         .map(|p| {
-            let mut c = model.weights.new_cache(model.context_length);
-            model.weights.forward(p, &mut c).unwrap();
+            let mut c = weights.new_cache(model.context_length);
+            weights.forward(p, &mut c).unwrap();
             c
         })
         .collect();
     for step in 0..steps {
         let tokens: Vec<u32> = alone.iter().map(|t| t[step].0).collect();
         let mut refs: Vec<_> = caches.iter_mut().collect();
-        let out = model.weights.forward_batch(&tokens, &mut refs).unwrap();
+        let out = weights.forward_batch(&tokens, &mut refs).unwrap();
         for (i, l) in out.iter().enumerate() {
             let d = close(l, &alone[i][step].1);
             assert!(
@@ -604,4 +605,73 @@ fn qwen3_reasoning_and_tool_calls_come_apart_from_the_answer() {
     );
     assert!(calls.is_empty());
     assert_eq!(text, "<tool_call>\n{}\n</tool_call>");
+}
+
+// Embeddings: all-MiniLM-L6-v2 against sentence-transformers on the same texts.
+
+const MINILM: &str = "minilm";
+
+fn minilm_runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        let model = LoadedModel::from_path(&common::minilm_dir(), None, &Device::Cpu)
+            .expect("all-MiniLM-L6-v2 loads");
+        let models = HashMap::from([(MINILM.to_string(), std::sync::Arc::new(model))]);
+        let cache = wasmlm_host::models::cache_dir().join("components");
+        Runtime::new(EMBEDDED_COMPONENT, models, Some(&cache)).expect("runtime starts")
+    })
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+#[test]
+fn minilm_embeddings_match_sentence_transformers() {
+    let mut inst = minilm_runtime().instance(MINILM).unwrap();
+    let rows = common::vectors("minilm-embeddings.jsonl");
+    let texts: Vec<String> = rows
+        .iter()
+        .map(|r| r["text"].as_str().unwrap().to_string())
+        .collect();
+    let out = inst.embed(MINILM, &texts).unwrap();
+    assert_eq!(out.embeddings.len(), rows.len());
+    for (row, ours) in rows.iter().zip(&out.embeddings) {
+        let theirs: Vec<f32> = row["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(ours.len(), 384);
+        let cos = cosine(ours, &theirs);
+        assert!(cos > 0.9999, "{:?}: cosine {cos}", row["text"]);
+        let norm = ours.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "L2-normalised, got {norm}");
+    }
+    let e = &out.embeddings;
+    // Similar sentences score higher than unrelated ones.
+    assert!(cosine(&e[0], &e[1]) > cosine(&e[0], &e[2]) + 0.3);
+    assert!(cosine(&e[3], &e[4]) > cosine(&e[3], &e[2]) + 0.3);
+    assert!(
+        out.prompt_tokens > 256,
+        "truncated at max_seq_length, specials included"
+    );
+
+    // An embedding model does not generate, and a generator does not embed.
+    let err = inst
+        .complete(MINILM, "Hello", &greedy(2))
+        .err()
+        .expect("an encoder cannot complete");
+    assert!(
+        matches!(err, RuntimeError::Guest(GuestError::UnsupportedModel(_))),
+        "{err}"
+    );
+    let mut smol = runtime().instance(MODEL).unwrap();
+    let err = smol
+        .embed(MODEL, &["x".into()])
+        .expect_err("a generator cannot embed");
+    assert!(err.to_string().contains("not an embedding model"), "{err}");
 }

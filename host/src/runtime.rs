@@ -442,6 +442,16 @@ impl Instance {
         })
     }
 
+    /// Sentence embeddings of `inputs`.
+    pub fn embed(
+        &mut self,
+        model: &str,
+        inputs: &[String],
+    ) -> Result<crate::bindings::exports::wasmlm::llm::embeddings::EmbeddingResult, RuntimeError>
+    {
+        self.call(|api, store| api.wasmlm_llm_embeddings().call_embed(store, model, inputs))
+    }
+
     /// Spin's `fermyon:spin/llm.infer`, as a Spin app would call it.
     pub fn spin_infer(
         &mut self,

@@ -19,6 +19,15 @@ pub fn smollm2_path() -> PathBuf {
     spec.path
 }
 
+/// The all-MiniLM-L6-v2 folder (sentence embeddings), fetched if missing.
+pub fn minilm_dir() -> PathBuf {
+    let dir = models::models_dir();
+    let known = models::known("all-minilm-l6-v2").expect("a known model");
+    models::ensure_fetched(known, &dir)
+        .expect("fetching all-MiniLM-L6-v2 (CI fetches it with `wasmlm pull`)");
+    dir.join(known.dir)
+}
+
 /// The folder of the real Qwen3 tokenizer and chat template, fetched if missing.
 pub fn qwen3_tokenizer_dir() -> PathBuf {
     let dir = models::models_dir();

@@ -12,6 +12,7 @@ pub mod bindings {
     });
 }
 
+pub mod embedding;
 mod generation;
 mod metadata;
 mod model;
@@ -66,6 +67,7 @@ impl gen::Guest for Component {
         options: SamplingOptions,
     ) -> Result<gen::CompletionStream, Error> {
         let m = model::get(&model)?;
+        m.check_generator()?;
         let prompt = m.render(&messages, &context, true)?;
         // The template writes special tokens (and BOS where the model wants it) as text.
         let ids = m.tokenize(&prompt, true)?;
@@ -84,6 +86,7 @@ impl gen::Guest for Component {
         options: SamplingOptions,
     ) -> Result<gen::CompletionStream, Error> {
         let m = model::get(&model)?;
+        m.check_generator()?;
         let mut ids = Vec::new();
         if m.add_bos {
             ids.extend(m.bos);
@@ -101,6 +104,7 @@ impl gen::Guest for Component {
         options: SamplingOptions,
     ) -> Result<gen::CompletionStream, Error> {
         let m = model::get(&model)?;
+        m.check_generator()?;
         Ok(stream(Generation::new(m, prompt, &options)?))
     }
 }
@@ -129,12 +133,12 @@ impl tokenization::Guest for Component {
 }
 
 impl embeddings::Guest for Component {
-    fn embed(model: String, _inputs: Vec<String>) -> Result<Vec<Vec<f32>>, Error> {
-        let m = model::get(&model)?;
-        Err(Error::UnsupportedModel(format!(
-            "{} ({}) is not an embedding model",
-            m.name, m.architecture
-        )))
+    fn embed(model: String, inputs: Vec<String>) -> Result<embeddings::EmbeddingResult, Error> {
+        let (embeddings, prompt_tokens) = model::get(&model)?.embed(&inputs)?;
+        Ok(embeddings::EmbeddingResult {
+            embeddings,
+            prompt_tokens,
+        })
     }
 }
 
@@ -204,13 +208,9 @@ impl spin::Guest for Component {
         model: String,
         text: Vec<String>,
     ) -> Result<spin::EmbeddingsResult, spin::Error> {
-        let m = model::get(&model).map_err(spin_error)?;
-        let mut prompt_token_count = 0;
-        for t in &text {
-            prompt_token_count += m.tokenize(t, false).map_err(spin_error)?.len() as u32;
-        }
-        let embeddings =
-            <Component as embeddings::Guest>::embed(model, text).map_err(spin_error)?;
+        let (embeddings, prompt_token_count) = model::get(&model)
+            .and_then(|m| m.embed(&text))
+            .map_err(spin_error)?;
         Ok(spin::EmbeddingsResult {
             embeddings,
             usage: spin::EmbeddingsUsage { prompt_token_count },

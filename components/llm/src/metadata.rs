@@ -28,6 +28,12 @@ pub struct ModelMetadata {
     /// Text of the model folder's `chat_template.jinja`, when there is one.
     #[serde(default)]
     pub chat_template_jinja: Option<String>,
+    /// "generator" (logits, KV cache) or "embedding" (hidden states of whole sequences).
+    #[serde(default = "generator")]
+    pub kind: String,
+    /// A sentence-transformers folder's `modules.json`, pooling and model config.
+    #[serde(default)]
+    pub sentence_transformers: Option<Value>,
     /// The model folder's `config.json`.
     #[serde(default)]
     pub hf_config: Option<Map<String, Value>>,
@@ -76,6 +82,10 @@ impl<'de> Deserialize<'de> for GgufMetadata {
         }
         d.deserialize_map(GgufVisitor)
     }
+}
+
+fn generator() -> String {
+    "generator".into()
 }
 
 impl ModelMetadata {

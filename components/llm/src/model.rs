@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use crate::bindings::exports::wasmlm::llm::types::{ChatContext, Error, Message, Role};
 use crate::bindings::wasi::nn::graph::Graph;
+use crate::embedding::EmbeddingSpec;
 use crate::metadata::ModelMetadata;
 use crate::nn::{self, Sequence};
 use crate::template::{ChatTemplate, TemplateExtras};
@@ -43,6 +44,8 @@ pub struct Model {
     pub add_eos: bool,
     /// The template opens a `<think>` block that the model closes (Qwen3, DeepSeek-R1).
     pub thinks: bool,
+    /// Set for embedding models, which do nothing else.
+    pub embedding: Option<EmbeddingSpec>,
     pub eog: Vec<u32>,
     idle: RefCell<Vec<Sequence>>,
 }
@@ -128,12 +131,52 @@ impl Model {
             add_eos: flag("tokenizer.ggml.add_eos_token", "add_eos_token") && eos.is_some(),
             eos,
             thinks: template_src_thinks,
+            embedding: (meta.kind == "embedding").then(|| EmbeddingSpec::from_metadata(&meta)),
             tokenizer: RefCell::new(tokenizer),
             template,
             bos,
             eog,
             idle: RefCell::new(vec![seq]),
         })
+    }
+
+    /// Fails for an embedding model: it cannot generate text.
+    pub fn check_generator(&self) -> Result<(), Error> {
+        match self.embedding {
+            Some(_) => Err(Error::UnsupportedModel(format!(
+                "{} is an embedding model: it cannot generate text (use embeddings)",
+                self.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// One vector per input and the tokens read.
+    pub fn embed(&self, inputs: &[String]) -> Result<(Vec<Vec<f32>>, u32), Error> {
+        let spec = self.embedding.as_ref().ok_or_else(|| {
+            Error::UnsupportedModel(format!(
+                "{} ({}) is not an embedding model",
+                self.name, self.architecture
+            ))
+        })?;
+        let mut seq = self.take_sequence(&[])?;
+        let mut out = Vec::with_capacity(inputs.len());
+        let mut tokens = 0u32;
+        for text in inputs {
+            let ids = self
+                .tokenizer
+                .borrow_mut()
+                .encode_truncated(text, spec.max_tokens)
+                .map_err(|e| Error::InvalidInput(e.to_string()))?;
+            if ids.is_empty() {
+                return Err(Error::InvalidInput("an input is empty".into()));
+            }
+            tokens += ids.len() as u32;
+            let (states, hidden) = seq.encode(&ids).map_err(backend)?;
+            out.push(spec.pool(&states, hidden));
+        }
+        self.return_sequence(seq);
+        Ok((out, tokens))
     }
 
     /// Whether the model has a chat template.

@@ -95,6 +95,27 @@ impl Sequence {
             .collect())
     }
 
+    /// The hidden states of `tokens` as one whole sequence (an encoder): `(values, hidden)`.
+    pub fn encode(&mut self, tokens: &[u32]) -> Result<(Vec<f32>, usize), ProtocolError> {
+        let outputs = self
+            .ctx
+            .compute(vec![("input_ids".to_string(), i64_tensor(tokens))])
+            .map_err(|e| nn_error("compute", e))?;
+        let states = find(&outputs, "hidden_states")?;
+        let dims = states.dimensions();
+        if states.ty() != TensorType::Fp32 || dims.len() != 2 || dims[1] == 0 {
+            return Err(ProtocolError(
+                "hidden_states are not f32 [n, hidden]".into(),
+            ));
+        }
+        let values = states
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((values, dims[1] as usize))
+    }
+
     /// Empties the cache.
     pub fn reset(&mut self) -> Result<(), ProtocolError> {
         self.ctx

@@ -143,7 +143,11 @@ impl TextTokenizer {
 
     /// Builds from a Hugging Face `tokenizer.json`.
     pub fn from_tokenizer_json(json: &str) -> Result<Self, TokenizerError> {
-        let inner: Tokenizer = json.parse().map_err(lib_err)?;
+        let mut inner: Tokenizer = json.parse().map_err(lib_err)?;
+        // Truncation and padding settings in the file are for training batches; requests
+        // decide their own lengths.
+        inner.with_truncation(None).map_err(lib_err)?;
+        inner.with_padding(None);
         let n = inner.get_vocab_size(true);
         let added = inner.get_added_tokens_decoder();
         // A token's own bytes, which may be part of a UTF-8 character: decoding it alone
@@ -181,6 +185,21 @@ impl TextTokenizer {
         self.inner.set_encode_special_tokens(!parse_special);
         let enc = self.inner.encode_fast(text, false).map_err(lib_err)?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` as the model's own pipeline makes them for encoding: special tokens
+    /// added by its post-processor (`[CLS] ... [SEP]`), at most `max` in all.
+    pub fn encode_truncated(&mut self, text: &str, max: usize) -> Result<Vec<u32>, TokenizerError> {
+        self.inner.set_encode_special_tokens(false);
+        self.inner
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: max,
+                ..Default::default()
+            }))
+            .map_err(lib_err)?;
+        let enc = self.inner.encode_fast(text, true);
+        let _ = self.inner.with_truncation(None);
+        Ok(enc.map_err(lib_err)?.get_ids().to_vec())
     }
 
     /// The bytes `token` adds to generated text (nothing for control tokens).

@@ -5,6 +5,7 @@
 //! execution contexts, and an execution context is one sequence with its own [`KvCache`].
 
 pub mod batch;
+pub mod bert;
 pub mod decoder;
 pub mod kv_cache;
 pub mod llama;
@@ -38,7 +39,7 @@ const MAX_TOKENS_PER_PASS: usize = 64;
 
 /// Architectures this backend runs, by GGUF `general.architecture` or `config.json`'s
 /// `model_type`.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "bert"];
 
 /// A decoder-only language model: the seam between the protocol and each architecture.
 pub trait CausalLm: Send + Sync {
@@ -61,6 +62,52 @@ pub trait CausalLm: Send + Sync {
     fn new_cache(&self, max_len: usize) -> KvCache;
     /// Number of logits per position.
     fn vocab_size(&self) -> usize;
+}
+
+/// A bidirectional encoder: the last hidden states of one whole sequence.
+pub trait Encoder: Send + Sync {
+    /// `(n, hidden)` hidden states of `tokens`.
+    fn encode(&self, tokens: &[u32]) -> candle_core::Result<candle_core::Tensor>;
+    /// Number of token ids.
+    fn vocab_size(&self) -> usize;
+    /// Width of a hidden state.
+    fn hidden_size(&self) -> usize;
+    /// Longest sequence.
+    fn max_positions(&self) -> usize;
+}
+
+/// What a model computes.
+pub enum Weights {
+    /// A generator: logits of the next token, with a KV cache per sequence.
+    Causal(Box<dyn CausalLm>),
+    /// An embedding model: hidden states of a whole sequence.
+    Encoder(Box<dyn Encoder>),
+}
+
+impl Weights {
+    /// Number of token ids.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Weights::Causal(m) => m.vocab_size(),
+            Weights::Encoder(m) => m.vocab_size(),
+        }
+    }
+
+    /// The generator, if the model is one.
+    pub fn causal(&self) -> Option<&dyn CausalLm> {
+        match self {
+            Weights::Causal(m) => Some(&**m),
+            Weights::Encoder(_) => None,
+        }
+    }
+
+    /// "generator" or "embedding": what the model can be asked for.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Weights::Causal(_) => "generator",
+            Weights::Encoder(_) => "embedding",
+        }
+    }
 }
 
 /// Why a model cannot be loaded.
@@ -99,7 +146,7 @@ pub fn plain_message(e: &candle_core::Error) -> String {
 pub struct LoadedModel {
     pub architecture: String,
     pub context_length: usize,
-    pub weights: Box<dyn CausalLm>,
+    pub weights: Weights,
     /// The protocol's metadata document, built once.
     pub metadata: Vec<u8>,
     pub file_size: u64,
@@ -118,10 +165,15 @@ impl LoadedModel {
         let mut src = WeightSource::open(path)?;
         let file_size = model_size(path);
         let arch = src.architecture().unwrap_or_default();
-        let (weights, context_length): (Box<dyn CausalLm>, usize) = match arch.as_str() {
+        let (weights, context_length) = match arch.as_str() {
             "llama" => boxed(llama::load(&mut src, context, device)?),
             "qwen2" => boxed(qwen2::load(&mut src, context, device)?),
             "qwen3" => boxed(qwen3::load(&mut src, context, device)?),
+            "bert" => {
+                let m = bert::Bert::load(&src, device)?;
+                let ctx = context.map_or(m.max_positions(), |c| c.min(m.max_positions()));
+                (Weights::Encoder(Box::new(m)), ctx.max(1))
+            }
             _ => {
                 return Err(BackendModelError::UnsupportedArchitecture {
                     path: path.display().to_string(),
@@ -139,6 +191,7 @@ impl LoadedModel {
             "architecture": arch,
             "context_length": context_length,
             "vocab_size": weights.vocab_size(),
+            "kind": weights.kind(),
             "gguf": src.metadata_json(),
         });
         if let Some(config) = src.config() {
@@ -154,6 +207,19 @@ impl LoadedModel {
                 if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
                     doc[key] = json!(text);
                 }
+            }
+            // A sentence-transformers folder says how to pool and normalize.
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            };
+            if let Some(modules) = read("modules.json") {
+                doc["sentence_transformers"] = json!({
+                    "modules": modules,
+                    "pooling": read("1_Pooling/config.json"),
+                    "config": read("sentence_bert_config.json"),
+                });
             }
         }
         let metadata =
@@ -173,8 +239,8 @@ impl LoadedModel {
     }
 }
 
-fn boxed<M: CausalLm + 'static>((m, context): (M, usize)) -> (Box<dyn CausalLm>, usize) {
-    (Box::new(m), context)
+fn boxed<M: CausalLm + 'static>((m, context): (M, usize)) -> (Weights, usize) {
+    (Weights::Causal(Box::new(m)), context)
 }
 
 /// Bytes of a model file, or of a folder's files.
@@ -257,16 +323,50 @@ pub struct Sequence {
 impl Sequence {
     /// An empty sequence on `model`.
     pub fn new(model: Arc<LoadedModel>) -> Self {
-        let cache = model.weights.new_cache(model.context_length);
+        let cache = match &model.weights {
+            Weights::Causal(m) => m.new_cache(model.context_length),
+            Weights::Encoder(_) => KvCache::new(0, 0),
+        };
         Self { model, cache }
+    }
+
+    /// The hidden states of `tokens` as one whole sequence, `n * hidden` values (encoders).
+    pub fn encode(&self, tokens: &[u32]) -> Result<(Vec<f32>, usize), String> {
+        let Weights::Encoder(m) = &self.model.weights else {
+            return Err("this model is a generator: send input_ids for logits".into());
+        };
+        if tokens.is_empty() {
+            return Err("input_ids is empty".into());
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= m.vocab_size()) {
+            return Err(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                m.vocab_size()
+            ));
+        }
+        if tokens.len() > self.model.context_length {
+            return Err(format!(
+                "context overflow: {} tokens do not fit the context of {}",
+                tokens.len(),
+                self.model.context_length
+            ));
+        }
+        let states = m
+            .encode(tokens)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| plain_message(&e))?;
+        Ok((states, m.hidden_size()))
     }
 
     /// Appends tokens and returns the logits after the last, with the protocol's checks.
     pub fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        let Weights::Causal(weights) = &self.model.weights else {
+            return Err("this model is an encoder: it gives hidden states, not logits".into());
+        };
         if tokens.is_empty() {
             return Err("input_ids is empty".into());
         }
-        let vocab = self.model.weights.vocab_size();
+        let vocab = weights.vocab_size();
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(format!(
                 "token id {bad} is outside the vocabulary (size {vocab})"
@@ -282,10 +382,7 @@ impl Sequence {
         let mut logits = Vec::new();
         for chunk in tokens.chunks(MAX_TOKENS_PER_PASS) {
             let cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
-            let (cache, out) = self
-                .model
-                .batcher
-                .forward(&*self.model.weights, chunk, cache);
+            let (cache, out) = self.model.batcher.forward(&**weights, chunk, cache);
             self.cache = cache;
             logits = out?;
         }
@@ -390,7 +487,15 @@ impl BackendExecutionContext for Sequence {
             }
             self.truncate(len as usize);
         }
-        if let Some(t) = find("input_ids") {
+        if let (Some(t), Weights::Encoder(_)) = (find("input_ids"), &self.model.weights) {
+            let (states, hidden) = self.encode(&ids_of(t)?).map_err(protocol_error)?;
+            let n = (states.len() / hidden.max(1)) as u32;
+            let bytes: Vec<u8> = states.iter().flat_map(|l| l.to_le_bytes()).collect();
+            outputs.push(NamedTensor {
+                name: "hidden_states".into(),
+                tensor: tensor(TensorType::Fp32, vec![n, hidden as u32], bytes),
+            });
+        } else if let Some(t) = find("input_ids") {
             let logits = self.extend(&ids_of(t)?).map_err(protocol_error)?;
             let bytes: Vec<u8> = logits.iter().flat_map(|l| l.to_le_bytes()).collect();
             outputs.push(NamedTensor {

@@ -229,6 +229,28 @@ impl WeightSource {
         }
     }
 
+    /// Whether a folder has the tensor of this Hugging Face name.
+    pub fn has_hf(&self, name: &str) -> bool {
+        match self {
+            Self::Gguf(_) => false,
+            Self::Folder { tensors, .. } => tensors.get(name).is_ok(),
+        }
+    }
+
+    /// A folder's tensor by its Hugging Face name, as f32.
+    pub fn hf_tensor(&self, name: &str, device: &Device) -> Result<Tensor, BackendModelError> {
+        match self {
+            Self::Gguf(_) => Err(BackendModelError::Tensor(
+                name.into(),
+                "this architecture loads from a Hugging Face folder only".into(),
+            )),
+            Self::Folder { tensors, .. } => tensors
+                .load(name, device)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .map_err(|e| BackendModelError::Tensor(name.into(), plain_message(&e))),
+        }
+    }
+
     /// A tensor that an architecture may or may not have.
     pub fn optional(
         &mut self,

@@ -182,6 +182,12 @@ async fn generate(node: Arc<Node>, headers: HeaderMap, body: Body, kind: Kind) -
         Kind::Completion => wire::completion_request(&b)?,
     };
     let m = node.find(&req.model)?;
+    if m.kind() == Some("embedding") {
+        return Err(ApiError::bad_param(
+            "model",
+            format!("'{}' is an embedding model; use /v1/embeddings.", m.name()),
+        ));
+    }
     check_device(
         &m,
         preference(&headers, req.gpu_preference.clone()).as_deref(),
@@ -770,6 +776,54 @@ async fn with_instance<R: Send + 'static>(
     .await
     .map_err(|_| ApiError::internal("the tokenizer task failed"))?
     .map_err(ApiError::from)
+}
+
+/// `POST /v1/embeddings`.
+pub async fn embeddings(State(node): State<Arc<Node>>, body: Body) -> Response {
+    respond(
+        async {
+            let b = read_body(body).await?;
+            let req = wire::embedding_request(&b)?;
+            let m = node.find(&req.model)?;
+            node.ensure_warm(&m, false).await?;
+            if m.kind() != Some("embedding") {
+                return Err(ApiError::bad_param(
+                    "model",
+                    format!(
+                        "'{}' is not an embedding model; it serves chat and completions.",
+                        m.name()
+                    ),
+                ));
+            }
+            let inputs = req.inputs;
+            let result =
+                with_instance(&node, &m, move |inst, name| inst.embed(name, &inputs)).await?;
+            let data: Vec<Value> = result
+                .embeddings
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let embedding = if req.base64 {
+                        json!(wire::base64_f32(v))
+                    } else {
+                        json!(v)
+                    };
+                    json!({"object": "embedding", "index": i, "embedding": embedding})
+                })
+                .collect();
+            Ok(Json(json!({
+                "object": "list",
+                "data": data,
+                "model": req.model,
+                "usage": {
+                    "prompt_tokens": result.prompt_tokens,
+                    "total_tokens": result.prompt_tokens,
+                },
+            }))
+            .into_response())
+        }
+        .await,
+    )
 }
 
 /// `POST /tokenize`, as llama.cpp's server has it.

@@ -45,6 +45,7 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
+        .route("/v1/embeddings", post(api::embeddings))
         .route("/v1/models", get(api::list_models))
         .route("/v1/models/{id}", get(api::get_model))
         .route("/health", get(api::health))

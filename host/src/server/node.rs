@@ -51,6 +51,8 @@ pub struct ServedModel {
     pub warmth: watch::Sender<Warmth>,
     /// Facts from the component, once warm.
     pub info: Mutex<Option<ModelInfo>>,
+    /// "generator" or "embedding", once loaded.
+    pub kind: Mutex<Option<&'static str>>,
 }
 
 impl ServedModel {
@@ -67,6 +69,11 @@ impl ServedModel {
     /// Facts from the component, when warm.
     pub fn info(&self) -> Option<ModelInfo> {
         self.info.lock().ok().and_then(|i| i.clone())
+    }
+
+    /// "generator" or "embedding", once loaded.
+    pub fn kind(&self) -> Option<&'static str> {
+        self.kind.lock().ok().and_then(|k| *k)
     }
 }
 
@@ -105,6 +112,7 @@ impl Node {
                         error: None,
                     }),
                     info: Mutex::new(None),
+                    kind: Mutex::new(None),
                 })
             })
             .collect();
@@ -229,6 +237,10 @@ impl Node {
             &candle_core::Device::Cpu,
         )
         .map_err(|e| e.to_string())?;
+        let kind = loaded.weights.kind();
+        if let Ok(mut k) = m.kind.lock() {
+            *k = Some(kind);
+        }
         self.runtime.add_model(name, loaded);
         let have = m.pool.total();
         for i in have..m.config.slots {
@@ -241,16 +253,21 @@ impl Node {
                 if let Ok(mut slot) = m.info.lock() {
                     *slot = Some(info);
                 }
-                // One real token through the whole path: first requests pay no lazy set-up.
-                let options = crate::bindings::exports::wasmlm::llm::types::SamplingOptions {
-                    max_tokens: Some(1),
-                    temperature: Some(0.0),
-                    ..default_options()
-                };
-                let mut stream = inst
-                    .complete(name, "Hello", &options)
-                    .map_err(|e| e.to_string())?;
-                while stream.next_chunk().map_err(|e| e.to_string())?.is_some() {}
+                // One real pass through the whole path: first requests pay no lazy set-up.
+                if kind == "embedding" {
+                    inst.embed(name, &["Hello".to_string()])
+                        .map_err(|e| e.to_string())?;
+                } else {
+                    let options = crate::bindings::exports::wasmlm::llm::types::SamplingOptions {
+                        max_tokens: Some(1),
+                        temperature: Some(0.0),
+                        ..default_options()
+                    };
+                    let mut stream = inst
+                        .complete(name, "Hello", &options)
+                        .map_err(|e| e.to_string())?;
+                    while stream.next_chunk().map_err(|e| e.to_string())?.is_some() {}
+                }
             }
             m.pool.add(inst);
         }
@@ -290,6 +307,7 @@ impl Node {
             "context_length": context,
             "state": w.state.as_str(),
             "slots": m.config.slots,
+            "kind": m.kind(),
         })
     }
 

@@ -502,6 +502,86 @@ pub fn completion_request(b: &Body) -> Result<GenRequest, ApiError> {
     Ok(r)
 }
 
+/// An `/v1/embeddings` request.
+#[derive(Debug)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub inputs: Vec<String>,
+    /// `encoding_format: "base64"`: little-endian f32 bytes, base64-encoded.
+    pub base64: bool,
+}
+
+/// Most inputs of one embeddings request (OpenAI's limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// Reads a `/v1/embeddings` body.
+pub fn embedding_request(b: &Body) -> Result<EmbeddingRequest, ApiError> {
+    let model = b.string("model")?;
+    let bad = |m: &str| ApiError::bad_param("input", m.to_string());
+    let inputs = match b.get("input") {
+        None => return Err(bad("Missing required parameter: 'input'.")),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+        Some(Value::Array(_)) => {
+            return Err(bad(
+                "'input' must be a string or a list of strings; token-id inputs are not \
+                 supported for embeddings.",
+            ))
+        }
+        Some(_) => return Err(bad("'input' must be a string or a list of strings.")),
+    };
+    if inputs.is_empty() || inputs.len() > MAX_EMBEDDING_INPUTS {
+        return Err(bad("'input' must hold 1 to 2048 strings."));
+    }
+    if inputs.iter().any(String::is_empty) {
+        return Err(bad("'input' must not contain empty strings."));
+    }
+    let base64 = match b.opt_string("encoding_format")?.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "encoding_format",
+                "'encoding_format' must be 'float' or 'base64'.",
+            ))
+        }
+    };
+    if b.get("dimensions").is_some() {
+        return Err(ApiError::bad_param(
+            "dimensions",
+            "'dimensions' is not supported: the model's own size is returned.",
+        ));
+    }
+    Ok(EmbeddingRequest {
+        model,
+        inputs,
+        base64,
+    })
+}
+
+/// Standard base64 (with padding) of `v`'s little-endian f32 bytes, as OpenAI sends them.
+pub fn base64_f32(v: &[f32]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= c.len() {
+                out.push(ABC[(n >> shift) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// OpenAI's name of a finish reason.
 pub fn finish_reason(f: FinishReason) -> &'static str {
     match f {
@@ -611,6 +691,29 @@ mod tests {
             let e = chat_request(&body(bad)).unwrap_err();
             assert_eq!(e.status, 400);
             assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn base64_of_floats_matches_python() {
+        // base64.b64encode(struct.pack("<2f", 1.0, -2.5)).decode()
+        assert_eq!(base64_f32(&[1.0, -2.5]), "AACAPwAAIMA=");
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
+        assert_eq!(base64_f32(&[]), "");
+    }
+
+    #[test]
+    fn embedding_inputs_are_checked() {
+        let r = embedding_request(&body(json!({"model": "m", "input": ["a", "b"]}))).unwrap();
+        assert_eq!(r.inputs, vec!["a", "b"]);
+        assert!(!r.base64);
+        for bad in [
+            json!({"model": "m", "input": []}),
+            json!({"model": "m", "input": [[1, 2]]}),
+            json!({"model": "m", "input": ""}),
+            json!({"model": "m", "input": "x", "encoding_format": "int8"}),
+        ] {
+            assert!(embedding_request(&body(bad)).is_err());
         }
     }
 
