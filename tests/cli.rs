@@ -211,3 +211,45 @@ fn help_documents_the_commands() {
         assert!(stdout(&o).contains(flag), "run --help lacks {flag}");
     }
 }
+
+/// A Hugging Face folder (random Qwen3 weights, the real tokenizer) without a chat template.
+fn folder_without_template() -> PathBuf {
+    let src = common::random_qwen3_folder();
+    let dir = scratch("no-template");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn a_model_folder_without_a_template_serves_raw_prompts_or_a_given_template() {
+    let dir = folder_without_template();
+    let model = format!("q={}", dir.display());
+    let base = ["run", "--model", &model, "--temperature", "0", "-n", "3"];
+    let err = one_line_error(&wasmlm(&[&base[..], &["Hello"]].concat()));
+    assert!(err.contains("has no chat template"), "{err}");
+    let o = wasmlm(&[&base[..], &["--raw", "Hello"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("generated_tokens=3"), "{}", stderr(&o));
+    let template = scratch("template.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+         <|im_start|>assistant\n",
+    )
+    .unwrap();
+    let t = template.display().to_string();
+    let o = wasmlm(&[&base[..], &["--chat-template", &t, "Hello"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    // "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant" is 8 tokens (Jinja drops a
+    // template's final newline, as Jinja2 does).
+    assert!(stderr(&o).contains("prompt_tokens=8 "), "{}", stderr(&o));
+    let missing = wasmlm(&[&base[..], &["--chat-template", "/nonexistent.jinja", "Hi"]].concat());
+    assert!(one_line_error(&missing).contains("/nonexistent.jinja"));
+}

@@ -60,6 +60,9 @@ struct ModelArgs {
     /// Use this component file instead of the embedded one.
     #[arg(long, hide = true)]
     component: Option<PathBuf>,
+    /// A Jinja chat template file to use instead of the model's own (or for a model without).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -132,6 +135,9 @@ struct ServeArgs {
     /// Use this component file instead of the embedded one.
     #[arg(long, hide = true)]
     component: Option<PathBuf>,
+    /// A Jinja chat template file to use instead of the model's own (or for a model without).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -229,6 +235,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         context_length: a.context,
         api_keys: a.api_keys,
         labels: a.labels,
+        chat_template: a.chat_template,
     };
     let config = NodeConfig::load(a.config.as_deref(), overrides, &models::models_dir())?;
     let wasm = component_wasm(a.component.as_ref())?;
@@ -266,6 +273,10 @@ fn start(a: &ModelArgs) -> Result<(Runtime, String)> {
     let spec = match &a.model {
         Some(s) => ModelSpec::parse(s, &dir)?,
         None => ModelSpec::default_model(&dir),
+    };
+    let spec = ModelSpec {
+        chat_template: a.chat_template.clone(),
+        ..spec
     };
     let loaded = models::load_all(
         std::slice::from_ref(&spec),

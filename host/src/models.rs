@@ -157,6 +157,11 @@ pub enum ModelError {
     Fetch { name: String, reason: String },
     #[error(transparent)]
     Load(#[from] BackendModelError),
+    #[error("chat template {path}: {source}")]
+    Template {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn known_names() -> String {
@@ -175,6 +180,8 @@ pub struct ModelSpec {
     pub path: PathBuf,
     /// Set when the file comes from [`KNOWN_MODELS`] and may be fetched.
     pub known: Option<&'static str>,
+    /// A chat template file that replaces (or supplies) the model's own.
+    pub chat_template: Option<PathBuf>,
 }
 
 impl ModelSpec {
@@ -188,6 +195,7 @@ impl ModelSpec {
                 name: name.into(),
                 path: path.into(),
                 known: None,
+                chat_template: None,
             });
         }
         if let Some(k) = known(spec).filter(|k| k.servable) {
@@ -203,6 +211,7 @@ impl ModelSpec {
             name: name.into(),
             path,
             known: None,
+            chat_template: None,
         })
     }
 
@@ -212,6 +221,7 @@ impl ModelSpec {
             name: k.name.into(),
             path: models_dir.join(k.dir).join(k.load),
             known: Some(k.name),
+            chat_template: None,
         }
     }
 
@@ -266,9 +276,15 @@ pub fn load_one(
     if let Some(k) = spec.known.and_then(known) {
         ensure_fetched(k, &models_dir_of(k, &spec.path))?;
     }
-    Ok(Arc::new(LoadedModel::from_path(
-        &spec.path, context, device,
-    )?))
+    let mut model = LoadedModel::from_path(&spec.path, context, device)?;
+    if let Some(path) = &spec.chat_template {
+        let text = fs::read_to_string(path).map_err(|source| ModelError::Template {
+            path: path.clone(),
+            source,
+        })?;
+        model.set_chat_template(&text)?;
+    }
+    Ok(Arc::new(model))
 }
 
 /// The models folder that holds `k` loaded from `path`.

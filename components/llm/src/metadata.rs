@@ -25,6 +25,9 @@ pub struct ModelMetadata {
     /// Text of the model folder's `tokenizer_config.json`, when there is one.
     #[serde(default)]
     pub tokenizer_config_json: Option<String>,
+    /// A chat template the host was told to use instead of the model's own.
+    #[serde(default)]
+    pub chat_template_override: Option<String>,
     /// Text of the model folder's `chat_template.jinja`, when there is one.
     #[serde(default)]
     pub chat_template_jinja: Option<String>,

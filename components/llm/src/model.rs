@@ -193,7 +193,8 @@ impl Model {
     ) -> Result<String, Error> {
         let template = self.template.as_ref().ok_or_else(|| {
             Error::UnsupportedModel(format!(
-                "{} has no chat template; send the prompt as a raw completion",
+                "{} has no chat template: send the prompt as a raw completion, or give the \
+                 model a template (--chat-template FILE)",
                 self.name
             ))
         })?;
@@ -311,6 +312,9 @@ fn chat_template_source(
     meta: &ModelMetadata,
     config: &serde_json::Map<String, serde_json::Value>,
 ) -> Option<String> {
+    if let Some(t) = &meta.chat_template_override {
+        return Some(t.clone());
+    }
     if let Some(t) = meta.gguf_str("tokenizer.chat_template") {
         return Some(t.to_string());
     }

@@ -239,6 +239,18 @@ impl LoadedModel {
     }
 }
 
+impl LoadedModel {
+    /// Replaces (or supplies) the model's chat template.
+    pub fn set_chat_template(&mut self, template: &str) -> Result<(), BackendModelError> {
+        let mut doc: serde_json::Value = serde_json::from_slice(&self.metadata)
+            .map_err(|e| BackendModelError::Invalid(e.to_string()))?;
+        doc["chat_template_override"] = json!(template);
+        self.metadata =
+            serde_json::to_vec(&doc).map_err(|e| BackendModelError::Invalid(e.to_string()))?;
+        Ok(())
+    }
+}
+
 fn boxed<M: CausalLm + 'static>((m, context): (M, usize)) -> (Weights, usize) {
     (Weights::Causal(Box::new(m)), context)
 }

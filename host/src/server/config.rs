@@ -70,6 +70,8 @@ pub struct ModelFile {
     pub aliases: Vec<String>,
     /// Load at start-up (default) or on the first request or warm-up call.
     pub preload: Option<bool>,
+    /// A Jinja chat template file (relative to the config file) replacing the model's own.
+    pub chat_template: Option<PathBuf>,
 }
 
 /// One model as the node serves it.
@@ -104,6 +106,8 @@ pub struct Overrides {
     pub context_length: Option<usize>,
     pub api_keys: Vec<String>,
     pub labels: Vec<String>,
+    /// A chat template file for the models named on the command line.
+    pub chat_template: Option<PathBuf>,
 }
 
 /// Devices this build can run models on.
@@ -138,6 +142,7 @@ impl NodeConfig {
                     name: m.name.clone(),
                     path: base.join(p),
                     known: None,
+                    chat_template: None,
                 },
                 None => {
                     let spec = ModelSpec::parse(&m.name, models_dir)?;
@@ -150,6 +155,10 @@ impl NodeConfig {
                     spec
                 }
             };
+            let spec = ModelSpec {
+                chat_template: m.chat_template.as_ref().map(|t| base.join(t)),
+                ..spec
+            };
             models.push(ModelConfig {
                 spec,
                 device: m.device.unwrap_or_else(|| "cpu".into()),
@@ -160,7 +169,10 @@ impl NodeConfig {
             });
         }
         for s in &cli.models {
-            let spec = ModelSpec::parse(s, models_dir)?;
+            let spec = ModelSpec {
+                chat_template: cli.chat_template.clone(),
+                ..ModelSpec::parse(s, models_dir)?
+            };
             let m = ModelConfig {
                 spec,
                 device: "cpu".into(),
