@@ -19,22 +19,23 @@ pub fn smollm2_path() -> PathBuf {
     spec.path
 }
 
+/// The folder of the known model `name`, fetched if missing.
+fn known_dir(name: &str) -> PathBuf {
+    let dir = models::models_dir();
+    let known = models::known(name).expect("a known model");
+    models::ensure_fetched(known, &dir)
+        .unwrap_or_else(|e| panic!("fetching {name} (CI fetches it with `wasmlm pull`): {e}"));
+    dir.join(known.dir)
+}
+
 /// The all-MiniLM-L6-v2 folder (sentence embeddings), fetched if missing.
 pub fn minilm_dir() -> PathBuf {
-    let dir = models::models_dir();
-    let known = models::known("all-minilm-l6-v2").expect("a known model");
-    models::ensure_fetched(known, &dir)
-        .expect("fetching all-MiniLM-L6-v2 (CI fetches it with `wasmlm pull`)");
-    dir.join(known.dir)
+    known_dir("all-minilm-l6-v2")
 }
 
 /// The folder of the real Qwen3 tokenizer and chat template, fetched if missing.
 pub fn qwen3_tokenizer_dir() -> PathBuf {
-    let dir = models::models_dir();
-    let known = models::known("qwen3-tokenizer").expect("a known model");
-    models::ensure_fetched(known, &dir)
-        .expect("fetching the Qwen3 tokenizer (CI fetches it with `wasmlm pull`)");
-    dir.join(known.dir)
+    known_dir("qwen3-tokenizer")
 }
 
 /// Rows of a reference vector file in `tests/vectors/`.

@@ -165,26 +165,29 @@ impl LoadedModel {
         let mut src = WeightSource::open(path)?;
         let file_size = model_size(path);
         let arch = src.architecture().unwrap_or_default();
-        let (weights, context_length) = match arch.as_str() {
-            "llama" => boxed(llama::load(&mut src, context, device)?),
-            "qwen2" => boxed(qwen2::load(&mut src, context, device)?),
-            "qwen3" => boxed(qwen3::load(&mut src, context, device)?),
-            "bert" => {
-                let m = bert::Bert::load(&src, device)?;
-                let ctx = context.map_or(m.max_positions(), |c| c.min(m.max_positions()));
-                (Weights::Encoder(Box::new(m)), ctx.max(1))
-            }
-            _ => {
-                return Err(BackendModelError::UnsupportedArchitecture {
-                    path: path.display().to_string(),
-                    arch: if arch.is_empty() {
-                        "(none)".into()
-                    } else {
-                        arch
-                    },
-                    supported: SUPPORTED_ARCHITECTURES.join(", "),
-                })
-            }
+        let family = match arch.as_str() {
+            "llama" => Some(llama::FAMILY),
+            "qwen2" => Some(qwen2::FAMILY),
+            "qwen3" => Some(qwen3::FAMILY),
+            _ => None,
+        };
+        let (weights, context_length) = if let Some(family) = family {
+            let (m, ctx) = decoder::load_family(&mut src, &arch, family, context, device)?;
+            (Weights::Causal(Box::new(m)), ctx)
+        } else if arch == "bert" {
+            let m = bert::Bert::load(&src, device)?;
+            let ctx = context.map_or(m.max_positions(), |c| c.min(m.max_positions()));
+            (Weights::Encoder(Box::new(m)), ctx.max(1))
+        } else {
+            return Err(BackendModelError::UnsupportedArchitecture {
+                path: path.display().to_string(),
+                arch: if arch.is_empty() {
+                    "(none)".into()
+                } else {
+                    arch
+                },
+                supported: SUPPORTED_ARCHITECTURES.join(", "),
+            });
         };
         let mut doc = json!({
             "protocol": PROTOCOL_VERSION,
@@ -249,10 +252,6 @@ impl LoadedModel {
             serde_json::to_vec(&doc).map_err(|e| BackendModelError::Invalid(e.to_string()))?;
         Ok(())
     }
-}
-
-fn boxed<M: CausalLm + 'static>((m, context): (M, usize)) -> (Weights, usize) {
-    (Weights::Causal(Box::new(m)), context)
 }
 
 /// Bytes of a model file, or of a folder's files.

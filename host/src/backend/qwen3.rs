@@ -2,21 +2,10 @@
 //! and k before rotation, no biases, and a head size of its own (`attention.key_length`,
 //! `head_dim`: 128 on Qwen3-0.6B, whose hidden size is 1024 for 16 heads).
 
-use super::decoder::{Decoder, Family};
-use super::weights::WeightSource;
-use super::BackendModelError;
+use super::decoder::Family;
 
 /// Qwen3 adds per-head q/k norms.
 pub const FAMILY: Family = Family {
     qkv_bias: false,
     qk_norm: true,
 };
-
-/// Loads a qwen3 model for a context of `context` positions.
-pub fn load(
-    src: &mut WeightSource,
-    context: Option<usize>,
-    device: &candle_core::Device,
-) -> Result<(Decoder, usize), BackendModelError> {
-    super::decoder::load_family(src, "qwen3", FAMILY, context, device)
-}
