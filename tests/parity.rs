@@ -186,33 +186,57 @@ fn greedy_decoding_matches_llama_cpp() {
             assert_eq!(out.text, row["greedy_text"].as_str().unwrap());
         }
 
-        let mut opts = greedy(1);
-        opts.top_logprobs = Some(20);
-        let mut worst = 0.0f32;
-        for j in 0..expected.len() {
-            let context: Vec<u32> = prompt_ids.iter().chain(&expected[..j]).copied().collect();
-            let step = drain(inst.complete_tokens(MODEL, &context, &opts).unwrap());
-            assert_eq!(
-                step.cached_tokens as usize,
-                context.len() - 1,
-                "teacher forcing reuses the cache"
-            );
-            let (best, top) = &step.logprobs[0];
-            let gap = top
-                .iter()
-                .find(|(t, _)| *t == expected[j])
-                .map_or(f32::INFINITY, |(_, lp)| best - lp);
-            worst = worst.max(gap);
-            if gap > TIE_NATS {
+        let worst = teacher_forced(
+            &mut inst,
+            MODEL,
+            &prompt_ids,
+            &expected,
+            TIE_NATS,
+            |j, gap, ours| {
                 failures.push(format!(
-                    "row {i} position {j}: llama.cpp's token {} is {gap} nats below our choice {}",
-                    expected[j], step.tokens[0]
-                ));
-            }
-        }
+                "row {i} position {j}: llama.cpp's token {} is {gap} nats below our choice {ours}",
+                expected[j]
+            ))
+            },
+        );
         eprintln!("row {i}: teacher-forced, llama.cpp's tokens are at most {worst:.4} nats from our argmax");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Feeds `prompt` plus each prefix of `expected` (the reference's greedy tokens) and measures,
+/// at every position, how far below our argmax the reference's token is (in nats); calls
+/// `fail(position, gap, our token)` where that is over `tolerance`. Returns the worst gap.
+fn teacher_forced(
+    inst: &mut wasmlm_host::runtime::Instance,
+    model: &str,
+    prompt: &[u32],
+    expected: &[u32],
+    tolerance: f32,
+    mut fail: impl FnMut(usize, f32, u32),
+) -> f32 {
+    let mut opts = greedy(1);
+    opts.top_logprobs = Some(20);
+    let mut worst = 0.0f32;
+    for j in 0..expected.len() {
+        let context: Vec<u32> = prompt.iter().chain(&expected[..j]).copied().collect();
+        let step = drain(inst.complete_tokens(model, &context, &opts).unwrap());
+        assert_eq!(
+            step.cached_tokens as usize,
+            context.len() - 1,
+            "teacher forcing reuses the cache"
+        );
+        let (best, top) = &step.logprobs[0];
+        let gap = top
+            .iter()
+            .find(|(t, _)| *t == expected[j])
+            .map_or(f32::INFINITY, |(_, lp)| best - lp);
+        worst = worst.max(gap);
+        if gap > tolerance {
+            fail(j, gap, step.tokens[0]);
+        }
+    }
+    worst
 }
 
 #[test]
@@ -674,4 +698,114 @@ fn minilm_embeddings_match_sentence_transformers() {
         .embed(MODEL, &["x".into()])
         .expect_err("a generator cannot embed");
     assert!(err.to_string().contains("not an embedding model"), "{err}");
+}
+
+// Gemma 3: the real Gemma-3-270M (Q4_K_M GGUF, SentencePiece vocabulary, sliding-window
+// layers) against llama.cpp on the same file.
+
+const GEMMA3: &str = "gemma3";
+
+fn gemma3_runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        // A context well past the 512-token sliding window, far below the model's 32k.
+        let model = LoadedModel::from_path(&common::gemma3_path(), Some(2048), &Device::Cpu)
+            .expect("gemma3 loads");
+        let models = HashMap::from([(GEMMA3.to_string(), std::sync::Arc::new(model))]);
+        let cache = wasmlm_host::models::cache_dir().join("components");
+        Runtime::new(EMBEDDED_COMPONENT, models, Some(&cache)).expect("runtime starts")
+    })
+}
+
+#[test]
+fn gemma3_tokenizer_matches_llama_cpp_and_round_trips() {
+    let mut inst = gemma3_runtime().instance(GEMMA3).unwrap();
+    let rows = common::vectors("gemma3-tokens.jsonl");
+    assert!(rows.len() >= 30);
+    for row in rows {
+        let text = row["text"].as_str().unwrap();
+        let expected = common::ids(&row["ids"]);
+        let got = inst.tokenize(GEMMA3, text, false).unwrap();
+        assert_eq!(got, expected, "token ids of {text:?}");
+        assert_eq!(
+            inst.detokenize(GEMMA3, &got).unwrap(),
+            text,
+            "decoding {text:?}"
+        );
+    }
+    assert_eq!(
+        inst.tokenize(GEMMA3, "<start_of_turn>user", true).unwrap(),
+        vec![105, 2364]
+    );
+    // Gemma needs its <bos>; <end_of_turn> ends generation as well as <eos>.
+    let info = inst.describe(GEMMA3).unwrap();
+    assert_eq!(info.bos_token, Some(2));
+    assert!(info.eos_tokens.contains(&1) && info.eos_tokens.contains(&106));
+}
+
+#[test]
+fn gemma3_greedy_decoding_matches_llama_cpp() {
+    // Q4_K/Q5_0/Q6_K weights: candle and llama.cpp both round activations to 8 bits inside
+    // each quantized product, but not identically, and llama.cpp keeps K/V in f16.
+    const TIE_NATS: f32 = 0.25;
+    let mut inst = gemma3_runtime().instance(GEMMA3).unwrap();
+    let mut failures = Vec::new();
+    for (i, row) in common::vectors("gemma3-greedy.jsonl").iter().enumerate() {
+        let prompt = row["prompt"].as_str().unwrap();
+        let prompt_ids = common::ids(&row["prompt_ids"]);
+        let expected = common::ids(&row["greedy_ids"]);
+        assert_eq!(prompt_ids[0], 2, "llama.cpp's prompt starts with <bos>");
+        let out = drain(
+            inst.complete(GEMMA3, prompt, &greedy(expected.len() as u32))
+                .unwrap(),
+        );
+        assert_eq!(
+            out.prompt_tokens as usize,
+            prompt_ids.len(),
+            "the raw prompt gets <bos> as in llama.cpp"
+        );
+        let agree = out
+            .tokens
+            .iter()
+            .zip(&expected)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "gemma3 row {i}: free-running greedy agrees with llama.cpp on {agree}/{} tokens",
+            expected.len()
+        );
+        if agree == expected.len() {
+            assert_eq!(out.text, row["greedy_text"].as_str().unwrap());
+        }
+        let worst = teacher_forced(
+            &mut inst,
+            GEMMA3,
+            &prompt_ids,
+            &expected,
+            TIE_NATS,
+            |j, gap, ours| {
+                failures.push(format!(
+                "row {i} position {j}: llama.cpp's token {} is {gap} nats below our choice {ours}",
+                expected[j]
+            ))
+            },
+        );
+        eprintln!("gemma3 row {i}: teacher-forced, llama.cpp's tokens are at most {worst:.4} nats from our argmax");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn gemma3_without_a_template_completes_but_does_not_chat() {
+    let mut inst = gemma3_runtime().instance(GEMMA3).unwrap();
+    let err = inst
+        .chat(
+            GEMMA3,
+            &[message(Role::User, "Hi")],
+            &no_context(),
+            &greedy(2),
+        )
+        .err()
+        .expect("a base model without a template cannot chat");
+    assert!(err.to_string().contains("template"), "{err}");
 }

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod gguf;
+pub mod hub;
 pub mod models;
 pub mod runtime;
 pub mod server;

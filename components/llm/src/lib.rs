@@ -19,6 +19,7 @@ mod model;
 mod nn;
 pub mod response;
 pub mod sampling;
+pub mod spm;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;

@@ -53,6 +53,8 @@ pub struct GgufMetadata {
     pub merges: Option<Vec<String>>,
     /// `tokenizer.ggml.token_type`.
     pub token_type: Option<Vec<i32>>,
+    /// `tokenizer.ggml.scores` (SentencePiece vocabularies).
+    pub scores: Option<Vec<f32>>,
     /// Every other key.
     pub other: Map<String, Value>,
 }
@@ -74,6 +76,7 @@ impl<'de> Deserialize<'de> for GgufMetadata {
                         "tokenizer.ggml.tokens" => out.tokens = Some(map.next_value()?),
                         "tokenizer.ggml.merges" => out.merges = Some(map.next_value()?),
                         "tokenizer.ggml.token_type" => out.token_type = Some(map.next_value()?),
+                        "tokenizer.ggml.scores" => out.scores = Some(map.next_value()?),
                         _ => {
                             let v: Value = map.next_value()?;
                             out.other.insert(key, v);

@@ -90,11 +90,13 @@ impl Model {
         let eos = meta
             .gguf_u32("tokenizer.ggml.eos_token_id")
             .or_else(|| named("eos_token"));
-        let flag = |gguf: &str, hf: &str| {
+        let flag = |gguf: &str, hf: &str, default: bool| {
             meta.gguf_bool(gguf)
                 .or_else(|| config.get(hf).and_then(|v| v.as_bool()))
-                .unwrap_or(false)
+                .unwrap_or(default)
         };
+        // llama.cpp adds BOS by default for SentencePiece vocabularies, not for BPE ones.
+        let spm_vocab = meta.gguf_str("tokenizer.ggml.model") == Some("llama");
         let mut eog: Vec<u32> = [
             eos,
             meta.gguf_u32("tokenizer.ggml.eot_token_id"),
@@ -127,8 +129,9 @@ impl Model {
             architecture: meta.architecture.clone(),
             context_length: meta.context_length,
             vocab_size: meta.vocab_size,
-            add_bos: flag("tokenizer.ggml.add_bos_token", "add_bos_token") && bos.is_some(),
-            add_eos: flag("tokenizer.ggml.add_eos_token", "add_eos_token") && eos.is_some(),
+            add_bos: flag("tokenizer.ggml.add_bos_token", "add_bos_token", spm_vocab)
+                && bos.is_some(),
+            add_eos: flag("tokenizer.ggml.add_eos_token", "add_eos_token", false) && eos.is_some(),
             eos,
             thinks: template_src_thinks,
             embedding: (meta.kind == "embedding").then(|| EmbeddingSpec::from_metadata(&meta)),

@@ -1,6 +1,6 @@
 //! The model's own tokenizer, built from its metadata: GGUF `tokenizer.ggml.*` (byte-level BPE
-//! with the pre-tokenizer that `tokenizer.ggml.pre` names, as llama.cpp does), or the model
-//! folder's `tokenizer.json`.
+//! with the pre-tokenizer that `tokenizer.ggml.pre` names, or SentencePiece-style pieces with
+//! scores, as llama.cpp does), or the model folder's `tokenizer.json`.
 
 use std::collections::HashMap;
 
@@ -14,10 +14,11 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::metadata::ModelMetadata;
+use crate::spm::{self, SpmTokenizer};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
-const TOKEN_TYPE_CONTROL: i64 = 3;
-const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+const TOKEN_TYPE_CONTROL: i64 = spm::TYPE_CONTROL as i64;
+const TOKEN_TYPE_USER_DEFINED: i64 = spm::TYPE_USER_DEFINED as i64;
 
 // llama.cpp's pre-tokenizer regexes, by `tokenizer.ggml.pre` name.
 const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -28,7 +29,10 @@ const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'
 pub enum TokenizerError {
     #[error("the model has no tokenizer (no tokenizer.ggml.tokens and no tokenizer.json)")]
     Missing,
-    #[error("tokenizer model '{0}' is not supported yet (supported: gpt2-style byte-level BPE)")]
+    #[error(
+        "tokenizer model '{0}' is not supported yet (supported: gpt2 byte-level BPE, llama \
+         SentencePiece)"
+    )]
     UnsupportedModel(String),
     #[error("pre-tokenizer '{0}' is not supported yet")]
     UnsupportedPre(String),
@@ -44,7 +48,7 @@ fn lib_err(e: impl std::fmt::Display) -> TokenizerError {
 
 /// Text ↔ token ids for one model.
 pub struct TextTokenizer {
-    inner: Tokenizer,
+    engine: Engine,
     /// Bytes of each token: what it adds to text (control tokens: their own text).
     bytes: Vec<Box<[u8]>>,
     /// Control tokens add nothing to generated text, but detokenize shows their text.
@@ -60,15 +64,17 @@ impl TextTokenizer {
         let model = meta
             .gguf_str("tokenizer.ggml.model")
             .ok_or(TokenizerError::Missing)?;
-        if model != "gpt2" {
-            return Err(TokenizerError::UnsupportedModel(model.to_string()));
-        }
         let missing = |what: &str| TokenizerError::Malformed(format!("no tokenizer.ggml.{what}"));
         let tokens = meta
             .gguf
             .tokens
             .as_deref()
             .ok_or_else(|| missing("tokens"))?;
+        match model {
+            "gpt2" => {}
+            "llama" => return Self::from_gguf_spm(meta, tokens),
+            other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
+        }
         let merges = meta
             .gguf
             .merges
@@ -135,7 +141,46 @@ impl TextTokenizer {
             bytes.push(b.into_boxed_slice());
         }
         Ok(Self {
-            inner,
+            engine: Engine::Hf(Box::new(inner)),
+            bytes,
+            control,
+        })
+    }
+
+    /// A GGUF SentencePiece-style vocabulary (`tokenizer.ggml.model = "llama"`).
+    fn from_gguf_spm(meta: &ModelMetadata, tokens: &[String]) -> Result<Self, TokenizerError> {
+        let scores = meta.gguf.scores.as_deref().unwrap_or_default();
+        let types = meta.gguf.token_type.as_deref().unwrap_or_default();
+        if (!scores.is_empty() && scores.len() != tokens.len())
+            || (!types.is_empty() && types.len() != tokens.len())
+        {
+            return Err(TokenizerError::Malformed(format!(
+                "{} tokens but {} scores and {} token types",
+                tokens.len(),
+                scores.len(),
+                types.len()
+            )));
+        }
+        let ty = |id: usize| types.get(id).copied().unwrap_or(spm::TYPE_NORMAL);
+        let engine = SpmTokenizer::new(
+            tokens,
+            scores,
+            types,
+            meta.gguf_u32("tokenizer.ggml.unknown_token_id"),
+            // llama.cpp's default for SentencePiece vocabularies.
+            meta.gguf_bool("tokenizer.ggml.add_space_prefix")
+                .unwrap_or(true),
+        );
+        let bytes = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| spm::piece_bytes(t, ty(id)).into_boxed_slice())
+            .collect();
+        let control = (0..tokens.len())
+            .map(|id| matches!(ty(id), spm::TYPE_CONTROL | spm::TYPE_UNUSED))
+            .collect();
+        Ok(Self {
+            engine: Engine::Spm(Box::new(engine)),
             bytes,
             control,
         })
@@ -173,7 +218,7 @@ impl TextTokenizer {
             bytes.push(text.into_boxed_slice());
         }
         Ok(Self {
-            inner,
+            engine: Engine::Hf(Box::new(inner)),
             bytes,
             control,
         })
@@ -182,23 +227,36 @@ impl TextTokenizer {
     /// Token ids of `text`, without BOS. With `parse_special`, special-token text maps to its
     /// token; otherwise it is plain text.
     pub fn encode(&mut self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        self.inner.set_encode_special_tokens(!parse_special);
-        let enc = self.inner.encode_fast(text, false).map_err(lib_err)?;
-        Ok(enc.get_ids().to_vec())
+        match &mut self.engine {
+            Engine::Hf(inner) => {
+                inner.set_encode_special_tokens(!parse_special);
+                let enc = inner.encode_fast(text, false).map_err(lib_err)?;
+                Ok(enc.get_ids().to_vec())
+            }
+            Engine::Spm(spm) => Ok(spm.encode(text, parse_special)),
+        }
     }
 
     /// Token ids of `text` as the model's own pipeline makes them for encoding: special tokens
     /// added by its post-processor (`[CLS] ... [SEP]`), at most `max` in all.
     pub fn encode_truncated(&mut self, text: &str, max: usize) -> Result<Vec<u32>, TokenizerError> {
-        self.inner.set_encode_special_tokens(false);
-        self.inner
+        let inner = match &mut self.engine {
+            Engine::Hf(inner) => inner,
+            Engine::Spm(spm) => {
+                let mut ids = spm.encode(text, false);
+                ids.truncate(max);
+                return Ok(ids);
+            }
+        };
+        inner.set_encode_special_tokens(false);
+        inner
             .with_truncation(Some(tokenizers::TruncationParams {
                 max_length: max,
                 ..Default::default()
             }))
             .map_err(lib_err)?;
-        let enc = self.inner.encode_fast(text, true);
-        let _ = self.inner.with_truncation(None);
+        let enc = inner.encode_fast(text, true);
+        let _ = inner.with_truncation(None);
         Ok(enc.map_err(lib_err)?.get_ids().to_vec())
     }
 
@@ -226,13 +284,24 @@ impl TextTokenizer {
 
     /// The id of a token given its exact text.
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.inner.token_to_id(text)
+        match &self.engine {
+            Engine::Hf(inner) => inner.token_to_id(text),
+            Engine::Spm(spm) => spm.token_id(text),
+        }
     }
 
     /// Number of token ids.
     pub fn vocab_size(&self) -> usize {
         self.bytes.len()
     }
+}
+
+/// What turns text into ids.
+enum Engine {
+    /// Hugging Face `tokenizers` (tokenizer.json, GGUF byte-level BPE).
+    Hf(Box<Tokenizer>),
+    /// GGUF SentencePiece-style vocabularies.
+    Spm(Box<SpmTokenizer>),
 }
 
 /// How a `tokenizer.json` maps vocabulary strings back to bytes.
@@ -264,12 +333,10 @@ fn decoder_kind(json: &str) -> DecoderKind {
 
 /// The bytes of a SentencePiece vocabulary string: `<0xNN>` is that byte, `▁` a space.
 fn sentencepiece_bytes(t: &str) -> Vec<u8> {
-    if let Some(hex) = t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
-        if let Ok(b) = u8::from_str_radix(hex, 16) {
-            return vec![b];
-        }
+    match spm::byte_of(t) {
+        Some(b) => vec![b],
+        None => t.replace('▁', " ").into_bytes(),
     }
-    t.replace('▁', " ").into_bytes()
 }
 
 /// The pre-tokenizer llama.cpp uses for a `tokenizer.ggml.pre` value.

@@ -1,5 +1,6 @@
-//! The pre-norm decoder that llama, qwen2 and qwen3 share (RMSNorm, rotary attention with
-//! grouped KV heads, SwiGLU MLP), with tensor names as in llama.cpp (`attn_q`, `ffn_gate`, ...).
+//! The pre-norm decoder that llama, qwen2, qwen3 and gemma3 share (RMSNorm, rotary attention
+//! with grouped KV heads, gated MLP), with tensor names as in llama.cpp (`attn_q`, `ffn_gate`,
+//! ...).
 //! The families differ by a few switches ([`Family`]); each has its own file that says which.
 //! Weights are immutable and shared by every sequence; a sequence's state lives in its
 //! [`KvCache`].
@@ -16,8 +17,47 @@ use super::{BackendModelError, CausalLm};
 pub struct Family {
     /// Q, K and V projections have biases (qwen2).
     pub qkv_bias: bool,
-    /// Q and K get an RMS norm per head before rotation (qwen3).
+    /// Q and K get an RMS norm per head before rotation (qwen3, gemma3).
     pub qk_norm: bool,
+    /// Embeddings are multiplied by √hidden (gemma).
+    pub embed_scale: bool,
+    /// Attention and MLP outputs are normed again before the residual add (gemma2/3:
+    /// `post_attention_norm`, `post_ffw_norm`).
+    pub post_norms: bool,
+    /// The MLP's gate activation.
+    pub activation: Activation,
+    /// Local layers attend over a sliding window, with a rotary base of their own.
+    pub sliding: Option<Sliding>,
+}
+
+impl Family {
+    /// Llama's decoder, which the others change.
+    pub const LLAMA: Family = Family {
+        qkv_bias: false,
+        qk_norm: false,
+        embed_scale: false,
+        post_norms: false,
+        activation: Activation::Silu,
+        sliding: None,
+    };
+}
+
+/// The gate activation of the MLP: `down(act(gate(x)) * up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (llama, qwen).
+    Silu,
+    /// GELU, tanh approximation (gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// Interleaved local (sliding-window) and global layers.
+#[derive(Debug, Clone, Copy)]
+pub struct Sliding {
+    /// Every `every`-th layer is global, the others local (gemma3: 6).
+    pub every: usize,
+    /// Rotary base of the local layers (the GGUF's `rope.freq_base` is the global layers').
+    pub rope_base: f32,
 }
 
 struct Layer {
@@ -30,10 +70,18 @@ struct Layer {
     /// Per-head RMS norm weights of q and k, when the family has them.
     qk_norm: Option<(Tensor, Tensor)>,
     attn_output: QMatMul,
+    /// Norm of the attention output before the residual add, when the family has it.
+    post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     ffn_gate: QMatMul,
     ffn_up: QMatMul,
     ffn_down: QMatMul,
+    /// Norm of the MLP output before the residual add, when the family has it.
+    post_ffn_norm: Option<Tensor>,
+    /// Keys a sliding-window layer sees (its own position included); `None`: all.
+    window: Option<usize>,
+    /// Which rotary tables the layer uses: 0 global, 1 local.
+    rope: usize,
 }
 
 /// Decoder weights.
@@ -42,14 +90,20 @@ pub struct Decoder {
     layers: Vec<Layer>,
     output_norm: Tensor,
     output: QMatMul,
-    /// Rotary tables sized to the configured context, `(context, head_dim / 2)`.
-    cos: Tensor,
-    sin: Tensor,
+    /// Rotary `(cos, sin)` tables sized to the configured context, `(context, head_dim / 2)`:
+    /// the global layers', then the local layers' when they differ.
+    ropes: Vec<(Tensor, Tensor)>,
     /// Q and K rows are permuted for GPT-J style rotation (llama GGUF files).
     interleaved: bool,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
+    /// What attention scores are multiplied by.
+    attn_scale: f64,
+    /// What embeddings are multiplied by.
+    embed_scale: Option<f64>,
+    activation: Activation,
+    context: usize,
     eps: f32,
     vocab: usize,
     device: Device,
@@ -84,7 +138,29 @@ impl Decoder {
         context: usize,
         device: &Device,
     ) -> Result<Self, BackendModelError> {
-        let (cos, sin) = rope_tables(hp.head_dim, hp.rope_base, context, device)?;
+        let mut ropes = vec![rope_tables(
+            hp.head_dim,
+            hp.rope_base,
+            hp.rope_scale,
+            context,
+            device,
+        )?];
+        let window = match family.sliding {
+            Some(sliding) => {
+                let window = hp.sliding_window.ok_or_else(|| {
+                    BackendModelError::MissingMetadata(format!("{arch}.attention.sliding_window"))
+                })?;
+                ropes.push(rope_tables(
+                    hp.head_dim,
+                    sliding.rope_base,
+                    1.0,
+                    context,
+                    device,
+                )?);
+                Some((window, sliding.every.max(1)))
+            }
+            None => None,
+        };
         let token_embd = src.tensor("token_embd.weight", device)?.embedding();
         let (vocab, embd_width) = token_embd.dims();
         if embd_width != hp.hidden || vocab == 0 {
@@ -119,6 +195,16 @@ impl Decoder {
             };
             let attn_norm = dense("attn_norm.weight")?;
             let ffn_norm = dense("ffn_norm.weight")?;
+            let (post_attn_norm, post_ffn_norm) = if family.post_norms {
+                (
+                    Some(dense("post_attention_norm.weight")?),
+                    Some(dense("post_ffw_norm.weight")?),
+                )
+            } else {
+                (None, None)
+            };
+            // As llama.cpp: layer i is local unless i % every == every - 1.
+            let local = window.filter(|&(_, every)| i % every < every - 1);
             let mut matmul = |n: &str| src.tensor(&format!("{p}.{n}"), device)?.matmul();
             layers.push(Layer {
                 attn_norm,
@@ -128,23 +214,37 @@ impl Decoder {
                 qkv_bias,
                 qk_norm,
                 attn_output: matmul("attn_output.weight")?,
+                post_attn_norm,
                 ffn_norm,
                 ffn_gate: matmul("ffn_gate.weight")?,
                 ffn_up: matmul("ffn_up.weight")?,
                 ffn_down: matmul("ffn_down.weight")?,
+                post_ffn_norm,
+                window: local.map(|(w, _)| w),
+                rope: usize::from(local.is_some()),
             });
         }
+        // Gemma 3 27B scales by its hidden size per head, not its head size (llama.cpp,
+        // after gemma_pytorch's config); 62 layers is how llama.cpp recognises it.
+        let attn_scale = if family.embed_scale && hp.n_layer == 62 {
+            1.0 / ((hp.hidden / hp.n_head) as f64).sqrt()
+        } else {
+            1.0 / (hp.head_dim as f64).sqrt()
+        };
         Ok(Self {
             token_embd,
             layers,
             output_norm,
             output,
-            cos,
-            sin,
+            ropes,
             interleaved: src.interleaved_rope(arch),
             n_head: hp.n_head,
             n_kv_head: hp.n_kv_head,
             head_dim: hp.head_dim,
+            attn_scale,
+            embed_scale: family.embed_scale.then(|| (hp.hidden as f64).sqrt()),
+            activation: family.activation,
+            context,
             eps: hp.eps,
             vocab,
             device: device.clone(),
@@ -153,7 +253,11 @@ impl Decoder {
 
     /// Embedding rows of `tokens`, `(1, n, hidden)`.
     fn embed(&self, tokens: &[u32]) -> candle_core::Result<Tensor> {
-        self.token_embd.lookup(tokens, &self.device)
+        let x = self.token_embd.lookup(tokens, &self.device)?;
+        match self.embed_scale {
+            Some(s) => x * s,
+            None => Ok(x),
+        }
     }
 
     /// Attention of one sequence from its projected `q`, `k`, `v` (each `(1, n, heads *
@@ -181,8 +285,9 @@ impl Decoder {
             q = candle_nn::ops::rms_norm(&q, qn, self.eps)?;
             k = candle_nn::ops::rms_norm(&k, kn, self.eps)?;
         }
-        let cos = self.cos.narrow(0, pos, n)?;
-        let sin = self.sin.narrow(0, pos, n)?;
+        let (cos, sin) = &self.ropes[self.layers[layer].rope];
+        let cos = cos.narrow(0, pos, n)?;
+        let sin = sin.narrow(0, pos, n)?;
         let rope = if self.interleaved {
             candle_nn::rotary_emb::rope_i
         } else {
@@ -190,18 +295,25 @@ impl Decoder {
         };
         let q = rope(&q, &cos, &sin)?;
         let k = rope(&k, &cos, &sin)?;
-        let (k, v) = cache.append(layer, &k, &v)?;
+        let (mut k, mut v) = cache.append(layer, &k, &v)?;
+        // A sliding-window layer reads only the keys its first query can still see.
+        let window = self.layers[layer].window;
+        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        if first > 0 {
+            let keep = pos + n - first;
+            k = k.narrow(2, first, keep)?.contiguous()?;
+            v = v.narrow(2, first, keep)?.contiguous()?;
+        }
         // Grouped-query attention without copying K and V per query head: the `group` query
         // heads of one KV head become `group * n` rows of one matrix product.
         let group = self.n_head / self.n_kv_head;
         let total = k.dim(2)?;
         let q = q.reshape((b, self.n_kv_head, group * n, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        let mut att = (q.matmul(&k.t()?)? * self.attn_scale)?;
         if n > 1 {
             att = att
                 .reshape((b, self.n_kv_head, group, n, total))?
-                .broadcast_add(&causal_mask(n, pos, &self.device)?)?
+                .broadcast_add(&attention_mask(n, pos, first, window, &self.device)?)?
                 .reshape((b, self.n_kv_head, group * n, total))?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
@@ -271,8 +383,34 @@ impl Decoder {
 
     fn mlp(&self, layer: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let l = &self.layers[layer];
-        let gate = candle_nn::ops::silu(&l.ffn_gate.forward(x)?)?;
+        let gate = l.ffn_gate.forward(x)?;
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
         l.ffn_down.forward(&(gate * l.ffn_up.forward(x)?)?)
+    }
+
+    /// One block: `x + attn(norm(x))`, then `+ mlp(norm(..))`, each output normed again first
+    /// when the family says so.
+    fn block(
+        &self,
+        layer: usize,
+        x: Tensor,
+        attention: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let l = &self.layers[layer];
+        let norm = |t: &Tensor, w: &Tensor| candle_nn::ops::rms_norm(t, w, self.eps);
+        let mut a = attention(&norm(&x, &l.attn_norm)?)?;
+        if let Some(w) = &l.post_attn_norm {
+            a = norm(&a, w)?;
+        }
+        let x = (x + a)?;
+        let mut m = self.mlp(layer, &norm(&x, &l.ffn_norm)?)?;
+        if let Some(w) = &l.post_ffn_norm {
+            m = norm(&m, w)?;
+        }
+        x + m
     }
 }
 
@@ -282,10 +420,7 @@ impl CausalLm for Decoder {
         let n = tokens.len();
         let mut x = self.embed(tokens)?;
         for i in 0..self.layers.len() {
-            let h = candle_nn::ops::rms_norm(&x, &self.layers[i].attn_norm, self.eps)?;
-            x = (x + self.attention(i, &h, pos, cache)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &self.layers[i].ffn_norm, self.eps)?;
-            x = (x + self.mlp(i, &h)?)?;
+            x = self.block(i, x, |h| self.attention(i, h, pos, cache))?;
         }
         cache.advance(n);
         let last = x.narrow(1, n - 1, 1)?;
@@ -304,10 +439,7 @@ impl CausalLm for Decoder {
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         let mut x = self.embed(tokens)?;
         for i in 0..self.layers.len() {
-            let h = candle_nn::ops::rms_norm(&x, &self.layers[i].attn_norm, self.eps)?;
-            x = (x + self.attention_batch(i, &h, caches)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &self.layers[i].ffn_norm, self.eps)?;
-            x = (x + self.mlp(i, &h)?)?;
+            x = self.block(i, x, |h| self.attention_batch(i, h, caches))?;
         }
         for c in caches.iter_mut() {
             c.advance(1);
@@ -321,7 +453,7 @@ impl CausalLm for Decoder {
     }
 
     fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache::new(self.layers.len(), max_len.min(self.cos.dims()[0]))
+        KvCache::new(self.layers.len(), max_len.min(self.context))
     }
 
     fn vocab_size(&self) -> usize {
@@ -329,18 +461,38 @@ impl CausalLm for Decoder {
     }
 }
 
-/// `(n, pos + n)`: 0 where query i may see key j, -inf after it.
-fn causal_mask(n: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let total = pos + n;
+/// `(n, pos + n - first)` for queries at `pos..pos + n` and keys from position `first` on: 0
+/// where the query may see the key (not after it, and within `window` when there is one),
+/// -inf elsewhere.
+fn attention_mask(
+    n: usize,
+    pos: usize,
+    first: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let total = pos + n - first;
+    let window = window.unwrap_or(usize::MAX);
     let mask: Vec<f32> = (0..n)
-        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            let query = pos + i;
+            (first..first + total).map(move |key| {
+                if key > query || query - key >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (n, total), device)
 }
 
+/// Rotary `(cos, sin)` for positions `0..context`, each position multiplied by `scale`.
 fn rope_tables(
     head_dim: usize,
     base: f32,
+    scale: f32,
     context: usize,
     device: &Device,
 ) -> candle_core::Result<(Tensor, Tensor)> {
@@ -349,9 +501,10 @@ fn rope_tables(
         .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
         .collect();
     let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
-    let positions = Tensor::arange(0u32, context as u32, device)?
+    let positions = (Tensor::arange(0u32, context as u32, device)?
         .to_dtype(DType::F32)?
-        .reshape((context, 1))?;
+        .reshape((context, 1))?
+        * f64::from(scale))?;
     let angles = positions.matmul(&inv)?;
     Ok((angles.cos()?, angles.sin()?))
 }

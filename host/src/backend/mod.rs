@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod bert;
 pub mod decoder;
+pub mod gemma3;
 pub mod kv_cache;
 pub mod llama;
 pub mod qwen2;
@@ -39,7 +40,7 @@ const MAX_TOKENS_PER_PASS: usize = 64;
 
 /// Architectures this backend runs, by GGUF `general.architecture` or `config.json`'s
 /// `model_type`.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "bert"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3", "bert"];
 
 /// A decoder-only language model: the seam between the protocol and each architecture.
 pub trait CausalLm: Send + Sync {
@@ -169,8 +170,16 @@ impl LoadedModel {
             "llama" => Some(llama::FAMILY),
             "qwen2" => Some(qwen2::FAMILY),
             "qwen3" => Some(qwen3::FAMILY),
+            "gemma3" => Some(gemma3::FAMILY),
             _ => None,
         };
+        if family.is_some_and(|f| f.post_norms) && src.config().is_some() {
+            // Hugging Face stores Gemma norms as `w` for `x * (1 + w)`; only GGUF files hold
+            // them as the plain RMS norm weights this decoder multiplies by.
+            return Err(BackendModelError::Invalid(format!(
+                "{arch} is supported from GGUF files, not Hugging Face folders yet"
+            )));
+        }
         let (weights, context_length) = if let Some(family) = family {
             let (m, ctx) = decoder::load_family(&mut src, &arch, family, context, device)?;
             (Weights::Causal(Box::new(m)), ctx)

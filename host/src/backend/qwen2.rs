@@ -6,5 +6,5 @@ use super::decoder::Family;
 /// Qwen2 adds q/k/v biases.
 pub const FAMILY: Family = Family {
     qkv_bias: true,
-    qk_norm: false,
+    ..Family::LLAMA
 };

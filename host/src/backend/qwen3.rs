@@ -6,6 +6,6 @@ use super::decoder::Family;
 
 /// Qwen3 adds per-head q/k norms.
 pub const FAMILY: Family = Family {
-    qkv_bias: false,
     qk_norm: true,
+    ..Family::LLAMA
 };

@@ -119,6 +119,10 @@ pub struct HParams {
     pub hidden: usize,
     pub eps: f32,
     pub rope_base: f32,
+    /// Linear rotary scaling: positions are multiplied by this (1 / the scaling factor).
+    pub rope_scale: f32,
+    /// Keys a sliding-window layer sees, counting the query's own position.
+    pub sliding_window: Option<usize>,
     /// The context the model was trained for.
     pub context_length: usize,
 }
@@ -138,6 +142,25 @@ impl HParams {
             )));
         }
         Ok(self)
+    }
+}
+
+/// The position multiplier of a GGUF's `rope.scaling.*` keys: linear scaling is supported,
+/// other kinds are refused rather than run wrong.
+fn gguf_rope_scale(f: &GgufFile, arch: &str) -> Result<f32, BackendModelError> {
+    let kind = f
+        .get(&format!("{arch}.rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+        .map_or("none", String::as_str);
+    let factor = f
+        .get_f32(&format!("{arch}.rope.scaling.factor"))
+        .unwrap_or(1.0);
+    match kind {
+        "none" => Ok(1.0),
+        "linear" if factor > 0.0 && factor.is_finite() => Ok(1.0 / factor),
+        other => Err(BackendModelError::Invalid(format!(
+            "rope scaling '{other}' (factor {factor}) is not supported yet"
+        ))),
     }
 }
 
@@ -294,6 +317,8 @@ impl WeightSource {
                     rope_base: f
                         .get_f32(&format!("{arch}.rope.freq_base"))
                         .unwrap_or(10_000.0),
+                    rope_scale: gguf_rope_scale(f, arch)?,
+                    sliding_window: need("attention.sliding_window").ok().filter(|&w| w > 0),
                     context_length: need("context_length").unwrap_or(2048),
                 }
                 .check()
@@ -340,6 +365,8 @@ impl WeightSource {
                         .and_then(Value::as_f64)
                         .unwrap_or(1e-6) as f32,
                     rope_base,
+                    rope_scale: 1.0,
+                    sliding_window: None,
                     context_length: int("max_position_embeddings").unwrap_or(2048),
                 }
                 .check()

@@ -138,10 +138,18 @@ impl NodeConfig {
         let mut models = Vec::new();
         for m in nf.models {
             let spec = match &m.path {
+                // `path = "hf:OWNER/REPO"`: a Hub model.
+                Some(p)
+                    if p.to_str()
+                        .is_some_and(|s| s.starts_with(crate::hub::PREFIX)) =>
+                {
+                    ModelSpec::parse(&format!("{}={}", m.name, p.display()), models_dir)?
+                }
                 Some(p) => ModelSpec {
                     name: m.name.clone(),
                     path: base.join(p),
                     known: None,
+                    hub: None,
                     chat_template: None,
                 },
                 None => {
