@@ -48,8 +48,9 @@ enum Command {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Model as NAME=PATH, PATH to a GGUF file, or a known name (default: smollm2, fetched if
-    /// missing). Models are cached in $WASMLM_MODELS or ~/.cache/wasmlm/models.
+    /// Model as NAME=PATH, PATH to a GGUF file or model folder, a known name (default:
+    /// smollm2, fetched if missing), or a Hub repo hf:OWNER/REPO[:QUANT]. Models are cached in
+    /// $WASMLM_MODELS or ~/.cache/wasmlm/models (Hub repos in $HF_HOME).
     #[arg(long, short)]
     model: Option<String>,
     /// Context length in tokens (default: the model's own).
