@@ -238,6 +238,29 @@ def _():
     assert not c.message.tool_calls and c.finish_reason == "stop"
 
 
+@check("qwen3: /apply-template honours tools and chat_template_kwargs like chat")
+def _():
+    import os
+    import urllib.request
+    vectors = os.path.join(os.path.dirname(EMBEDDING_VECTORS), "qwen3-template.jsonl")
+    root = BASE[: -len("/v1")] if BASE.endswith("/v1") else BASE
+    rows = [json.loads(line) for line in open(vectors, encoding="utf-8") if line.strip()]
+    assert any("tools" in r for r in rows) and any("enable_thinking" in r for r in rows)
+    for row in rows:
+        body = {"model": "qwen3", "messages": row["messages"],
+                "add_generation_prompt": row["add_generation_prompt"]}
+        if "tools" in row:
+            body["tools"] = row["tools"]
+        if "enable_thinking" in row:
+            body["chat_template_kwargs"] = {"enable_thinking": row["enable_thinking"]}
+        req = urllib.request.Request(
+            f"{root}/apply-template", data=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            prompt = json.loads(r.read())["prompt"]
+        assert prompt == row["rendered"], (row, prompt)
+
+
 @check("qwen3: unsupported tool_choice is a BadRequestError")
 def _():
     try:

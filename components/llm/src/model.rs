@@ -162,21 +162,38 @@ impl Model {
                 self.name, self.architecture
             ))
         })?;
-        let mut seq = self.take_sequence(&[])?;
-        let mut out = Vec::with_capacity(inputs.len());
-        let mut tokens = 0u32;
+        let mut ids = Vec::with_capacity(inputs.len());
         for text in inputs {
-            let ids = self
+            let t = self
                 .tokenizer
                 .borrow_mut()
                 .encode_truncated(text, spec.max_tokens)
                 .map_err(|e| Error::InvalidInput(e.to_string()))?;
-            if ids.is_empty() {
+            if t.is_empty() {
                 return Err(Error::InvalidInput("an input is empty".into()));
             }
-            tokens += ids.len() as u32;
-            let (states, hidden) = seq.encode(&ids).map_err(backend)?;
-            out.push(spec.pool(&states, hidden));
+            ids.push(t);
+        }
+        let tokens = ids.iter().map(|t| t.len() as u32).sum();
+        let mut out = vec![Vec::new(); inputs.len()];
+        let mut seq = self.take_sequence(&[])?;
+        // Inputs of similar length share a padded pass: sorted by length, cut into batches
+        // whose padded size stays within a budget.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        for batch in embedding_batches(&order, |i| ids[i].len()) {
+            let flat: Vec<u32> = batch.iter().flat_map(|&i| ids[i].iter().copied()).collect();
+            let lengths: Vec<u32> = batch.iter().map(|&i| ids[i].len() as u32).collect();
+            let (states, hidden) = seq.encode(&flat, &lengths).map_err(backend)?;
+            let mut at = 0;
+            for &i in batch {
+                let n = ids[i].len() * hidden;
+                let rows = states.get(at..at + n).ok_or_else(|| {
+                    Error::Backend("the backend returned fewer hidden states than asked".into())
+                })?;
+                out[i] = spec.pool(rows, hidden);
+                at += n;
+            }
         }
         self.return_sequence(seq);
         Ok((out, tokens))
@@ -308,6 +325,30 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
+/// Most padded tokens (batch × longest) and sequences in one embedding pass: attention
+/// scratch grows with batch × length², and past a few thousand tokens a pass is already
+/// large enough to keep every core busy.
+const EMBED_BATCH_TOKENS: usize = 4096;
+const EMBED_BATCH_SEQUENCES: usize = 64;
+
+/// Cuts `order` (indices sorted by ascending length) into batches within the budget.
+fn embedding_batches(order: &[usize], len: impl Fn(usize) -> usize) -> Vec<&[usize]> {
+    let mut batches = Vec::new();
+    let mut start = 0;
+    for end in 1..=order.len() {
+        // Sorted ascending, so the newest member is the longest.
+        let padded = (end - start) * len(order[end - 1]);
+        if end - start > 1 && (padded > EMBED_BATCH_TOKENS || end - start > EMBED_BATCH_SEQUENCES) {
+            batches.push(&order[start..end - 1]);
+            start = end - 1;
+        }
+    }
+    if start < order.len() {
+        batches.push(&order[start..]);
+    }
+    batches
+}
+
 /// The chat template: GGUF `tokenizer.chat_template`, else the folder's
 /// `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template` (a string, or a list
 /// of named templates of which "default" is used).
@@ -333,5 +374,30 @@ fn chat_template_source(
             .and_then(|t| t.as_str())
             .map(str::to_string),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedding_batches_keep_the_budget_and_every_input() {
+        let lens = [3usize, 5, 5, 8, 100, 2000, 3000];
+        let order: Vec<usize> = (0..lens.len()).collect();
+        let batches = embedding_batches(&order, |i| lens[i]);
+        let flat: Vec<usize> = batches.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(flat, order);
+        for b in &batches {
+            let padded = b.len() * b.iter().map(|&i| lens[i]).max().unwrap();
+            assert!(b.len() == 1 || padded <= EMBED_BATCH_TOKENS, "{b:?}");
+        }
+        // The long ones go alone, the short ones together.
+        assert_eq!(batches.last().unwrap(), &[6]);
+        assert_eq!(batches[0], &[0, 1, 2, 3, 4]);
+        let many: Vec<usize> = (0..200).collect();
+        assert!(embedding_batches(&many, |_| 4)
+            .iter()
+            .all(|b| b.len() <= EMBED_BATCH_SEQUENCES));
     }
 }

@@ -95,11 +95,19 @@ impl Sequence {
             .collect())
     }
 
-    /// The hidden states of `tokens` as one whole sequence (an encoder): `(values, hidden)`.
-    pub fn encode(&mut self, tokens: &[u32]) -> Result<(Vec<f32>, usize), ProtocolError> {
+    /// The hidden states of whole sequences (an encoder), `tokens` holding them one after
+    /// another with the given lengths, in one pass: `(values, hidden)`.
+    pub fn encode(
+        &mut self,
+        tokens: &[u32],
+        lengths: &[u32],
+    ) -> Result<(Vec<f32>, usize), ProtocolError> {
         let outputs = self
             .ctx
-            .compute(vec![("input_ids".to_string(), i64_tensor(tokens))])
+            .compute(vec![
+                ("input_ids".to_string(), i64_tensor(tokens)),
+                ("sequence_lengths".to_string(), i64_tensor(lengths)),
+            ])
             .map_err(|e| nn_error("compute", e))?;
         let states = find(&outputs, "hidden_states")?;
         let dims = states.dimensions();

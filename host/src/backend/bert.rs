@@ -160,43 +160,97 @@ impl Bert {
         })
     }
 
-    fn attention(&self, l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
-        let n = x.dim(0)?;
+    /// Self-attention over `x`, `(batch * len, hidden)`: `batch` sequences padded to `len`;
+    /// `mask`, `(batch, 1, 1, len)`, is -inf on padding keys.
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        batch: usize,
+        len: usize,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let heads = |t: Tensor| {
-            t.reshape((n, self.n_head, self.head_dim))?
-                .transpose(0, 1)?
+            t.reshape((batch, len, self.n_head, self.head_dim))?
+                .transpose(1, 2)?
                 .contiguous()
         };
         let q = heads(l.query.forward(x)?)?;
         let k = heads(l.key.forward(x)?)?;
         let v = heads(l.value.forward(x)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            att = att.broadcast_add(mask)?;
+        }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?.transpose(0, 1)?.reshape((n, self.hidden))?;
+        let y = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch * len, self.hidden))?;
         l.attn_out.forward(&y)
     }
-}
 
-impl Encoder for Bert {
-    fn encode(&self, tokens: &[u32]) -> candle_core::Result<Tensor> {
-        let n = tokens.len();
+    /// The encoder over `batch` sequences of `ids`, `(batch * len)` ids padded to `len`.
+    fn run(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        len: usize,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let device = self.word.device();
-        let ids = Tensor::new(tokens, device)?;
+        let ids = Tensor::new(ids, device)?;
+        let positions = self.position.narrow(0, 0, len)?.repeat((batch, 1))?;
         let x = self
             .word
             .index_select(&ids, 0)?
-            .add(&self.position.narrow(0, 0, n)?)?
+            .add(&positions)?
             .broadcast_add(&self.token_type)?;
         let mut x = self.embed_norm.forward(&x, self.eps)?;
         for l in &self.layers {
-            let a = self.attention(l, &x)?;
+            let a = self.attention(l, &x, batch, len, mask)?;
             x = l.attn_norm.forward(&(a + &x)?, self.eps)?;
             let h = l.intermediate.forward(&x)?.gelu_erf()?;
             let h = l.output.forward(&h)?;
             x = l.out_norm.forward(&(h + &x)?, self.eps)?;
         }
         Ok(x)
+    }
+}
+
+impl Encoder for Bert {
+    fn encode(&self, tokens: &[u32]) -> candle_core::Result<Tensor> {
+        self.run(tokens, 1, tokens.len(), None)
+    }
+
+    /// One pass over all sequences, padded to the longest; padding is masked out of
+    /// attention, so each sequence's states are its own.
+    fn encode_batch(&self, seqs: &[&[u32]]) -> candle_core::Result<Vec<Tensor>> {
+        let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        if seqs.len() < 2 || len == 0 {
+            return seqs.iter().map(|s| self.encode(s)).collect();
+        }
+        let batch = seqs.len();
+        let mut ids = Vec::with_capacity(batch * len);
+        let mut mask = Vec::with_capacity(batch * len);
+        for s in seqs {
+            ids.extend_from_slice(s);
+            ids.resize(ids.len() + len - s.len(), 0);
+            mask.extend((0..len).map(|i| {
+                if i < s.len() {
+                    0.0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
+        }
+        let mask = Tensor::from_vec(mask, (batch, 1, 1, len), self.word.device())?;
+        let x = self.run(&ids, batch, len, Some(&mask))?;
+        seqs.iter()
+            .enumerate()
+            .map(|(i, s)| x.narrow(0, i * len, s.len()))
+            .collect()
     }
 
     fn vocab_size(&self) -> usize {

@@ -69,6 +69,10 @@ pub trait CausalLm: Send + Sync {
 pub trait Encoder: Send + Sync {
     /// `(n, hidden)` hidden states of `tokens`.
     fn encode(&self, tokens: &[u32]) -> candle_core::Result<candle_core::Tensor>;
+    /// The hidden states of each of several sequences; the default encodes them one by one.
+    fn encode_batch(&self, seqs: &[&[u32]]) -> candle_core::Result<Vec<candle_core::Tensor>> {
+        seqs.iter().map(|s| self.encode(s)).collect()
+    }
     /// Number of token ids.
     fn vocab_size(&self) -> usize;
     /// Width of a hidden state.
@@ -352,11 +356,28 @@ impl Sequence {
 
     /// The hidden states of `tokens` as one whole sequence, `n * hidden` values (encoders).
     pub fn encode(&self, tokens: &[u32]) -> Result<(Vec<f32>, usize), String> {
+        self.encode_batch(tokens, &[tokens.len()])
+    }
+
+    /// The hidden states of several whole sequences, `tokens` holding them one after another
+    /// (`lengths` says where each ends), in one pass: `sum(lengths) * hidden` values.
+    pub fn encode_batch(
+        &self,
+        tokens: &[u32],
+        lengths: &[usize],
+    ) -> Result<(Vec<f32>, usize), String> {
         let Weights::Encoder(m) = &self.model.weights else {
             return Err("this model is a generator: send input_ids for logits".into());
         };
-        if tokens.is_empty() {
+        if tokens.is_empty() || lengths.contains(&0) {
             return Err("input_ids is empty".into());
+        }
+        if lengths.iter().sum::<usize>() != tokens.len() {
+            return Err(format!(
+                "sequence_lengths add up to {}, but input_ids holds {}",
+                lengths.iter().sum::<usize>(),
+                tokens.len()
+            ));
         }
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= m.vocab_size()) {
             return Err(format!(
@@ -364,17 +385,26 @@ impl Sequence {
                 m.vocab_size()
             ));
         }
-        if tokens.len() > self.model.context_length {
+        if let Some(&n) = lengths.iter().find(|&&n| n > self.model.context_length) {
             return Err(format!(
-                "context overflow: {} tokens do not fit the context of {}",
-                tokens.len(),
+                "context overflow: {n} tokens do not fit the context of {}",
                 self.model.context_length
             ));
         }
-        let states = m
-            .encode(tokens)
-            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-            .map_err(|e| plain_message(&e))?;
+        let mut seqs = Vec::with_capacity(lengths.len());
+        let mut at = 0;
+        for &n in lengths {
+            seqs.push(&tokens[at..at + n]);
+            at += n;
+        }
+        let mut states = Vec::with_capacity(tokens.len() * m.hidden_size());
+        for t in m.encode_batch(&seqs).map_err(|e| plain_message(&e))? {
+            states.extend(
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| plain_message(&e))?,
+            );
+        }
         Ok((states, m.hidden_size()))
     }
 
@@ -479,10 +509,12 @@ impl BackendExecutionContext for Sequence {
         let inputs = inputs.unwrap_or_default();
         let mut outputs = Vec::new();
         let find = |name: &str| inputs.iter().find(|t| t.name == name).map(|t| &t.tensor);
-        if let Some(unknown) = inputs
-            .iter()
-            .find(|t| !matches!(t.name.as_str(), "truncate" | "input_ids" | "metadata"))
-        {
+        if let Some(unknown) = inputs.iter().find(|t| {
+            !matches!(
+                t.name.as_str(),
+                "truncate" | "input_ids" | "sequence_lengths" | "metadata"
+            )
+        }) {
             return Err(protocol_error(format!(
                 "unknown input tensor '{}'",
                 unknown.name
@@ -508,7 +540,12 @@ impl BackendExecutionContext for Sequence {
             self.truncate(len as usize);
         }
         if let (Some(t), Weights::Encoder(_)) = (find("input_ids"), &self.model.weights) {
-            let (states, hidden) = self.encode(&ids_of(t)?).map_err(protocol_error)?;
+            let ids = ids_of(t)?;
+            let lengths: Vec<usize> = match find("sequence_lengths") {
+                Some(l) => ids_of(l)?.into_iter().map(|n| n as usize).collect(),
+                None => vec![ids.len()],
+            };
+            let (states, hidden) = self.encode_batch(&ids, &lengths).map_err(protocol_error)?;
             let n = (states.len() / hidden.max(1)) as u32;
             let bytes: Vec<u8> = states.iter().flat_map(|l| l.to_le_bytes()).collect();
             outputs.push(NamedTensor {
