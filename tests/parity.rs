@@ -172,36 +172,59 @@ fn greedy_decoding_matches_llama_cpp() {
                 .unwrap(),
         );
         assert_eq!(out.prompt_tokens as usize, prompt_ids.len());
-        let agree = out
-            .tokens
-            .iter()
-            .zip(&expected)
-            .take_while(|(a, b)| a == b)
-            .count();
-        eprintln!(
-            "row {i}: free-running greedy agrees with llama.cpp on {agree}/{} tokens",
-            expected.len()
-        );
-        if agree == expected.len() {
-            assert_eq!(out.text, row["greedy_text"].as_str().unwrap());
-        }
-
-        let worst = teacher_forced(
+        compare_greedy(
             &mut inst,
             MODEL,
+            &format!("row {i}"),
+            &out,
             &prompt_ids,
-            &expected,
+            row,
             TIE_NATS,
-            |j, gap, ours| {
-                failures.push(format!(
-                "row {i} position {j}: llama.cpp's token {} is {gap} nats below our choice {ours}",
-                expected[j]
-            ))
-            },
+            &mut failures,
         );
-        eprintln!("row {i}: teacher-forced, llama.cpp's tokens are at most {worst:.4} nats from our argmax");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `out`, a greedy generation after `prompt`, against the reference `row` (`greedy_ids`,
+/// `greedy_text`). Free-running, the sequences may part where two candidates are a
+/// float-noise tie, so this reports how far they agree; then it teacher-forces the reference's
+/// tokens and records, in `failures`, each position where the reference's token is more than
+/// `tolerance` nats below our argmax.
+#[allow(clippy::too_many_arguments)]
+fn compare_greedy(
+    inst: &mut wasmlm_host::runtime::Instance,
+    model: &str,
+    label: &str,
+    out: &Output,
+    prompt: &[u32],
+    row: &serde_json::Value,
+    tolerance: f32,
+    failures: &mut Vec<String>,
+) {
+    let expected = common::ids(&row["greedy_ids"]);
+    let agree = out
+        .tokens
+        .iter()
+        .zip(&expected)
+        .take_while(|(a, b)| a == b)
+        .count();
+    eprintln!(
+        "{model} {label}: free-running greedy agrees with llama.cpp on {agree}/{} tokens",
+        expected.len()
+    );
+    if agree == expected.len() {
+        assert_eq!(out.text, row["greedy_text"].as_str().unwrap());
+    }
+    let worst = teacher_forced(inst, model, prompt, &expected, tolerance, |j, gap, ours| {
+        failures.push(format!(
+            "{model} {label} position {j}: llama.cpp's token {} is {gap} nats below our choice {ours}",
+            expected[j]
+        ))
+    });
+    eprintln!(
+        "{model} {label}: teacher-forced, llama.cpp's tokens are at most {worst:.4} nats from our argmax"
+    );
 }
 
 /// Feeds `prompt` plus each prefix of `expected` (the reference's greedy tokens) and measures,
@@ -764,33 +787,16 @@ fn gemma3_greedy_decoding_matches_llama_cpp() {
             prompt_ids.len(),
             "the raw prompt gets <bos> as in llama.cpp"
         );
-        let agree = out
-            .tokens
-            .iter()
-            .zip(&expected)
-            .take_while(|(a, b)| a == b)
-            .count();
-        eprintln!(
-            "gemma3 row {i}: free-running greedy agrees with llama.cpp on {agree}/{} tokens",
-            expected.len()
-        );
-        if agree == expected.len() {
-            assert_eq!(out.text, row["greedy_text"].as_str().unwrap());
-        }
-        let worst = teacher_forced(
+        compare_greedy(
             &mut inst,
             GEMMA3,
+            &format!("row {i}"),
+            &out,
             &prompt_ids,
-            &expected,
+            row,
             TIE_NATS,
-            |j, gap, ours| {
-                failures.push(format!(
-                "row {i} position {j}: llama.cpp's token {} is {gap} nats below our choice {ours}",
-                expected[j]
-            ))
-            },
+            &mut failures,
         );
-        eprintln!("gemma3 row {i}: teacher-forced, llama.cpp's tokens are at most {worst:.4} nats from our argmax");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
