@@ -24,11 +24,39 @@ fn runtime() -> &'static Runtime {
 }
 
 fn runtime_with_context(context: usize) -> Runtime {
-    let model = LoadedModel::from_path(&common::smollm2_path(), Some(context), &Device::Cpu)
-        .expect("model loads");
-    let models = HashMap::from([(MODEL.to_string(), std::sync::Arc::new(model))]);
+    runtime_of(MODEL, &common::smollm2_path(), Some(context))
+}
+
+/// A runtime serving the model at `path` as `name`, its context capped at `context`.
+fn runtime_of(name: &str, path: &std::path::Path, context: Option<usize>) -> Runtime {
+    let model = LoadedModel::from_path(path, context, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{name} loads: {e}"));
+    let models = HashMap::from([(name.to_string(), std::sync::Arc::new(model))]);
     let cache = wasmlm_host::models::cache_dir().join("components");
     Runtime::new(EMBEDDED_COMPONENT, models, Some(&cache)).expect("runtime starts")
+}
+
+/// Every row of the token vectors `file` (`text`, `ids`) encodes to the same ids and decodes
+/// back to its text.
+fn check_token_vectors(
+    inst: &mut wasmlm_host::runtime::Instance,
+    model: &str,
+    file: &str,
+    min_rows: usize,
+) {
+    let rows = common::vectors(file);
+    assert!(rows.len() >= min_rows);
+    for row in rows {
+        let text = row["text"].as_str().unwrap();
+        let expected = common::ids(&row["ids"]);
+        let got = inst.tokenize(model, text, false).unwrap();
+        assert_eq!(got, expected, "token ids of {text:?}");
+        assert_eq!(
+            inst.detokenize(model, &got).unwrap(),
+            text,
+            "decoding the ids of {text:?}"
+        );
+    }
 }
 
 fn greedy(max_tokens: u32) -> SamplingOptions {
@@ -98,19 +126,7 @@ fn drain(mut s: wasmlm_host::runtime::Stream<'_>) -> Output {
 fn tokenizer_matches_llama_cpp_and_round_trips() {
     let rt = runtime();
     let mut inst = rt.instance(MODEL).unwrap();
-    let rows = common::vectors("smollm2-tokens.jsonl");
-    assert!(rows.len() >= 20);
-    for row in rows {
-        let text = row["text"].as_str().unwrap();
-        let expected = common::ids(&row["ids"]);
-        let got = inst.tokenize(MODEL, text, false).unwrap();
-        assert_eq!(got, expected, "token ids of {text:?}");
-        assert_eq!(
-            inst.detokenize(MODEL, &got).unwrap(),
-            text,
-            "decoding the ids of {text:?}"
-        );
-    }
+    check_token_vectors(&mut inst, MODEL, "smollm2-tokens.jsonl", 20);
 }
 
 #[test]
@@ -526,13 +542,7 @@ const QWEN3: &str = "qwen3";
 
 fn qwen3_runtime() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        let dir = common::random_qwen3_folder();
-        let model = LoadedModel::from_path(&dir, Some(4096), &Device::Cpu).expect("qwen3 loads");
-        let models = HashMap::from([(QWEN3.to_string(), std::sync::Arc::new(model))]);
-        let cache = wasmlm_host::models::cache_dir().join("components");
-        Runtime::new(EMBEDDED_COMPONENT, models, Some(&cache)).expect("runtime starts")
-    })
+    RT.get_or_init(|| runtime_of(QWEN3, &common::random_qwen3_folder(), Some(4096)))
 }
 
 /// The template context of a vector row: its `tools` and `enable_thinking`.
@@ -548,19 +558,7 @@ fn row_context(row: &serde_json::Value) -> ChatContext {
 #[test]
 fn qwen3_tokenizer_matches_hugging_face_and_round_trips() {
     let mut inst = qwen3_runtime().instance(QWEN3).unwrap();
-    let rows = common::vectors("qwen3-tokens.jsonl");
-    assert!(rows.len() >= 20);
-    for row in rows {
-        let text = row["text"].as_str().unwrap();
-        let expected = common::ids(&row["ids"]);
-        let got = inst.tokenize(QWEN3, text, false).unwrap();
-        assert_eq!(got, expected, "token ids of {text:?}");
-        assert_eq!(
-            inst.detokenize(QWEN3, &got).unwrap(),
-            text,
-            "decoding {text:?}"
-        );
-    }
+    check_token_vectors(&mut inst, QWEN3, "qwen3-tokens.jsonl", 20);
     // Special tokens parse only when asked; Qwen3 adds no BOS.
     assert_eq!(
         inst.tokenize(QWEN3, "<|im_start|>", true).unwrap(),
@@ -660,13 +658,7 @@ const MINILM: &str = "minilm";
 
 fn minilm_runtime() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        let model = LoadedModel::from_path(&common::minilm_dir(), None, &Device::Cpu)
-            .expect("all-MiniLM-L6-v2 loads");
-        let models = HashMap::from([(MINILM.to_string(), std::sync::Arc::new(model))]);
-        let cache = wasmlm_host::models::cache_dir().join("components");
-        Runtime::new(EMBEDDED_COMPONENT, models, Some(&cache)).expect("runtime starts")
-    })
+    RT.get_or_init(|| runtime_of(MINILM, &common::minilm_dir(), None))
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -730,32 +722,14 @@ const GEMMA3: &str = "gemma3";
 
 fn gemma3_runtime() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        // A context well past the 512-token sliding window, far below the model's 32k.
-        let model = LoadedModel::from_path(&common::gemma3_path(), Some(2048), &Device::Cpu)
-            .expect("gemma3 loads");
-        let models = HashMap::from([(GEMMA3.to_string(), std::sync::Arc::new(model))]);
-        let cache = wasmlm_host::models::cache_dir().join("components");
-        Runtime::new(EMBEDDED_COMPONENT, models, Some(&cache)).expect("runtime starts")
-    })
+    // A context well past the 512-token sliding window, far below the model's 32k.
+    RT.get_or_init(|| runtime_of(GEMMA3, &common::gemma3_path(), Some(2048)))
 }
 
 #[test]
 fn gemma3_tokenizer_matches_llama_cpp_and_round_trips() {
     let mut inst = gemma3_runtime().instance(GEMMA3).unwrap();
-    let rows = common::vectors("gemma3-tokens.jsonl");
-    assert!(rows.len() >= 30);
-    for row in rows {
-        let text = row["text"].as_str().unwrap();
-        let expected = common::ids(&row["ids"]);
-        let got = inst.tokenize(GEMMA3, text, false).unwrap();
-        assert_eq!(got, expected, "token ids of {text:?}");
-        assert_eq!(
-            inst.detokenize(GEMMA3, &got).unwrap(),
-            text,
-            "decoding {text:?}"
-        );
-    }
+    check_token_vectors(&mut inst, GEMMA3, "gemma3-tokens.jsonl", 30);
     assert_eq!(
         inst.tokenize(GEMMA3, "<start_of_turn>user", true).unwrap(),
         vec![105, 2364]
