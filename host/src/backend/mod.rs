@@ -354,11 +354,6 @@ impl Sequence {
         Self { model, cache }
     }
 
-    /// The hidden states of `tokens` as one whole sequence, `n * hidden` values (encoders).
-    pub fn encode(&self, tokens: &[u32]) -> Result<(Vec<f32>, usize), String> {
-        self.encode_batch(tokens, &[tokens.len()])
-    }
-
     /// The hidden states of several whole sequences, `tokens` holding them one after another
     /// (`lengths` says where each ends), in one pass: `sum(lengths) * hidden` values.
     pub fn encode_batch(
