@@ -131,6 +131,9 @@ struct ServeArgs {
     /// Label KEY=VALUE reported in /node (repeatable).
     #[arg(long = "label")]
     labels: Vec<String>,
+    /// This node's id in /node and the gateway's `x-served-by` (default: the host name).
+    #[arg(long = "node-id")]
+    node_id: Option<String>,
     /// CPU threads for the forward pass (default: available cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -237,6 +240,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         context_length: a.context,
         api_keys: a.api_keys,
         labels: a.labels,
+        node_id: a.node_id,
         chat_template: a.chat_template,
     };
     let config = NodeConfig::load(a.config.as_deref(), overrides, &models::models_dir())?;

@@ -106,6 +106,7 @@ pub struct Overrides {
     pub context_length: Option<usize>,
     pub api_keys: Vec<String>,
     pub labels: Vec<String>,
+    pub node_id: Option<String>,
     /// A chat template file for the models named on the command line.
     pub chat_template: Option<PathBuf>,
 }
@@ -222,7 +223,7 @@ impl NodeConfig {
                 .listen
                 .or(nf.listen)
                 .unwrap_or_else(|| DEFAULT_LISTEN.into()),
-            node_id: nf.node_id.unwrap_or_else(host_name),
+            node_id: cli.node_id.or(nf.node_id).unwrap_or_else(host_name),
             labels,
             api_keys,
             queue: cli.queue.or(nf.queue).unwrap_or(DEFAULT_QUEUE),

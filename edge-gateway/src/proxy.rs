@@ -1,0 +1,319 @@
+//! Forwarding: one request to the chosen node, retried on another before the first byte, and
+//! the answer streamed back unbuffered while the gateway learns from what passes through.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+
+use crate::affinity::PrefixHashes;
+use crate::error::ApiError;
+use crate::gateway::{Eligible, Gateway};
+use crate::inventory::{InFlight, NodeState};
+use crate::limits::Caller;
+use crate::metrics::Target;
+
+/// What to send and how to place it.
+pub struct Forward {
+    pub method: Method,
+    /// Path and query on the node.
+    pub path: String,
+    pub body: Bytes,
+    /// The catalog name of the model (empty for model-less utility calls).
+    pub model: String,
+    pub hashes: Option<PrefixHashes>,
+    pub caller: Caller,
+    /// When the gateway received the request.
+    pub received: Instant,
+}
+
+/// Headers of a node's answer that reach the client.
+const PASSED: &[header::HeaderName] = &[
+    header::CONTENT_TYPE,
+    header::CACHE_CONTROL,
+    header::RETRY_AFTER,
+];
+
+/// Sends `fwd` to one of `nodes` (chosen by the policy), retrying others on failure before the
+/// first byte, and returns the answer to stream back.
+pub async fn forward(gw: Arc<Gateway>, nodes: Vec<Eligible>, fwd: Forward) -> Response {
+    let mut left = nodes;
+    let mut last: Option<Response> = None;
+    let attempts = 1 + gw.config.retry_budget as usize;
+    for _ in 0..attempts {
+        let Some((i, _reason)) = gw.choose(&left, &fwd.model, fwd.hashes.as_ref()) else {
+            break;
+        };
+        let e = left.swap_remove(i);
+        let target: Target = (e.view.id.clone(), fwd.model.clone(), e.view.device.clone());
+        let guard = e.node.enter();
+        let sent = Instant::now();
+        match send(&gw, &e.node, &fwd).await {
+            Err(err) => {
+                gw.metrics.error(&target);
+                gw.metrics.retry(&target);
+                gw.node_failed(&e.node);
+                eprintln!("edge-gateway: {} ({}): {err}", e.view.id, e.node.url);
+            }
+            Ok(resp) => {
+                let status = resp.status();
+                gw.metrics.request(&target, status.as_u16());
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    // Refused before its first byte: another node may take it.
+                    if status.is_server_error() {
+                        gw.metrics.error(&target);
+                    }
+                    gw.metrics.retry(&target);
+                    let (parts, body) = resp.into_parts();
+                    let bytes = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let mut r = Response::from_parts(parts, Body::from(bytes));
+                    served_headers(r.headers_mut(), &e);
+                    last = Some(r);
+                    continue;
+                }
+                gw.metrics
+                    .upstream_ttft(&target, sent.elapsed().as_secs_f64());
+                gw.metrics
+                    .queue_time(&fwd.model, sent.duration_since(fwd.received).as_secs_f64());
+                if status.is_success() {
+                    if let Some(h) = &fwd.hashes {
+                        gw.remember(h, &e.node.url);
+                    }
+                }
+                return relay(gw.clone(), resp, e, guard, &fwd, target);
+            }
+        }
+    }
+    match last {
+        // Every node refused: the last refusal (429 busy, 503 loading) says why, as the node
+        // would have.
+        Some(r) => r,
+        None => ApiError::unavailable(format!(
+            "No node could be reached for '{}'; retry later.",
+            fwd.model
+        ))
+        .into_response(),
+    }
+}
+
+/// One attempt on one node.
+async fn send(
+    gw: &Gateway,
+    node: &NodeState,
+    fwd: &Forward,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let mut req = Request::builder()
+        .method(fwd.method.clone())
+        .uri(format!("{}{}", node.url, fwd.path))
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(k) = &gw.config.node_api_key {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    let req = req
+        .body(Full::new(fwd.body.clone()))
+        .map_err(|e| format!("bad request toward the node: {e}"))?;
+    gw.client.request(req).await.map_err(|e| {
+        // hyper-util's error says "client error (Connect)"; its source says why.
+        match std::error::Error::source(&e) {
+            Some(s) => format!("{e}: {s}"),
+            None => e.to_string(),
+        }
+    })
+}
+
+fn served_headers(h: &mut HeaderMap, e: &Eligible) {
+    if let Ok(v) = HeaderValue::from_str(&e.view.id) {
+        h.insert("x-served-by", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&e.view.device) {
+        h.insert("x-served-device", v);
+    }
+}
+
+/// Streams the node's answer to the client, watching it for usage and timings.
+fn relay(
+    gw: Arc<Gateway>,
+    resp: hyper::Response<hyper::body::Incoming>,
+    e: Eligible,
+    guard: InFlight,
+    fwd: &Forward,
+    target: Target,
+) -> Response {
+    let (parts, body) = resp.into_parts();
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut out = Response::builder().status(parts.status);
+    if let Some(h) = out.headers_mut() {
+        for name in PASSED {
+            if let Some(v) = parts.headers.get(name) {
+                h.insert(name.clone(), v.clone());
+            }
+        }
+        served_headers(h, &e);
+    }
+    let tap = Tap {
+        body: body.into_data_stream(),
+        sse,
+        pending: Vec::new(),
+        seen: Seen::default(),
+        done: false,
+        ctx: Some(Finish {
+            gw,
+            node: e.node.clone(),
+            _guard: guard,
+            model: fwd.model.clone(),
+            caller: fwd.caller,
+            target,
+        }),
+    };
+    let stream = futures_util::stream::unfold(tap, |mut tap| async move {
+        if tap.done {
+            return None;
+        }
+        match tap.body.next().await {
+            Some(Ok(bytes)) => {
+                tap.observe(&bytes);
+                Some((Ok(bytes), tap))
+            }
+            Some(Err(err)) => {
+                tap.done = true;
+                let event = tap.broken(&err);
+                match event {
+                    Some(ev) => Some((Ok(Bytes::from(ev)), tap)),
+                    None => Some((Err(std::io::Error::other(err.to_string())), tap)),
+                }
+            }
+            None => {
+                tap.complete();
+                None
+            }
+        }
+    });
+    out.body(Body::from_stream(stream))
+        .unwrap_or_else(|_| ApiError::unavailable("bad answer from node").into_response())
+}
+
+/// Usage and timings seen in an answer.
+#[derive(Default)]
+struct Seen {
+    total_tokens: Option<u64>,
+    decode_tps: Option<f64>,
+    prefill_tps: Option<f64>,
+}
+
+impl Seen {
+    fn take(&mut self, v: &Value) {
+        if let Some(t) = v.pointer("/usage/total_tokens").and_then(Value::as_u64) {
+            self.total_tokens = Some(t);
+        }
+        if let Some(t) = v.get("timings") {
+            // One token's "speed" is noise: learn from answers with a few tokens.
+            if t.get("predicted_n").and_then(Value::as_u64).unwrap_or(0) >= 4 {
+                self.decode_tps = t.get("predicted_per_second").and_then(Value::as_f64);
+            }
+            if t.get("prompt_n").and_then(Value::as_u64).unwrap_or(0) >= 8 {
+                self.prefill_tps = t.get("prompt_per_second").and_then(Value::as_f64);
+            }
+        }
+    }
+}
+
+/// What the end of an answer updates.
+struct Finish {
+    gw: Arc<Gateway>,
+    node: Arc<NodeState>,
+    /// Held until the answer ends or the client goes away.
+    _guard: InFlight,
+    model: String,
+    caller: Caller,
+    target: Target,
+}
+
+struct Tap {
+    body: http_body_util::BodyDataStream<hyper::body::Incoming>,
+    sse: bool,
+    /// SSE: the unfinished line; JSON: the body so far (bounded).
+    pending: Vec<u8>,
+    seen: Seen,
+    done: bool,
+    ctx: Option<Finish>,
+}
+
+/// JSON answers larger than this are passed on without being read for usage.
+const WATCH_LIMIT: usize = 4 << 20;
+
+impl Tap {
+    fn observe(&mut self, bytes: &[u8]) {
+        if !self.sse {
+            if self.pending.len() + bytes.len() <= WATCH_LIMIT {
+                self.pending.extend_from_slice(bytes);
+            }
+            return;
+        }
+        self.pending.extend_from_slice(bytes);
+        while let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=pos).collect();
+            let Some(data) = line.strip_prefix(b"data: {") else {
+                continue;
+            };
+            let cheap = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
+            if cheap(b"\"timings\"") || cheap(b"\"total_tokens\"") {
+                let json = &line[b"data: ".len()..];
+                if let Ok(v) = serde_json::from_slice::<Value>(json) {
+                    self.seen.take(&v);
+                }
+            }
+        }
+        if self.pending.len() > WATCH_LIMIT {
+            self.pending.clear();
+        }
+    }
+
+    fn complete(&mut self) {
+        if !self.sse && !self.pending.is_empty() {
+            if let Ok(v) = serde_json::from_slice::<Value>(&self.pending) {
+                self.seen.take(&v);
+            }
+        }
+        if let Some(ctx) = self.ctx.take() {
+            ctx.node
+                .learn(&ctx.model, self.seen.decode_tps, self.seen.prefill_tps);
+            if let Some(t) = self.seen.total_tokens {
+                ctx.gw.limits.spend_tokens(ctx.caller, t);
+            }
+        }
+    }
+
+    /// The node failed after the first byte: an SSE stream gets an error event.
+    fn broken(&mut self, err: &dyn std::fmt::Display) -> Option<String> {
+        let ctx = self.ctx.take()?;
+        ctx.gw.metrics.error(&ctx.target);
+        ctx.gw.node_failed(&ctx.node);
+        eprintln!("edge-gateway: {} failed mid-answer: {err}", ctx.target.0);
+        self.sse.then(|| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                "upstream_failed",
+                format!(
+                    "The node serving this stream ({}) failed mid-stream; the answer is incomplete.",
+                    ctx.target.0
+                ),
+            )
+            .sse_event()
+        })
+    }
+}
