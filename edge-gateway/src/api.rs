@@ -223,8 +223,11 @@ pub async fn get_model(State(gw): Shared, Path(id): Path<String>, headers: Heade
 /// `GET /health`: 200 while at least one node is healthy.
 pub async fn health(State(gw): Shared) -> Response {
     let nodes = gw.inventory.all();
-    let up = nodes.iter().filter(|n| n.view().up).count();
-    let counts = json!({"up": up, "total": nodes.len()});
+    let views: Vec<_> = nodes.iter().map(|n| n.view()).collect();
+    let up = views.iter().filter(|v| v.up).count();
+    // Ready: up and every preloaded model warm (the node's own /health is 200).
+    let ready = views.iter().filter(|v| v.up && v.ready).count();
+    let counts = json!({"up": up, "ready": ready, "total": nodes.len()});
     if up > 0 {
         Json(json!({"status": "ok", "nodes": counts})).into_response()
     } else {

@@ -60,6 +60,8 @@ pub struct PlacementConfig {
     pub affinity_slack: f64,
     /// Size of the prompt chunks whose hashes remember where a prefix was served.
     pub chunk_bytes: usize,
+    /// `strategy = "round-robin"`: ignore load, speed and prefixes (a baseline for benchmarks).
+    pub round_robin: bool,
 }
 
 /// The whole validated config.
@@ -112,6 +114,7 @@ struct PlacementFile {
     explore: Option<Spanned<f64>>,
     affinity_slack: Option<Spanned<f64>>,
     chunk_bytes: Option<Spanned<usize>>,
+    strategy: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -328,7 +331,7 @@ impl GatewayConfig {
                 Err(at(v.span(), "`affinity_slack` is ≥ 0".into()))
             }
         })?;
-        let chunk_bytes = p.chunk_bytes.as_ref().map_or(Ok(256), |v| {
+        let chunk_bytes = p.chunk_bytes.as_ref().map_or(Ok(64), |v| {
             let x = *v.get_ref();
             if (16..=65536).contains(&x) {
                 Ok(x)
@@ -336,6 +339,19 @@ impl GatewayConfig {
                 Err(at(v.span(), "`chunk_bytes` is in 16..=65536".into()))
             }
         })?;
+        let round_robin = match &p.strategy {
+            None => false,
+            Some(s) => match s.get_ref().as_str() {
+                "balanced" => false,
+                "round-robin" => true,
+                other => {
+                    return Err(at(
+                        s.span(),
+                        format!("`strategy` is \"balanced\" or \"round-robin\", not `{other}`"),
+                    ))
+                }
+            },
+        };
         let eject_after = match &file.eject_after {
             Some(v) if *v.get_ref() == 0 => {
                 return Err(at(v.span(), "`eject_after` is at least 1".into()))
@@ -362,6 +378,7 @@ impl GatewayConfig {
                 explore,
                 affinity_slack,
                 chunk_bytes,
+                round_robin,
             },
         })
     }

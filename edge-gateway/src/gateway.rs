@@ -29,6 +29,7 @@ pub struct Gateway {
     pub affinity: Mutex<AffinityIndex>,
     pub client: NodeClient,
     rng: Mutex<Rng>,
+    turn: std::sync::atomic::AtomicUsize,
     pub started: Instant,
 }
 
@@ -91,6 +92,7 @@ impl Gateway {
             affinity: Mutex::new(AffinityIndex::new(200_000)),
             client,
             rng: Mutex::new(Rng::new(seed)),
+            turn: std::sync::atomic::AtomicUsize::new(0),
             started: Instant::now(),
             config,
         }
@@ -212,6 +214,15 @@ impl Gateway {
         model: &str,
         hashes: Option<&PrefixHashes>,
     ) -> Option<(usize, Reason)> {
+        if nodes.is_empty() {
+            return None;
+        }
+        if self.config.placement.round_robin {
+            let mut order: Vec<usize> = (0..nodes.len()).collect();
+            order.sort_by(|&a, &b| nodes[a].node.url.cmp(&nodes[b].node.url));
+            let t = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Some((order[t % order.len()], Reason::RoundRobin));
+        }
         let affine = hashes.and_then(|h| {
             let idx = self.affinity.lock().ok()?;
             idx.lookup(h).map(|(url, len)| (url.to_string(), len))

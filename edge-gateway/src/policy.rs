@@ -48,6 +48,8 @@ pub enum Reason {
     Explore,
     Affinity,
     LeastLoaded,
+    /// The `round-robin` baseline strategy.
+    RoundRobin,
 }
 
 /// A small xorshift generator: placement needs cheap, seedable randomness, not crypto.
