@@ -299,7 +299,6 @@ fn placement() {
             .map(|_| {
                 let jobs = jobs.clone();
                 let gw = gw.to_string();
-                let system = system.clone();
                 std::thread::spawn(move || {
                     let mut c = Conn::open(&gw);
                     let mut ttfts = Vec::new();

@@ -139,10 +139,18 @@ async fn place_and_forward(
     Ok(proxy::forward(gw, nodes, fwd).await)
 }
 
+/// A model gathered across nodes: aliases, `{device, node, state}` entries, kind, context.
+#[derive(Default)]
+struct Gathered {
+    aliases: Vec<String>,
+    devices: Vec<Value>,
+    kind: Option<String>,
+    context_length: Option<u64>,
+}
+
 /// One model across the healthy nodes: its devices and states.
 fn model_entries(gw: &Gateway) -> Vec<Value> {
-    let mut models: BTreeMap<String, (Vec<String>, Vec<Value>, Option<String>, Option<u64>)> =
-        BTreeMap::new();
+    let mut models: BTreeMap<String, Gathered> = BTreeMap::new();
     for n in gw.inventory.all() {
         let v = n.view();
         if !v.up {
@@ -157,16 +165,23 @@ fn model_entries(gw: &Gateway) -> Vec<Value> {
                 continue;
             }
             let e = models.entry(m.id.clone()).or_default();
-            e.0.extend(m.aliases.iter().cloned());
-            e.1.push(json!({"device": v.device, "node": v.id, "state": m.state}));
-            e.2 = e.2.take().or_else(|| m.kind.clone());
-            e.3 = e.3.take().or(m.context_length);
+            e.aliases.extend(m.aliases.iter().cloned());
+            e.devices
+                .push(json!({"device": v.device, "node": v.id, "state": m.state}));
+            e.kind = e.kind.take().or_else(|| m.kind.clone());
+            e.context_length = e.context_length.or(m.context_length);
         }
     }
     let created = crate::unix_now();
     models
         .into_iter()
-        .map(|(id, (mut aliases, devices, kind, ctx))| {
+        .map(|(id, g)| {
+            let Gathered {
+                mut aliases,
+                devices,
+                kind,
+                context_length: ctx,
+            } = g;
             if let Some(c) = gw.config.catalog(&id) {
                 aliases.extend(c.aliases.iter().cloned());
             }

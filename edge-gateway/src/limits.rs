@@ -108,10 +108,7 @@ impl Limits {
 
     /// Who presents `bearer` (the `Authorization: Bearer` value, if any).
     fn identify(&self, bearer: Option<&str>) -> Option<Caller> {
-        let Some(b) = bearer else {
-            return None;
-        };
-        let d = digest(b);
+        let d = digest(bearer?);
         if self.admin.is_some_and(|a| bool::from(a.ct_eq(&d))) {
             return Some(Caller::Admin);
         }
