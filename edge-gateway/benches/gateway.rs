@@ -64,8 +64,10 @@ fn node(id: &str, label: &str, threads: &str) -> (Proc, String) {
 fn gateway(nodes: &[&str], strategy: &str) -> (Proc, String, PathBuf) {
     let dir = std::env::temp_dir().join(format!("gw-bench-{}-{strategy}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
+    // GATEWAY_BENCH_PLACEMENT adds [placement] keys (to try other knobs).
     let mut toml = format!(
-        "health_interval = \"500ms\"\n[placement]\nexplore = 0.0\nstrategy = \"{strategy}\"\n"
+        "health_interval = \"500ms\"\n[placement]\nexplore = 0.0\nstrategy = \"{strategy}\"\n{}\n",
+        std::env::var("GATEWAY_BENCH_PLACEMENT").unwrap_or_default()
     );
     for n in nodes {
         toml.push_str(&format!("[[nodes]]\nurl = \"http://{n}\"\n"));
@@ -278,8 +280,7 @@ fn placement() {
     let (_g2, rr, _d2) = gateway(&addrs, "round-robin");
     wait_ready(&ours, 3);
     wait_ready(&rr, 3);
-    let tenants = 4;
-    let questions = 5;
+    let (tenants, questions, clients) = (4, 5, 3);
     let system = |t: usize| {
         format!(
             "You are the support assistant of company number {t}. {}",
@@ -289,66 +290,106 @@ fn placement() {
         )
     };
     let run = |gw: &str| {
-        // Tenants interleave; 3 clients run them side by side.
+        // Tenants interleave; the clients run them side by side.
         let jobs: Vec<(usize, usize)> = (0..questions)
             .flat_map(|q| (0..tenants).map(move |t| (t, q)))
             .collect();
         let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs.into_iter()));
         let t0 = Instant::now();
-        let handles: Vec<_> = (0..3)
+        let handles: Vec<_> = (0..clients)
             .map(|_| {
                 let jobs = jobs.clone();
                 let gw = gw.to_string();
                 std::thread::spawn(move || {
                     let mut c = Conn::open(&gw);
-                    let mut ttfts = Vec::new();
+                    // (time to first token, share of the prompt cached)
+                    let mut out = Vec::new();
                     loop {
                         let next = jobs.lock().expect("jobs").next();
                         let Some((t, q)) = next else { break };
                         let body = json!({
                             "model": "smollm2", "max_tokens": 8, "temperature": 0, "stream": true,
+                            "stream_options": {"include_usage": true},
                             "messages": [
                                 {"role": "system", "content": system(t)},
                                 {"role": "user", "content": format!("Where is my order {t}{q}{q}?")},
                             ],
                         });
-                        let (status, ttft, _) = c.post("/v1/chat/completions", &body);
+                        let (status, ttft, sse) = c.post("/v1/chat/completions", &body);
                         assert_eq!(status, 200);
-                        ttfts.push(ttft.as_secs_f64());
+                        let text = String::from_utf8_lossy(&sse).into_owned();
+                        let usage = text
+                            .split("\n\n")
+                            .filter_map(|e| e.strip_prefix("data: "))
+                            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+                            .find(|v| v["usage"].is_object())
+                            .unwrap_or_default();
+                        let u = &usage["usage"];
+                        let cached = u["prompt_tokens_details"]["cached_tokens"]
+                            .as_f64()
+                            .unwrap_or(0.0);
+                        let prompt = u["prompt_tokens"].as_f64().unwrap_or(1.0);
+                        out.push((ttft.as_secs_f64(), cached / prompt));
                     }
-                    ttfts
+                    out
                 })
             })
             .collect();
-        let mut ttfts: Vec<f64> = handles
+        let results: Vec<(f64, f64)> = handles
             .into_iter()
             .flat_map(|h| h.join().expect("client"))
             .collect();
         let wall = t0.elapsed().as_secs_f64();
-        let mean = ttfts.iter().sum::<f64>() / ttfts.len() as f64;
-        (mean, pct(&mut ttfts, 0.5), ttfts.len() as f64 / wall)
+        let n = results.len() as f64;
+        let mut ttfts: Vec<f64> = results.iter().map(|r| r.0).collect();
+        Run {
+            mean_ttft: ttfts.iter().sum::<f64>() / n,
+            p50_ttft: pct(&mut ttfts, 0.5),
+            rps: n / wall,
+            cached: results.iter().map(|r| r.1).sum::<f64>() / n,
+        }
     };
-    // Round-robin first, then ours, then round-robin again: each starts with caches the
-    // previous run left, and the two round-robin runs bracket ours against drift.
+    // Round-robin, ours, round-robin: each run starts with the caches the previous one left,
+    // and the two round-robin runs bracket ours against drift on this shared machine.
     let rr1 = run(&rr);
     let o = run(&ours);
     let rr2 = run(&rr);
-    let rr_mean = (rr1.0 + rr2.0) / 2.0;
-    let rr_p50 = (rr1.1 + rr2.1) / 2.0;
-    let rr_tput = (rr1.2 + rr2.2) / 2.0;
-    println!("## Placement: {tenants} tenants × {questions} questions, 3 nodes, 3 clients\n");
-    println!("| policy | mean TTFT s | p50 TTFT s | requests/s |");
-    println!("|---|---|---|---|");
-    println!("| round-robin (mean of 2 runs) | {rr_mean:.3} | {rr_p50:.3} | {rr_tput:.2} |");
+    let r = Run {
+        mean_ttft: (rr1.mean_ttft + rr2.mean_ttft) / 2.0,
+        p50_ttft: (rr1.p50_ttft + rr2.p50_ttft) / 2.0,
+        rps: (rr1.rps + rr2.rps) / 2.0,
+        cached: (rr1.cached + rr2.cached) / 2.0,
+    };
     println!(
-        "| ours (load/speed + prefix affinity) | {:.3} | {:.3} | {:.2} |",
-        o.0, o.1, o.2
+        "## Placement: {tenants} tenants × {questions} questions, 3 nodes, {clients} clients\n"
     );
+    println!("| policy | mean TTFT s | p50 TTFT s | requests/s | prompt cached |");
+    println!("|---|---|---|---|---|");
+    for (name, x) in [
+        ("round-robin (mean of 2 runs)", &r),
+        ("ours (load/speed + prefix affinity)", &o),
+    ] {
+        println!(
+            "| {name} | {:.3} | {:.3} | {:.2} | {:.0}% |",
+            x.mean_ttft,
+            x.p50_ttft,
+            x.rps,
+            x.cached * 100.0
+        );
+    }
     println!(
         "\nOurs vs round-robin: mean TTFT **{:.2}×** lower, throughput **{:.2}×**.",
-        rr_mean / o.0,
-        o.2 / rr_tput
+        r.mean_ttft / o.mean_ttft,
+        o.rps / r.rps
     );
+}
+
+/// One placement run's results.
+struct Run {
+    mean_ttft: f64,
+    p50_ttft: f64,
+    rps: f64,
+    cached: f64,
 }
 
 fn main() {

@@ -15,7 +15,11 @@ use serde_json::{json, Map, Value};
 
 use crate::affinity::PrefixHashes;
 use crate::error::ApiError;
-use crate::gateway::{Eligible, Gateway};
+use crate::gateway::{Eligible, Gateway, BYTES_PER_TOKEN};
+use crate::policy::Demand;
+
+/// Output tokens assumed for a request that sets no `max_tokens`.
+const DEFAULT_OUTPUT_TOKENS: f64 = 128.0;
 use crate::inventory;
 use crate::metrics::NodeGauges;
 use crate::proxy::{self, Forward};
@@ -121,10 +125,23 @@ async fn place_and_forward(
         ));
     }
     let body_value = Value::Object(obj);
-    let hashes = (path == "/v1/chat/completions" || path == "/v1/completions")
+    let prompt = (path == "/v1/chat/completions" || path == "/v1/completions")
         .then(|| PrefixHashes::prompt_text(&body_value))
-        .flatten()
-        .map(|t| PrefixHashes::of(&canonical, &t, gw.config.placement.chunk_bytes));
+        .flatten();
+    let demand = Demand {
+        prompt_tokens: prompt
+            .as_ref()
+            .map_or(0.0, |t| t.len() as f64 / BYTES_PER_TOKEN),
+        output_tokens: if prompt.is_some() {
+            ["max_completion_tokens", "max_tokens"]
+                .iter()
+                .find_map(|k| body_value.get(*k).and_then(Value::as_f64))
+                .map_or(DEFAULT_OUTPUT_TOKENS, |n| n.clamp(1.0, 4096.0))
+        } else {
+            0.0
+        },
+    };
+    let hashes = prompt.map(|t| PrefixHashes::of(&canonical, &t, gw.config.placement.chunk_bytes));
     let fwd = Forward {
         method: Method::POST,
         path: uri
@@ -133,6 +150,7 @@ async fn place_and_forward(
         body: Bytes::from(body_value.to_string()),
         model: canonical,
         hashes,
+        demand,
         caller,
         received,
     };
@@ -359,7 +377,7 @@ async fn warm(
     let canonical = gw.canonical(&model);
     if !all {
         let (i, _) = gw
-            .choose(&nodes, &canonical, None)
+            .choose(&nodes, &canonical, None, Demand::default())
             .ok_or_else(|| ApiError::unavailable("No healthy node right now."))?;
         nodes = vec![nodes.swap_remove(i)];
     }

@@ -15,7 +15,10 @@ use crate::config::GatewayConfig;
 use crate::inventory::{self, Inventory, NodeState, NodeView};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::policy::{Candidate, Policy, Reason, Rng};
+use crate::policy::{Candidate, Demand, Policy, Reason, Rng};
+
+/// Bytes of prompt text per token, for estimates at the edge (English BPE averages ~4).
+pub const BYTES_PER_TOKEN: f64 = 4.0;
 
 /// The pooled HTTP/1.1 client toward nodes.
 pub type NodeClient = Client<HttpConnector, Full<Bytes>>;
@@ -213,6 +216,7 @@ impl Gateway {
         nodes: &[Eligible],
         model: &str,
         hashes: Option<&PrefixHashes>,
+        demand: Demand,
     ) -> Option<(usize, Reason)> {
         if nodes.is_empty() {
             return None;
@@ -229,14 +233,19 @@ impl Gateway {
         });
         let cands: Vec<Candidate> = nodes
             .iter()
-            .map(|e| Candidate {
-                in_flight: e.node.in_flight.load(std::sync::atomic::Ordering::Relaxed),
-                decode_tps: e.view.speeds.get(model).and_then(|s| s.decode_tps),
-                warm: inventory::served(&e.view, &e.model_id).is_none_or(|m| m.state == "warm"),
-                affinity_bytes: match &affine {
-                    Some((url, len)) if *url == e.node.url => *len,
-                    _ => 0,
-                },
+            .map(|e| {
+                let speed = e.view.speeds.get(model).copied().unwrap_or_default();
+                Candidate {
+                    in_flight: e.node.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                    warm: inventory::served(&e.view, &e.model_id).is_none_or(|m| m.state == "warm"),
+                    affinity_tokens: match &affine {
+                        Some((url, len)) if *url == e.node.url => *len as f64 / BYTES_PER_TOKEN,
+                        _ => 0.0,
+                    },
+                    decode_tps: speed.decode_tps,
+                    prefill_tps: speed.prefill_tps,
+                    service_s: speed.service_s,
+                }
             })
             .collect();
         let policy = Policy {
@@ -244,7 +253,7 @@ impl Gateway {
             affinity_slack: self.config.placement.affinity_slack,
         };
         let mut rng = self.rng.lock().ok()?;
-        policy.choose(&cands, &mut rng)
+        policy.choose(&cands, demand, &mut rng)
     }
 
     /// Remembers that `node_url` served the prompt of `hashes`.

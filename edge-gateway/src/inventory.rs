@@ -27,6 +27,8 @@ pub struct NodeModel {
 pub struct Speed {
     pub decode_tps: Option<f64>,
     pub prefill_tps: Option<f64>,
+    /// Seconds from request to last token.
+    pub service_s: Option<f64>,
 }
 
 /// The mutable part of a node's state.
@@ -82,22 +84,18 @@ impl NodeState {
         InFlight(self.clone())
     }
 
-    /// Learns from one answer's `timings` (tokens/s).
-    pub fn learn(&self, model: &str, decode_tps: Option<f64>, prefill_tps: Option<f64>) {
+    /// Learns from one answer's `timings`.
+    pub fn learn(&self, model: &str, seen: Speed) {
         let ewma = |old: Option<f64>, new: Option<f64>| match (old, new) {
             (Some(o), Some(n)) => Some(0.7 * o + 0.3 * n),
             (o, n) => n.or(o),
         };
         if let Ok(mut v) = self.view.lock() {
             let s = v.speeds.entry(model.to_string()).or_default();
-            s.decode_tps = ewma(
-                s.decode_tps,
-                decode_tps.filter(|x| x.is_finite() && *x > 0.0),
-            );
-            s.prefill_tps = ewma(
-                s.prefill_tps,
-                prefill_tps.filter(|x| x.is_finite() && *x > 0.0),
-            );
+            let ok = |x: Option<f64>| x.filter(|x| x.is_finite() && *x > 0.0);
+            s.decode_tps = ewma(s.decode_tps, ok(seen.decode_tps));
+            s.prefill_tps = ewma(s.prefill_tps, ok(seen.prefill_tps));
+            s.service_s = ewma(s.service_s, ok(seen.service_s));
         }
     }
 }
@@ -349,8 +347,13 @@ mod tests {
     #[test]
     fn speeds_are_smoothed() {
         let n = NodeState::new("http://a:1".into(), None);
-        n.learn("m", Some(100.0), None);
-        n.learn("m", Some(200.0), Some(1000.0));
+        let seen = |d, p| Speed {
+            decode_tps: d,
+            prefill_tps: p,
+            service_s: None,
+        };
+        n.learn("m", seen(Some(100.0), None));
+        n.learn("m", seen(Some(200.0), Some(1000.0)));
         let s = n.view().speeds["m"];
         assert_eq!(s.decode_tps, Some(130.0));
         assert_eq!(s.prefill_tps, Some(1000.0));

@@ -15,9 +15,10 @@ use serde_json::Value;
 use crate::affinity::PrefixHashes;
 use crate::error::ApiError;
 use crate::gateway::{Eligible, Gateway};
-use crate::inventory::{InFlight, NodeState};
+use crate::inventory::{InFlight, NodeState, Speed};
 use crate::limits::Caller;
 use crate::metrics::Target;
+use crate::policy::Demand;
 
 /// What to send and how to place it.
 pub struct Forward {
@@ -28,6 +29,8 @@ pub struct Forward {
     /// The catalog name of the model (empty for model-less utility calls).
     pub model: String,
     pub hashes: Option<PrefixHashes>,
+    /// Estimated prompt and output tokens, for the policy.
+    pub demand: Demand,
     pub caller: Caller,
     /// When the gateway received the request.
     pub received: Instant,
@@ -47,7 +50,8 @@ pub async fn forward(gw: Arc<Gateway>, nodes: Vec<Eligible>, fwd: Forward) -> Re
     let mut last: Option<Response> = None;
     let attempts = 1 + gw.config.retry_budget as usize;
     for _ in 0..attempts {
-        let Some((i, _reason)) = gw.choose(&left, &fwd.model, fwd.hashes.as_ref()) else {
+        let Some((i, _reason)) = gw.choose(&left, &fwd.model, fwd.hashes.as_ref(), fwd.demand)
+        else {
             break;
         };
         let e = left.swap_remove(i);
@@ -210,8 +214,7 @@ fn relay(
 #[derive(Default)]
 struct Seen {
     total_tokens: Option<u64>,
-    decode_tps: Option<f64>,
-    prefill_tps: Option<f64>,
+    speed: Speed,
 }
 
 impl Seen {
@@ -221,11 +224,15 @@ impl Seen {
         }
         if let Some(t) = v.get("timings") {
             // One token's "speed" is noise: learn from answers with a few tokens.
-            if t.get("predicted_n").and_then(Value::as_u64).unwrap_or(0) >= 4 {
-                self.decode_tps = t.get("predicted_per_second").and_then(Value::as_f64);
+            let f = |k: &str| t.get(k).and_then(Value::as_f64);
+            if f("predicted_n").unwrap_or(0.0) >= 4.0 {
+                self.speed.decode_tps = f("predicted_per_second");
             }
-            if t.get("prompt_n").and_then(Value::as_u64).unwrap_or(0) >= 8 {
-                self.prefill_tps = t.get("prompt_per_second").and_then(Value::as_f64);
+            if f("prompt_n").unwrap_or(0.0) >= 8.0 {
+                self.speed.prefill_tps = f("prompt_per_second");
+            }
+            if let (Some(p), Some(d)) = (f("prompt_ms"), f("predicted_ms")) {
+                self.speed.service_s = Some((p + d) / 1e3);
             }
         }
     }
@@ -289,8 +296,7 @@ impl Tap {
             }
         }
         if let Some(ctx) = self.ctx.take() {
-            ctx.node
-                .learn(&ctx.model, self.seen.decode_tps, self.seen.prefill_tps);
+            ctx.node.learn(&ctx.model, self.seen.speed);
             if let Some(t) = self.seen.total_tokens {
                 ctx.gw.limits.spend_tokens(ctx.caller, t);
             }
