@@ -85,6 +85,8 @@ fn gateway(nodes: &[&str], strategy: &str) -> (Proc, String, PathBuf) {
 /// A keep-alive HTTP/1.1 connection.
 struct Conn {
     addr: String,
+    /// `x-served-by` of the last answer.
+    served_by: String,
     r: BufReader<TcpStream>,
 }
 
@@ -94,6 +96,7 @@ impl Conn {
         s.set_nodelay(true).expect("nodelay");
         Conn {
             addr: addr.into(),
+            served_by: String::new(),
             r: BufReader::new(s),
         }
     }
@@ -126,6 +129,9 @@ impl Conn {
                 break;
             }
             let l = line.to_ascii_lowercase();
+            if let Some(v) = l.strip_prefix("x-served-by:") {
+                self.served_by = v.trim().to_string();
+            }
             if let Some(v) = l.strip_prefix("content-length:") {
                 len = v.trim().parse::<usize>().ok();
             }
@@ -329,6 +335,13 @@ fn placement() {
                             .as_f64()
                             .unwrap_or(0.0);
                         let prompt = u["prompt_tokens"].as_f64().unwrap_or(1.0);
+                        if std::env::var_os("GATEWAY_BENCH_VERBOSE").is_some() {
+                            eprintln!(
+                                "tenant={t} q={q} node={} cached={cached} ttft={:.2}",
+                                c.served_by,
+                                ttft.as_secs_f64()
+                            );
+                        }
                         out.push((ttft.as_secs_f64(), cached / prompt));
                     }
                     out

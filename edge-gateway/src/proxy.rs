@@ -167,6 +167,12 @@ fn relay(
             }
         }
         served_headers(h, &e);
+        // Behind a gateway fronting gateways, the inner one knows the real node and device.
+        for name in ["x-served-by", "x-served-device"] {
+            if let Some(v) = parts.headers.get(name) {
+                h.insert(name, v.clone());
+            }
+        }
     }
     let tap = Tap {
         body: body.into_data_stream(),

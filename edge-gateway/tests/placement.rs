@@ -283,6 +283,37 @@ fn places_by_device_warms_sticks_to_prefixes_and_limits_keys() {
         assert!(m.contains(needle), "{needle} missing from\n{m}");
     }
 
+    // A gateway can front another gateway: the outer one sees the inner one as a node.
+    let outer = support::start_gateway(
+        "outer",
+        &format!(
+            "node_api_key = \"{CLIENT}\"\nhealth_interval = \"200ms\"\n\
+             [[nodes]]\nurl = \"http://{gw}\"\n"
+        ),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while get(&outer.addr, "/health", "").status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outer gateway never saw the inner one"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let r = post(
+        &outer.addr,
+        "/v1/chat/completions",
+        "",
+        &[("X-GPU-Preference", "auto")],
+        &chat("Hi", json!({})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        ["l40s", "a10g", "cpu"].contains(&r.header("x-served-by").unwrap_or_default()),
+        "{:?}",
+        r.headers
+    );
+    drop(outer);
+
     // The official openai SDK, unchanged, against the gateway.
     let out = Command::new("python3")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_gateway.py"))

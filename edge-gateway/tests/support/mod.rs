@@ -155,6 +155,16 @@ pub fn cluster(name: &str, extra: &str) -> Cluster {
     toml.push_str(
         "[[models]]\nname = \"smollm2\"\ndevices = [\"L40S\", \"A10G\", \"cpu\"]\naliases = [\"tiny\"]\n",
     );
+    let c = Cluster {
+        nodes,
+        gateway: start_gateway(name, &toml),
+    };
+    c.wait_up(3, ADMIN);
+    c
+}
+
+/// Starts a gateway on a free port with the config text `toml`.
+pub fn start_gateway(name: &str, toml: &str) -> GatewayProc {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("gw-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temp dir");
@@ -165,16 +175,11 @@ pub fn cluster(name: &str, extra: &str) -> Cluster {
         .arg(&path)
         .args(["--listen", "127.0.0.1:0"]);
     let (child, addr) = start_listening(cmd, "edge-gateway");
-    let c = Cluster {
-        nodes,
-        gateway: GatewayProc {
-            addr,
-            child,
-            _dir: dir,
-        },
-    };
-    c.wait_up(3, ADMIN);
-    c
+    GatewayProc {
+        addr,
+        child,
+        _dir: dir,
+    }
 }
 
 /// The admin key of test clusters that have keys.
