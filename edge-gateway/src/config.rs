@@ -361,7 +361,7 @@ impl GatewayConfig {
         };
 
         Ok(GatewayConfig {
-            listen: file.listen.unwrap_or_else(|| "0.0.0.0:8080".into()),
+            listen: file.listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
             id: file.id.unwrap_or_else(|| "edge-gateway".into()),
             labels: file.labels,
             nodes,

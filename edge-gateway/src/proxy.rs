@@ -48,12 +48,17 @@ const PASSED: &[header::HeaderName] = &[
 pub async fn forward(gw: Arc<Gateway>, nodes: Vec<Eligible>, fwd: Forward) -> Response {
     let mut left = nodes;
     let mut last: Option<Response> = None;
+    // The node whose attempt failed, counted as a retry once another node is tried.
+    let mut failed: Option<Target> = None;
     let attempts = 1 + gw.config.retry_budget as usize;
     for _ in 0..attempts {
         let Some((i, _reason)) = gw.choose(&left, &fwd.model, fwd.hashes.as_ref(), fwd.demand)
         else {
             break;
         };
+        if let Some(t) = failed.take() {
+            gw.metrics.retry(&t);
+        }
         let e = left.swap_remove(i);
         let target: Target = (e.view.id.clone(), fwd.model.clone(), e.view.device.clone());
         let guard = e.node.enter();
@@ -61,9 +66,9 @@ pub async fn forward(gw: Arc<Gateway>, nodes: Vec<Eligible>, fwd: Forward) -> Re
         match send(&gw, &e.node, &fwd).await {
             Err(err) => {
                 gw.metrics.error(&target);
-                gw.metrics.retry(&target);
                 gw.node_failed(&e.node);
                 eprintln!("edge-gateway: {} ({}): {err}", e.view.id, e.node.url);
+                failed = Some(target);
             }
             Ok(resp) => {
                 let status = resp.status();
@@ -73,16 +78,17 @@ pub async fn forward(gw: Arc<Gateway>, nodes: Vec<Eligible>, fwd: Forward) -> Re
                     if status.is_server_error() {
                         gw.metrics.error(&target);
                     }
-                    gw.metrics.retry(&target);
                     let (parts, body) = resp.into_parts();
                     let bytes = body
                         .collect()
                         .await
                         .map(|b| b.to_bytes())
                         .unwrap_or_default();
-                    let mut r = Response::from_parts(parts, Body::from(bytes));
-                    served_headers(r.headers_mut(), &e);
+                    let mut r = Response::new(Body::from(bytes));
+                    *r.status_mut() = parts.status;
+                    pass_headers(&parts.headers, r.headers_mut(), &e);
                     last = Some(r);
+                    failed = Some(target);
                     continue;
                 }
                 gw.metrics
@@ -135,12 +141,24 @@ async fn send(
     })
 }
 
-fn served_headers(h: &mut HeaderMap, e: &Eligible) {
+/// The node's headers a client sees, plus `x-served-by` and `x-served-device`.
+fn pass_headers(from: &HeaderMap, to: &mut HeaderMap, e: &Eligible) {
+    for name in PASSED {
+        if let Some(v) = from.get(name) {
+            to.insert(name.clone(), v.clone());
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&e.view.id) {
-        h.insert("x-served-by", v);
+        to.insert("x-served-by", v);
     }
     if let Ok(v) = HeaderValue::from_str(&e.view.device) {
-        h.insert("x-served-device", v);
+        to.insert("x-served-device", v);
+    }
+    // Behind a gateway fronting gateways, the inner one knows the real node and device.
+    for name in ["x-served-by", "x-served-device"] {
+        if let Some(v) = from.get(name) {
+            to.insert(name, v.clone());
+        }
     }
 }
 
@@ -161,18 +179,7 @@ fn relay(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let mut out = Response::builder().status(parts.status);
     if let Some(h) = out.headers_mut() {
-        for name in PASSED {
-            if let Some(v) = parts.headers.get(name) {
-                h.insert(name.clone(), v.clone());
-            }
-        }
-        served_headers(h, &e);
-        // Behind a gateway fronting gateways, the inner one knows the real node and device.
-        for name in ["x-served-by", "x-served-device"] {
-            if let Some(v) = parts.headers.get(name) {
-                h.insert(name, v.clone());
-            }
-        }
+        pass_headers(&parts.headers, h, &e);
     }
     let tap = Tap {
         body: body.into_data_stream(),

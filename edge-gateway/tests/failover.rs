@@ -7,28 +7,7 @@ use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{get, open_stream, post, read_chunk};
-
-fn chat(content: &str, extra: Value) -> Value {
-    let mut body = json!({
-        "model": "smollm2",
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": 4,
-        "temperature": 0,
-    });
-    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
-        b.extend(e);
-    }
-    body
-}
-
-fn assert_openai_error(r: &support::Reply, status: u16) -> Value {
-    assert_eq!(r.status, status, "{}", r.text());
-    let e = r.json()["error"].clone();
-    assert!(e["message"].is_string() && e["type"].is_string(), "{e}");
-    assert!(e.get("param").is_some() && e["code"].is_string(), "{e}");
-    e
-}
+use support::{assert_openai_error, chat, get, open_stream, post, read_chunk};
 
 #[test]
 fn survives_nodes_dying_mid_test_and_mid_stream() {

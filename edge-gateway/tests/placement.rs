@@ -10,30 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{json, Value};
-use support::{get, post, ADMIN};
+use support::{assert_openai_error, chat, get, post, ADMIN};
 
 const CLIENT: &str = "client-key-0001";
-
-fn chat(content: &str, extra: Value) -> Value {
-    let mut body = json!({
-        "model": "smollm2",
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": 4,
-        "temperature": 0,
-    });
-    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
-        b.extend(e);
-    }
-    body
-}
-
-fn assert_openai_error(r: &support::Reply, status: u16) -> Value {
-    assert_eq!(r.status, status, "{}", r.text());
-    let e = r.json()["error"].clone();
-    assert!(e["message"].is_string() && e["type"].is_string(), "{e}");
-    assert!(e.get("param").is_some() && e["code"].is_string(), "{e}");
-    e
-}
 
 #[test]
 fn places_by_device_warms_sticks_to_prefixes_and_limits_keys() {

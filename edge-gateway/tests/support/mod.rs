@@ -382,3 +382,26 @@ pub fn open_stream(
     let (status, headers) = read_head(&mut r);
     (status, headers, r)
 }
+
+/// A short greedy chat request for SmolLM2, with `extra` fields merged in.
+pub fn chat(content: &str, extra: Value) -> Value {
+    let mut body = serde_json::json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+        "temperature": 0,
+    });
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    body
+}
+
+/// Asserts an OpenAI-shaped error with `status` and returns its `error` object.
+pub fn assert_openai_error(r: &Reply, status: u16) -> Value {
+    assert_eq!(r.status, status, "{}", r.text());
+    let e = r.json()["error"].clone();
+    assert!(e["message"].is_string() && e["type"].is_string(), "{e}");
+    assert!(e.get("param").is_some() && e["code"].is_string(), "{e}");
+    e
+}
