@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +26,9 @@ use crate::metrics::NodeGauges;
 use crate::proxy::{self, Forward};
 
 type Shared = State<Arc<Gateway>>;
+
+/// Request bodies above this are refused (a 2048-input embedding batch fits easily).
+pub const BODY_LIMIT: usize = 32 << 20;
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -79,8 +83,41 @@ fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// `POST` on a generation or utility endpoint: place it and forward it.
-pub async fn model_call(State(gw): Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn model_call(State(gw): Shared, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let received = Instant::now();
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("The request body is over {} MiB.", BODY_LIMIT >> 20),
+        )
+        .into_response()
+    };
+    // A declared size over the limit is refused before a byte of it is read.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT) {
+        return too_large();
+    }
+    let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(e) => {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_value",
+                format!("The request body could not be read: {e}"),
+            )
+            .into_response();
+        }
+    };
     match place_and_forward(gw, uri, headers, body, received).await {
         Ok(r) => r,
         Err(e) => e.into_response(),

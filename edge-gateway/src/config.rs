@@ -81,6 +81,9 @@ pub struct GatewayConfig {
     pub dns_refresh: Duration,
     /// Extra attempts on other nodes before the first byte.
     pub retry_budget: u32,
+    /// How long a node may take to answer a forwarded request's head (generation answers once
+    /// its first token exists) before the attempt counts as failed.
+    pub first_byte_timeout: Duration,
     pub placement: PlacementConfig,
 }
 
@@ -98,6 +101,7 @@ struct File {
     eject_after: Option<Spanned<u32>>,
     dns_refresh: Option<DurationText>,
     retry_budget: Option<u32>,
+    first_byte_timeout: Option<DurationText>,
     #[serde(default)]
     placement: PlacementFile,
     #[serde(default)]
@@ -374,6 +378,9 @@ impl GatewayConfig {
             eject_after,
             dns_refresh: file.dns_refresh.map_or(Duration::from_secs(10), |d| d.0),
             retry_budget: file.retry_budget.unwrap_or(2),
+            first_byte_timeout: file
+                .first_byte_timeout
+                .map_or(Duration::from_secs(300), |d| d.0),
             placement: PlacementConfig {
                 explore,
                 affinity_slack,

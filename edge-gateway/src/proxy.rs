@@ -132,13 +132,17 @@ async fn send(
     let req = req
         .body(Full::new(fwd.body.clone()))
         .map_err(|e| format!("bad request toward the node: {e}"))?;
-    gw.client.request(req).await.map_err(|e| {
-        // hyper-util's error says "client error (Connect)"; its source says why.
-        match std::error::Error::source(&e) {
-            Some(s) => format!("{e}: {s}"),
-            None => e.to_string(),
-        }
-    })
+    let limit = gw.config.first_byte_timeout;
+    match tokio::time::timeout(limit, gw.client.request(req)).await {
+        Ok(r) => r.map_err(|e| {
+            // hyper-util's error says "client error (Connect)"; its source says why.
+            match std::error::Error::source(&e) {
+                Some(s) => format!("{e}: {s}"),
+                None => e.to_string(),
+            }
+        }),
+        Err(_) => Err(format!("no answer within {limit:?} (first_byte_timeout)")),
+    }
 }
 
 /// The node's headers a client sees, plus `x-served-by` and `x-served-device`.

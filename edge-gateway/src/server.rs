@@ -15,9 +15,6 @@ use crate::config::{GatewayConfig, NodeSource};
 use crate::gateway::Gateway;
 use crate::inventory::{self, NodeState, Transition};
 
-/// Request bodies above this are refused (a 2048-input embedding batch fits easily).
-const BODY_LIMIT: usize = 32 << 20;
-
 /// The routes, over `gw`.
 pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
@@ -36,7 +33,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/api/warmup/status/{model}", get(api::warmup_status))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::wrong_method)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(DefaultBodyLimit::max(api::BODY_LIMIT))
         .with_state(gw)
 }
 

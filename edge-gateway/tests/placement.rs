@@ -76,6 +76,25 @@ fn places_by_device_warms_sticks_to_prefixes_and_limits_keys() {
         assert!(msg.contains(d), "{msg}");
     }
 
+    // Hostile bodies: not JSON, and a declared size over the limit (refused before it is read).
+    let r = support::request(
+        gw,
+        "POST",
+        "/v1/chat/completions",
+        CLIENT,
+        &[],
+        Some(&json!("a string")),
+    );
+    assert_openai_error(&r, 400);
+    let r = support::raw(
+        gw,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT}\r\n\
+             Content-Type: application/json\r\nContent-Length: 40000000\r\nConnection: close\r\n\r\n{{"
+        ),
+    );
+    assert_openai_error(&r, 413);
+
     // Catalog alias, unknown model, models list.
     let r = post(
         gw,

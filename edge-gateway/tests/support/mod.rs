@@ -250,38 +250,38 @@ pub fn request(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> Reply {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return Reply {
-            status: 0,
-            headers: vec![],
-            body: vec![],
-        };
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
     let body = body.map(Value::to_string).unwrap_or_default();
-    let mut head = format!(
+    let mut text = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     if !body.is_empty() {
-        head.push_str("Content-Type: application/json\r\n");
+        text.push_str("Content-Type: application/json\r\n");
     }
     if !key.is_empty() {
-        head.push_str(&format!("Authorization: Bearer {key}\r\n"));
+        text.push_str(&format!("Authorization: Bearer {key}\r\n"));
     }
     for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
+        text.push_str(&format!("{k}: {v}\r\n"));
     }
-    head.push_str("\r\n");
-    if s.write_all(head.as_bytes())
-        .and_then(|_| s.write_all(body.as_bytes()))
-        .is_err()
-    {
-        return Reply {
-            status: 0,
-            headers: vec![],
-            body: vec![],
-        };
+    text.push_str("\r\n");
+    text.push_str(&body);
+    raw(addr, &text)
+}
+
+/// Sends `text` as is and reads the answer until the server closes (status 0: no answer).
+pub fn raw(addr: &str, text: &str) -> Reply {
+    let none = || Reply {
+        status: 0,
+        headers: vec![],
+        body: vec![],
+    };
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return none();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+    if s.write_all(text.as_bytes()).is_err() {
+        return none();
     }
     let mut r = BufReader::new(s);
     let (status, headers) = read_head(&mut r);
