@@ -235,8 +235,11 @@ impl Gateway {
             .iter()
             .map(|e| {
                 let speed = e.view.speeds.get(model).copied().unwrap_or_default();
+                // The edge count is exact and fresh for this gateway's requests; the last poll
+                // adds those of other gateway replicas and direct clients.
+                let edge = e.node.in_flight.load(std::sync::atomic::Ordering::Relaxed);
                 Candidate {
-                    in_flight: e.node.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                    in_flight: edge.saturating_add(e.view.others_load),
                     warm: inventory::served(&e.view, &e.model_id).is_none_or(|m| m.state == "warm"),
                     affinity_tokens: match &affine {
                         Some((url, len)) if *url == e.node.url => *len as f64 / BYTES_PER_TOKEN,

@@ -46,6 +46,9 @@ pub struct NodeView {
     pub ready: bool,
     /// Consecutive failures (polls and requests).
     pub failures: u32,
+    /// Requests of others (other gateway replicas, direct clients) the node had being served
+    /// or queued at the last poll: its own count minus this gateway's at that moment.
+    pub others_load: u32,
     pub speeds: HashMap<String, Speed>,
 }
 
@@ -244,6 +247,10 @@ pub fn apply_poll(node: &NodeState, info: &Value, ready: bool) -> Transition {
     if let Some(id) = str_of(info, "id").filter(|s| !s.is_empty()) {
         v.id = id;
     }
+    // The node's `in_flight` counts requests being served or waiting in its queue, ours too.
+    let theirs = info.get("in_flight").and_then(Value::as_u64).unwrap_or(0);
+    let ours = u64::from(node.in_flight.load(Ordering::Relaxed));
+    v.others_load = u32::try_from(theirs.saturating_sub(ours)).unwrap_or(u32::MAX);
     v.labels = labels;
     v.device = device;
     v.models = models;
@@ -309,8 +316,12 @@ mod tests {
         assert_eq!(n.view().device, "L40S");
         apply_poll(&n, &info(json!({"device": "cpu-avx512"})), true);
         assert_eq!(n.view().device, "cpu-avx512");
-        apply_poll(&n, &info(json!({})), true);
+        n.in_flight.store(1, Ordering::Relaxed);
+        let mut busy = info(json!({}));
+        busy["in_flight"] = json!(3);
+        apply_poll(&n, &busy, true);
         let v = n.view();
+        assert_eq!(v.others_load, 2, "3 at the node, 1 of them ours");
         assert_eq!((v.device.as_str(), v.id.as_str()), ("cpu", "n1"));
         assert_eq!(served(&v, "X").map(|m| m.slots), Some(2));
     }
