@@ -143,6 +143,10 @@ fn pick_min(v: &[f64], rng: &mut Rng) -> usize {
     let ties: Vec<usize> = (0..v.len())
         .filter(|&i| v[i] <= best * (1.0 + 1e-9))
         .collect();
+    // Costs are finite by construction; should none compare (NaN), take the first.
+    if ties.is_empty() {
+        return 0;
+    }
     ties[rng.below(ties.len())]
 }
 

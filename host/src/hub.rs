@@ -83,7 +83,15 @@ impl HubRef {
 
     /// Whether `s` looks like a bare repo id (`owner/name`) rather than a path.
     pub fn looks_like_repo(s: &str) -> bool {
-        !s.starts_with(['.', '/', '~']) && s.matches('/').count() == 1 && Self::parse(s).is_ok()
+        // `models/x.gguf` with a typo is a missing file, not a Hub repo to fetch.
+        let lower = s.to_ascii_lowercase();
+        let file_like = [".gguf", ".safetensors", ".bin", ".json"]
+            .iter()
+            .any(|ext| lower.ends_with(ext));
+        !file_like
+            && !s.starts_with(['.', '/', '~'])
+            && s.matches('/').count() == 1
+            && Self::parse(s).is_ok()
     }
 
     fn err(&self, reason: impl std::fmt::Display) -> HubError {
@@ -282,5 +290,7 @@ mod tests {
         assert!(!HubRef::looks_like_repo("./models/x"));
         assert!(!HubRef::looks_like_repo("/abs/model.gguf"));
         assert!(!HubRef::looks_like_repo("model.gguf"));
+        assert!(!HubRef::looks_like_repo("models/SmolLM2.Q4_1.GGUF"));
+        assert!(!HubRef::looks_like_repo("weights/model.safetensors"));
     }
 }
