@@ -10,6 +10,13 @@ const COMPONENT_FILE: &str = "wasmlm_llm_component.wasm";
 /// A guest that tries to escape the sandbox, for the host's tests (not embedded in the binary).
 const PROBE_PACKAGE: &str = "wasmlm-sandbox-probe";
 const PROBE_FILE: &str = "wasmlm-sandbox-probe.wasm";
+/// The example apps (`components/examples/`) and the tests' spin-sdk 5 app, built with the
+/// component so that `cargo build` leaves them ready for `wasmlm serve --app`.
+const APP_PACKAGES: &[&str] = &[
+    "wasmlm-example-ask",
+    "wasmlm-example-summarize",
+    "wasmlm-test-spin5-app",
+];
 const WASM_TARGET: &str = "wasm32-wasip2";
 
 fn main() {
@@ -20,7 +27,7 @@ fn main() {
         .expect("host/ lives in the workspace root")
         .to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for watched in ["components", "wit", "Cargo.lock"] {
+    for watched in ["components", "wit", "tests/apps", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=WASMLM_COMPONENT_WASM");
@@ -28,8 +35,9 @@ fn main() {
     // A prebuilt component (e.g. from a CI artifact) skips the nested build.
     let wasm = match env::var_os("WASMLM_COMPONENT_WASM") {
         Some(path) => {
-            // The sandbox test reports that the probe was not built.
+            // The sandbox and app tests report that the guests were not built.
             println!("cargo:rustc-env=WASMLM_SANDBOX_PROBE=");
+            println!("cargo:rustc-env=WASMLM_GUEST_DIR=");
             PathBuf::from(path)
         }
         None => {
@@ -38,6 +46,7 @@ fn main() {
                 "cargo:rustc-env=WASMLM_SANDBOX_PROBE={}",
                 release.join(PROBE_FILE).display()
             );
+            println!("cargo:rustc-env=WASMLM_GUEST_DIR={}", release.display());
             release.join(COMPONENT_FILE)
         }
     };
@@ -64,8 +73,11 @@ fn build_guests(root: &Path, out_dir: &Path) -> PathBuf {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
         .args(["build", "--release", "--target", WASM_TARGET])
-        .args(["-p", COMPONENT_PACKAGE, "-p", PROBE_PACKAGE, "--target-dir"])
-        .arg(&target_dir);
+        .args(["-p", COMPONENT_PACKAGE, "-p", PROBE_PACKAGE]);
+    for app in APP_PACKAGES {
+        cmd.args(["-p", app]);
+    }
+    cmd.arg("--target-dir").arg(&target_dir);
     // The outer build's flags are for the host CPU; clippy's wrapper is not wanted either.
     for var in [
         "CARGO_ENCODED_RUSTFLAGS",

@@ -2,6 +2,7 @@
 //! native candle backend.
 
 pub mod backend;
+pub mod compose;
 pub mod gguf;
 pub mod hub;
 pub mod models;

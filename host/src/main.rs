@@ -38,6 +38,9 @@ enum Command {
     /// Measure the node's HTTP path against the in-process one, and decode throughput with
     /// several concurrent streams, in one run.
     BenchServe(BenchServeArgs),
+    /// Plug the llm component into an app that imports wasmlm:llm: the result imports only
+    /// wasi:nn and WASI (plus what the app imports besides), and runs with `serve --app`.
+    Compose(ComposeArgs),
     /// Fetch the known models (default: all) into the model cache, or Hub repos
     /// (`hf:OWNER/REPO[@REV][:FILE-OR-QUANT]`) into the Hugging Face cache.
     Pull {
@@ -143,6 +146,25 @@ struct ServeArgs {
     /// A Jinja chat template file to use instead of the model's own (or for a model without).
     #[arg(long)]
     chat_template: Option<PathBuf>,
+    /// A wasm HTTP app as ROUTE=PATH (repeatable): requests to ROUTE and below it go to the
+    /// app's wasi:http handler; its fermyon:spin/llm import is served by this node's models.
+    #[arg(long = "app")]
+    apps: Vec<String>,
+    /// Start apps that import interfaces this node does not provide; calling one traps.
+    #[arg(long)]
+    allow_unknown_imports: bool,
+}
+
+#[derive(Args)]
+struct ComposeArgs {
+    /// An app component that imports wasmlm:llm interfaces (world llm-app).
+    app: PathBuf,
+    /// Where to write the composed component.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Plug in this llm component instead of the embedded one.
+    #[arg(long)]
+    llm: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -194,6 +216,7 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench(a),
         Command::BenchServe(a) => bench_serve(a),
+        Command::Compose(a) => compose(a),
         Command::Pull { names } => pull(&names),
     };
     match result {
@@ -242,6 +265,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         labels: a.labels,
         node_id: a.node_id,
         chat_template: a.chat_template,
+        apps: a.apps,
+        allow_unknown_imports: a.allow_unknown_imports,
     };
     let config = NodeConfig::load(a.config.as_deref(), overrides, &models::models_dir())?;
     let wasm = component_wasm(a.component.as_ref())?;
@@ -251,6 +276,19 @@ fn serve(a: ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(server::serve(config, wasm))?;
+    Ok(())
+}
+
+fn compose(a: ComposeArgs) -> Result<()> {
+    let llm = component_wasm(a.llm.as_ref())?;
+    let composed = wasmlm_host::compose::compose(&a.app, &llm)?;
+    std::fs::write(&a.output, &composed)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    println!(
+        "wasmlm: wrote {} ({} bytes)",
+        a.output.display(),
+        composed.len()
+    );
     Ok(())
 }
 

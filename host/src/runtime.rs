@@ -243,19 +243,25 @@ impl Runtime {
         Ok(inst)
     }
 
-    fn new_instance(&self) -> Result<Instance, RuntimeError> {
+    /// A `wasi:nn` context whose `load-by-name` finds the loaded models that `allowed` admits.
+    pub fn nn_ctx(&self, allowed: impl Fn(&str) -> bool) -> WasiNnCtx {
         let backends: Vec<Backend> = vec![Backend::from(CandleBackend)];
         let graphs = self
             .models
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
+            .filter(|(name, _)| allowed(name))
             .map(|(name, m)| (name.clone(), CandleGraph::graph(m.clone())))
             .collect();
+        WasiNnCtx::new(backends, Registry::from(NamedGraphs(Arc::new(graphs))))
+    }
+
+    fn new_instance(&self) -> Result<Instance, RuntimeError> {
         let state = GuestState {
             wasi: sandboxed_wasi(),
             table: ResourceTable::new(),
-            nn: WasiNnCtx::new(backends, Registry::from(NamedGraphs(Arc::new(graphs)))),
+            nn: self.nn_ctx(|_| true),
             limits: StoreLimitsBuilder::new()
                 .memory_size(GUEST_MEMORY_LIMIT)
                 .build(),
@@ -278,6 +284,17 @@ fn load_component(
     wasm: &[u8],
     cache_dir: Option<&Path>,
 ) -> Result<Component, RuntimeError> {
+    compile_cached(engine, wasm, cache_dir, "llm")
+}
+
+/// Compiles `wasm` for `engine`, or loads the compiled form cached in `cache_dir` under a name
+/// starting with `stem` and keyed by the bytes and the engine's settings.
+pub fn compile_cached(
+    engine: &Engine,
+    wasm: &[u8],
+    cache_dir: Option<&Path>,
+    stem: &str,
+) -> Result<Component, RuntimeError> {
     let Some(dir) = cache_dir else {
         return Ok(Component::new(engine, wasm)?);
     };
@@ -295,7 +312,7 @@ fn load_component(
         .take(16)
         .map(|b| format!("{b:02x}"))
         .collect();
-    let path = dir.join(format!("llm-{key}.cwasm"));
+    let path = dir.join(format!("{stem}-{key}.cwasm"));
     if path.exists() {
         // SAFETY: the file is one this function wrote for an engine with the same
         // compatibility hash; a damaged file fails validation and is rebuilt below.

@@ -50,6 +50,33 @@ pub struct NodeFile {
     pub slots: Option<usize>,
     #[serde(default)]
     pub models: Vec<ModelFile>,
+    #[serde(default)]
+    pub apps: Vec<AppFile>,
+}
+
+/// One `[[apps]]` entry: a wasm HTTP app served under a route.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppFile {
+    /// Requests to this path and below it go to the app (`/ask` serves `/ask` and `/ask/...`).
+    pub route: String,
+    /// The app's component (relative to the config file).
+    pub path: PathBuf,
+    /// Models the app may use (by name or alias), as Spin's `ai_models`; absent means every
+    /// model the node serves.
+    pub models: Option<Vec<String>>,
+    /// Start even when the app imports interfaces the node does not provide; calling one traps.
+    pub allow_unknown_imports: Option<bool>,
+}
+
+/// One app as the node serves it.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub route: String,
+    pub path: PathBuf,
+    /// Model names (or aliases) the app may use; `None` allows all.
+    pub models: Option<Vec<String>>,
+    pub allow_unknown_imports: bool,
 }
 
 /// One `[[models]]` entry.
@@ -94,6 +121,7 @@ pub struct NodeConfig {
     pub api_keys: Vec<String>,
     pub queue: usize,
     pub models: Vec<ModelConfig>,
+    pub apps: Vec<AppConfig>,
 }
 
 /// Command-line settings that add to or override the config file.
@@ -109,7 +137,23 @@ pub struct Overrides {
     pub node_id: Option<String>,
     /// A chat template file for the models named on the command line.
     pub chat_template: Option<PathBuf>,
+    /// `ROUTE=PATH` apps.
+    pub apps: Vec<String>,
+    /// Start apps whose imports the node does not all provide (calls to those trap).
+    pub allow_unknown_imports: bool,
 }
+
+/// Paths the node's own API uses: an app route may not be one of them or lie below one.
+const RESERVED_ROUTES: &[&str] = &[
+    "/v1",
+    "/health",
+    "/metrics",
+    "/api",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+    "/node",
+];
 
 /// Devices this build can run models on.
 pub const DEVICES: &[&str] = &["cpu"];
@@ -205,6 +249,32 @@ impl NodeConfig {
                 preload: true,
             });
         }
+        let mut apps: Vec<AppConfig> = nf
+            .apps
+            .into_iter()
+            .map(|a| AppConfig {
+                route: a.route,
+                path: base.join(a.path),
+                models: a.models,
+                allow_unknown_imports: a.allow_unknown_imports.unwrap_or(false)
+                    || cli.allow_unknown_imports,
+            })
+            .collect();
+        for a in &cli.apps {
+            let (route, path) = a
+                .split_once('=')
+                .filter(|(r, p)| !r.is_empty() && !p.is_empty())
+                .ok_or_else(|| ConfigError::Invalid(format!("--app '{a}' is not ROUTE=PATH")))?;
+            match apps.iter_mut().find(|x| x.route == route) {
+                Some(x) => x.path = PathBuf::from(path),
+                None => apps.push(AppConfig {
+                    route: route.into(),
+                    path: PathBuf::from(path),
+                    models: None,
+                    allow_unknown_imports: cli.allow_unknown_imports,
+                }),
+            }
+        }
         let mut labels = nf.labels;
         for l in &cli.labels {
             let (k, v) = l
@@ -228,6 +298,7 @@ impl NodeConfig {
             api_keys,
             queue: cli.queue.or(nf.queue).unwrap_or(DEFAULT_QUEUE),
             models,
+            apps,
         };
         config.validate()?;
         Ok(config)
@@ -260,6 +331,44 @@ impl NodeConfig {
                 if !names.insert(n.clone()) {
                     return Err(ConfigError::Invalid(format!(
                         "the model name '{n}' is used twice"
+                    )));
+                }
+            }
+        }
+        let mut routes = std::collections::HashSet::new();
+        for a in &self.apps {
+            let r = a.route.as_str();
+            let ok = r.starts_with('/')
+                && (r == "/" || !r.ends_with('/'))
+                && !r.contains(['?', '#', '*', '{', '}', ' '])
+                && !r.split('/').any(|seg| seg == ".." || seg == ".");
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "app route '{r}' must be a path such as /ask (no trailing slash, query or \
+                     wildcard)"
+                )));
+            }
+            if let Some(x) = RESERVED_ROUTES.iter().find(|x| {
+                r == **x || r.starts_with(&format!("{x}/")) || x.starts_with(&format!("{r}/"))
+            }) {
+                return Err(ConfigError::Invalid(format!(
+                    "app route '{r}' overlaps the node's own {x}"
+                )));
+            }
+            if !routes.insert(r) {
+                return Err(ConfigError::Invalid(format!(
+                    "two apps use the route '{r}'"
+                )));
+            }
+            for m in a.models.iter().flatten() {
+                if !names.contains(m) {
+                    return Err(ConfigError::Invalid(format!(
+                        "app {r}: model '{m}' is not served by this node (served: {})",
+                        self.models
+                            .iter()
+                            .map(|m| m.spec.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )));
                 }
             }

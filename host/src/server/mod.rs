@@ -1,6 +1,7 @@
 //! `wasmlm serve`: the OpenAI-compatible API of one node (`docs/api.md` is the contract).
 
 pub mod api;
+pub mod apps;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -38,6 +39,8 @@ pub enum ServeError {
     },
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    App(#[from] apps::AppError),
 }
 
 /// The router of `node`.
@@ -58,27 +61,51 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/node", get(api::node_info))
         .route_layer(middleware::from_fn_with_state(node.clone(), authorize))
         .route_layer(middleware::from_fn_with_state(node.clone(), count))
-        .fallback(api::fallback)
+        .fallback(app_or_fallback)
         .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(node)
 }
 
 /// Checks the bearer key on every route but `/health`.
 async fn authorize(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
-    let keys = &node.config.api_keys;
-    if keys.is_empty() || req.uri().path() == "/health" {
-        return next.run(req).await;
+    if req.uri().path() == "/health" || authorized(&node, &req) {
+        next.run(req).await
+    } else {
+        ApiError::unauthorized().into_response()
     }
+}
+
+/// Whether `req` carries one of the node's keys (or the node has none).
+fn authorized(node: &Node, req: &Request) -> bool {
+    let keys = &node.config.api_keys;
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match given {
-        Some(k) if keys.iter().any(|x| same_key(x, k)) => next.run(req).await,
-        _ => ApiError::unauthorized().into_response(),
-    }
+    keys.is_empty() || given.is_some_and(|k| keys.iter().any(|x| same_key(x, k)))
+}
+
+/// A path no API route matched: an app's, if one serves it (behind the same keys as the
+/// API), else the API's 404.
+async fn app_or_fallback(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let app = node
+        .apps
+        .get()
+        .and_then(|h| h.find(req.uri().path()).map(|a| (h.clone(), a)));
+    let Some((host, app)) = app else {
+        let (parts, _) = req.into_parts();
+        return api::fallback(State(node), parts.method, parts.uri).await;
+    };
+    let endpoint = format!("app {}", app.route);
+    let res = if authorized(&node, &req) {
+        host.handle(app, req).await
+    } else {
+        ApiError::unauthorized().into_response()
+    };
+    node.metrics.request(&endpoint, res.status().as_u16());
+    res
 }
 
 /// Compares keys in time independent of where they differ.
@@ -125,6 +152,16 @@ pub async fn serve_with(
         })?;
     let addr = listener.local_addr()?;
     let node = Node::new(config, Arc::new(runtime));
+    let app_node = node.clone();
+    let app_cache = crate::models::cache_dir().join("components");
+    let apps = tokio::task::spawn_blocking(move || {
+        apps::AppHost::load(&app_node, &app_node.config.apps, Some(&app_cache))
+    })
+    .await
+    .map_err(|e| ServeError::Io(std::io::Error::other(e.to_string())))??;
+    if let Some(apps) = apps {
+        let _ = node.apps.set(apps);
+    }
     announce(&node, addr);
     on_listen(addr);
     let preloader = node.clone();
@@ -170,6 +207,15 @@ fn announce(node: &Node, addr: SocketAddr) {
     let _ = writeln!(out, "wasmlm: listening on http://{addr}");
     for m in models {
         let _ = writeln!(out, "wasmlm: serving {m}");
+    }
+    for a in node.apps.get().map_or(&[][..], |h| h.apps()) {
+        let _ = writeln!(
+            out,
+            "wasmlm: app {} ({}) from {}",
+            a.route,
+            a.world(),
+            a.path.display()
+        );
     }
     let _ = out.flush();
 }

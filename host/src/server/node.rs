@@ -85,6 +85,8 @@ pub struct Node {
     pub metrics: Metrics,
     in_flight: AtomicUsize,
     pub started: Instant,
+    /// The wasm HTTP apps served beside the API, once loaded.
+    pub apps: std::sync::OnceLock<Arc<super::apps::AppHost>>,
 }
 
 /// Counts a request in flight while alive.
@@ -123,6 +125,7 @@ impl Node {
             metrics: Metrics::default(),
             in_flight: AtomicUsize::new(0),
             started: Instant::now(),
+            apps: std::sync::OnceLock::new(),
         })
     }
 

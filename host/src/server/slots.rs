@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::runtime::Instance;
+use crate::runtime::{Instance, Runtime, RuntimeError};
 
 /// One slot: an instance (none until created, or after a trap) and what its caches hold.
 pub struct Slot {
@@ -16,6 +16,22 @@ pub struct Slot {
     /// The conversation text this slot last served (prompt + answer), to match new prompts.
     pub affinity: String,
     last_used: Instant,
+}
+
+/// A slot's instance set up for `model`: a new one when there is none yet or a trap left the
+/// last one untrustworthy.
+pub fn ready_instance<'a>(
+    instance: &'a mut Option<Instance>,
+    runtime: &Runtime,
+    model: &str,
+) -> Result<&'a mut Instance, RuntimeError> {
+    if instance.as_ref().is_some_and(|i| !i.is_healthy()) {
+        *instance = None;
+    }
+    match instance {
+        Some(i) => Ok(i),
+        empty => Ok(empty.insert(runtime.create_instance(model)?)),
+    }
 }
 
 /// Why no slot was handed out.

@@ -60,23 +60,15 @@ pub fn run(
     metrics: &Metrics,
 ) {
     let slot = &mut *lease;
-    if slot.instance.as_ref().is_some_and(|i| !i.is_healthy()) {
-        slot.instance = None;
-    }
-    if slot.instance.is_none() {
-        match runtime.create_instance(&job.model) {
-            Ok(i) => slot.instance = Some(i),
-            Err(e) => {
-                let _ = tx.blocking_send(Event::Error(e.into()));
-                return;
-            }
-        }
-    }
-    let Some(inst) = slot.instance.as_mut() else {
-        return;
-    };
     // What the slot's caches will hold; the answer is appended once known.
     slot.affinity.clone_from(&job.key);
+    let inst = match super::slots::ready_instance(&mut slot.instance, runtime, &job.model) {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = tx.blocking_send(Event::Error(e.into()));
+            return;
+        }
+    };
     for (index, prompt) in job.prompts.iter().enumerate() {
         let t0 = Instant::now();
         let started = match prompt {
