@@ -166,47 +166,8 @@ pub fn run(
         },
         &wasmlm_host::models::models_dir(),
     )?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let wasm = wasmlm_host::runtime::EMBEDDED_COMPONENT.to_vec();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build();
-        let outcome = rt.map_err(anyhow::Error::from).and_then(|rt| {
-            rt.block_on(wasmlm_host::server::serve_with(config, wasm, move |addr| {
-                let _ = tx.send(addr);
-            }))
-            .map_err(anyhow::Error::from)
-        });
-        if let Err(e) = outcome {
-            eprintln!("wasmlm: bench node: {e:#}");
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(300))
-        .context("the bench node did not start")?
-        .to_string();
     let t0 = Instant::now();
-    loop {
-        let healthy = TcpStream::connect(&addr).ok().and_then(|mut s| {
-            write!(
-                s,
-                "GET /health HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            Some(out.starts_with("HTTP/1.1 200"))
-        });
-        if healthy == Some(true) {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(300) {
-            bail!("the bench node never became healthy");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let addr = start_node(config)?;
     println!(
         "node_ready_s={:.2} model={model} gen_tokens={gen} rounds={rounds}",
         t0.elapsed().as_secs_f64()
@@ -266,4 +227,50 @@ pub fn run(
         );
     }
     Ok(())
+}
+
+/// Starts a node serving `config` in this process; returns its address once healthy.
+pub fn start_node(config: NodeConfig) -> Result<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wasm = wasmlm_host::runtime::EMBEDDED_COMPONENT.to_vec();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build();
+        let outcome = rt.map_err(anyhow::Error::from).and_then(|rt| {
+            rt.block_on(wasmlm_host::server::serve_with(config, wasm, move |addr| {
+                let _ = tx.send(addr);
+            }))
+            .map_err(anyhow::Error::from)
+        });
+        if let Err(e) = outcome {
+            eprintln!("wasmlm: bench node: {e:#}");
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(300))
+        .context("the bench node did not start")?
+        .to_string();
+    let t0 = Instant::now();
+    loop {
+        let healthy = TcpStream::connect(&addr).ok().and_then(|mut s| {
+            write!(
+                s,
+                "GET /health HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            Some(out.starts_with("HTTP/1.1 200"))
+        });
+        if healthy == Some(true) {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("the bench node never became healthy");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(addr)
 }

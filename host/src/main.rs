@@ -1,5 +1,6 @@
 //! `wasmlm`: run LLM components on this machine.
 
+mod bench_app;
 mod bench_serve;
 
 use std::io::Write;
@@ -38,6 +39,8 @@ enum Command {
     /// Measure the node's HTTP path against the in-process one, and decode throughput with
     /// several concurrent streams, in one run.
     BenchServe(BenchServeArgs),
+    /// Measure a wasm app's fermyon:spin/llm path against the node's OpenAI endpoint, in one run.
+    BenchApp(BenchAppArgs),
     /// Plug the llm component into an app that imports wasmlm:llm: the result imports only
     /// wasi:nn and WASI (plus what the app imports besides), and runs with `serve --app`.
     Compose(ComposeArgs),
@@ -156,6 +159,21 @@ struct ServeArgs {
 }
 
 #[derive(Args)]
+struct BenchAppArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The app on /ask (default: the spin-sdk 7 example built with this binary).
+    #[arg(long)]
+    app: Option<PathBuf>,
+    /// Tokens to generate per request in the decode comparison.
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: u32,
+    /// Rounds of the decode comparison (three times as many latency pairs).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+#[derive(Args)]
 struct ComposeArgs {
     /// An app component that imports wasmlm:llm interfaces (world llm-app).
     app: PathBuf,
@@ -217,6 +235,12 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench(a),
         Command::BenchServe(a) => bench_serve(a),
         Command::Compose(a) => compose(a),
+        Command::BenchApp(a) => bench_app::run(
+            a.model.model.unwrap_or_else(|| "smollm2".into()),
+            a.app,
+            a.gen_tokens,
+            a.rounds,
+        ),
         Command::Pull { names } => pull(&names),
     };
     match result {

@@ -97,7 +97,7 @@ fn stream_summary(out: ResponseOutparam, stream: &CompletionStream) {
     let Ok(body) = response.body() else { return };
     ResponseOutparam::set(out, Ok(response));
     let Ok(sink) = body.write() else { return };
-    let mut send = |line: serde_json::Value| {
+    let send = |line: serde_json::Value| {
         let mut bytes = line.to_string().into_bytes();
         bytes.push(b'\n');
         // 4096 is the most one blocking write may take.
