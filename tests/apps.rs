@@ -80,6 +80,7 @@ slots = 1
 route = "/ask"
 path = "{ask}"
 models = ["smollm2", "all-minilm-l6-v2"]
+max_concurrent = 1
 
 [[apps]]
 route = "/p2"
@@ -255,6 +256,34 @@ path = "{summarize}"
         last["usage"]["completion_tokens"],
         chat["usage"]["completion_tokens"]
     );
+
+    // The composed app keeps its instance warm: the second request finds the llm set up and
+    // answers the same.
+    let again = raw_post(&node, "/summarize?max_tokens=24", text.as_bytes());
+    assert_eq!(again.text(), r.text());
+
+    // /ask serves one request at a time: a second one meanwhile is a 429 with Retry-After.
+    std::thread::scope(|scope| {
+        let long = scope.spawn(|| {
+            node.post(
+                "/ask",
+                &json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "repeat_penalty": 1.0}),
+            )
+        });
+        let t0 = std::time::Instant::now();
+        while node.get("/node").json()["in_flight"].as_u64() == Some(0) {
+            assert!(
+                t0.elapsed().as_secs() < 30,
+                "the long request never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let busy = node.post("/ask", &json!({"prompt": "Hi", "max_tokens": 1}));
+        assert_eq!(busy.status, 429, "{}", busy.text());
+        assert_eq!(busy.header("retry-after"), Some("1"));
+        assert_eq!(busy.json()["error"]["code"], "server_busy");
+        assert_eq!(long.join().unwrap().status, 200);
+    });
 
     // Unknown paths are still the API's 404; app requests are counted per route.
     assert_eq!(node.get("/nowhere").status, 404);

@@ -2,8 +2,7 @@
 //! import (the spin-sdk 7 example on `/ask`) and through the node's `/v1/completions`, on one
 //! node in one run: decode rate and the latency the app path adds.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, Read};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -11,40 +10,15 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use wasmlm_host::server::config::{NodeConfig, Overrides};
 
-use crate::bench_serve::start_node;
+use crate::bench_serve::{median, post_json, start_node};
 
 /// `POST path` with a JSON body; the parsed answer and the time to its last byte.
 fn post(addr: &str, path: &str, body: &Value) -> Result<(Value, Duration)> {
-    let body = body.to_string();
     let t0 = Instant::now();
-    let mut s = TcpStream::connect(addr)?;
-    s.set_nodelay(true)?;
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    if !line.contains(" 200 ") {
-        let mut rest = String::new();
-        let _ = r.read_to_string(&mut rest);
-        bail!("{path}: {} {rest}", line.trim());
-    }
-    let mut chunked = false;
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        if line.trim().is_empty() {
-            break;
-        }
-        chunked |= line
-            .to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked");
-    }
+    let (mut r, chunked) = post_json(addr, path, &body.to_string())?;
     let mut out = Vec::new();
     if chunked {
+        let mut line = String::new();
         loop {
             line.clear();
             r.read_line(&mut line)?;
@@ -64,11 +38,6 @@ fn post(addr: &str, path: &str, body: &Value) -> Result<(Value, Duration)> {
         serde_json::from_slice(&out).context("a JSON answer")?,
         elapsed,
     ))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// One request both ways; returns (tokens, api time, app time), checking they agree.

@@ -83,26 +83,8 @@ fn http(addr: &str, model: &str, text: &str, gen: u32) -> Result<Sample> {
     })
     .to_string();
     let t0 = Instant::now();
-    let mut s = TcpStream::connect(addr)?;
-    s.set_nodelay(true)?;
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut r = BufReader::new(s);
+    let (mut r, _) = post_json(addr, "/v1/chat/completions", &body)?;
     let mut line = String::new();
-    r.read_line(&mut line)?;
-    if !line.contains(" 200 ") {
-        bail!("HTTP status: {line}");
-    }
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        if line.trim().is_empty() {
-            break;
-        }
-    }
     // Chunked SSE: count tokens by their logprobs entries, timestamp each event.
     let (mut first, mut last, mut n) = (None, None, 0);
     loop {
@@ -140,7 +122,40 @@ fn http(addr: &str, model: &str, text: &str, gen: u32) -> Result<Sample> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Sends `POST path` with a JSON body on a new connection; returns the reader past the headers
+/// of a 200 answer and whether its body is chunked.
+pub fn post_json(addr: &str, path: &str, body: &str) -> Result<(BufReader<TcpStream>, bool)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if !line.contains(" 200 ") {
+        let mut rest = String::new();
+        let _ = r.read_to_string(&mut rest);
+        bail!("{path}: {} {rest}", line.trim());
+    }
+    let mut chunked = false;
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            break;
+        }
+        chunked |= line
+            .to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked");
+    }
+    Ok((r, chunked))
+}
+
+/// The middle value of `v`.
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

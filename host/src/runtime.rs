@@ -159,6 +159,8 @@ pub struct Runtime {
     /// instance sees the models loaded when it was created.
     models: RwLock<HashMap<String, Arc<LoadedModel>>>,
     idle: Mutex<HashMap<String, Vec<Instance>>>,
+    /// Bumped whenever a model is added: a `wasi:nn` context made before sees a stale set.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Runtime {
@@ -183,6 +185,7 @@ impl Runtime {
             pre,
             models: RwLock::new(models),
             idle: Mutex::new(HashMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -194,6 +197,13 @@ impl Runtime {
         if let Ok(mut pools) = self.idle.lock() {
             pools.remove(name);
         }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Changes whenever the set of loaded models does.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A loaded model.

@@ -67,6 +67,12 @@ pub struct AppFile {
     pub models: Option<Vec<String>>,
     /// Start even when the app imports interfaces the node does not provide; calling one traps.
     pub allow_unknown_imports: Option<bool>,
+    /// Requests served at once; more get 429 (default 16).
+    pub max_concurrent: Option<usize>,
+    /// Keep instances warm between requests instead of a fresh one per request (default: on
+    /// for apps that import `wasi:nn`, i.e. composed with the llm component, whose set-up is
+    /// most of a short request; off otherwise, as Spin does).
+    pub reuse_instances: Option<bool>,
 }
 
 /// One app as the node serves it.
@@ -77,7 +83,13 @@ pub struct AppConfig {
     /// Model names (or aliases) the app may use; `None` allows all.
     pub models: Option<Vec<String>>,
     pub allow_unknown_imports: bool,
+    pub max_concurrent: usize,
+    /// `None`: decided by the app's imports.
+    pub reuse_instances: Option<bool>,
 }
+
+/// Requests one app serves at once unless configured.
+pub const DEFAULT_APP_CONCURRENCY: usize = 16;
 
 /// One `[[models]]` entry.
 #[derive(Debug, Default, Deserialize)]
@@ -258,6 +270,8 @@ impl NodeConfig {
                 models: a.models,
                 allow_unknown_imports: a.allow_unknown_imports.unwrap_or(false)
                     || cli.allow_unknown_imports,
+                max_concurrent: a.max_concurrent.unwrap_or(DEFAULT_APP_CONCURRENCY),
+                reuse_instances: a.reuse_instances,
             })
             .collect();
         for a in &cli.apps {
@@ -272,6 +286,8 @@ impl NodeConfig {
                     path: PathBuf::from(path),
                     models: None,
                     allow_unknown_imports: cli.allow_unknown_imports,
+                    max_concurrent: DEFAULT_APP_CONCURRENCY,
+                    reuse_instances: None,
                 }),
             }
         }
@@ -355,6 +371,11 @@ impl NodeConfig {
                     "app route '{r}' overlaps the node's own {x}"
                 )));
             }
+            if a.max_concurrent == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "app {r}: max_concurrent must be at least 1"
+                )));
+            }
             if !routes.insert(r) {
                 return Err(ConfigError::Invalid(format!(
                     "two apps use the route '{r}'"
@@ -435,6 +456,59 @@ aliases = ["gpt-4o-mini"]
         std::fs::write(&path, "bogus = 1\n").unwrap();
         let e = NodeConfig::load(Some(&path), Overrides::default(), &dir).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn apps_merge_and_bad_routes_are_refused() {
+        let dir = std::env::temp_dir().join(format!("wasmlm-config-apps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.toml");
+        let with_app = |extra: &str| {
+            format!(
+                "[[models]]\nname = \"small\"\npath = \"s.gguf\"\naliases = [\"tiny\"]\n\
+                 [[apps]]\nroute = \"/ask\"\npath = \"ask.wasm\"\nmodels = [\"tiny\"]\n{extra}"
+            )
+        };
+        std::fs::write(&path, with_app("max_concurrent = 2\n")).unwrap();
+        let cli = Overrides {
+            apps: vec!["/ask=/elsewhere/ask.wasm".into(), "/sum=sum.wasm".into()],
+            ..Overrides::default()
+        };
+        let c = NodeConfig::load(Some(&path), cli, &dir).unwrap();
+        assert_eq!(c.apps.len(), 2);
+        assert_eq!(c.apps[0].path, PathBuf::from("/elsewhere/ask.wasm"));
+        assert_eq!(c.apps[0].models.as_deref(), Some(&["tiny".to_string()][..]));
+        assert_eq!(c.apps[0].max_concurrent, 2);
+        assert_eq!(c.apps[1].models, None);
+        assert_eq!(c.apps[1].max_concurrent, DEFAULT_APP_CONCURRENCY);
+        for (extra, expected) in [
+            ("max_concurrent = 0\n", "at least 1"),
+            (
+                "[[apps]]\nroute = \"/ask\"\npath = \"b.wasm\"\n",
+                "two apps",
+            ),
+            (
+                "[[apps]]\nroute = \"/metrics\"\npath = \"b.wasm\"\n",
+                "overlaps",
+            ),
+            (
+                "[[apps]]\nroute = \"/\"\npath = \"b.wasm\"\nmodels = [\"big\"]\n",
+                "'big' is not served",
+            ),
+            (
+                "[[apps]]\nroute = \"/x/\"\npath = \"b.wasm\"\n",
+                "trailing slash",
+            ),
+            (
+                "[[apps]]\nroute = \"x\"\npath = \"b.wasm\"\n",
+                "must be a path",
+            ),
+        ] {
+            std::fs::write(&path, with_app(extra)).unwrap();
+            let e = NodeConfig::load(Some(&path), Overrides::default(), &dir).unwrap_err();
+            assert!(e.to_string().contains(expected), "{extra}: {e}");
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 

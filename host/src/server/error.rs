@@ -85,14 +85,23 @@ impl ApiError {
 
     /// 429: every slot busy and the queue full.
     pub fn busy(model: &str) -> Self {
+        Self::too_busy(format!(
+            "Every slot of '{model}' is busy and its queue is full; retry shortly."
+        ))
+    }
+
+    /// 429: an app is serving as many requests as it may.
+    pub fn app_busy(route: &str, limit: usize) -> Self {
+        Self::too_busy(format!(
+            "The app at {route} is serving its limit of {limit} requests; retry shortly."
+        ))
+    }
+
+    fn too_busy(message: String) -> Self {
         Self {
             code: Some("server_busy"),
             retry_after: Some(1),
-            ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                format!("Every slot of '{model}' is busy and its queue is full; retry shortly."),
-            )
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
         }
     }
 

@@ -211,9 +211,10 @@ fn announce(node: &Node, addr: SocketAddr) {
     for a in node.apps.get().map_or(&[][..], |h| h.apps()) {
         let _ = writeln!(
             out,
-            "wasmlm: app {} ({}) from {}",
+            "wasmlm: app {} ({}{}) from {}",
             a.route,
             a.world(),
+            if a.reuse { ", warm instances" } else { "" },
             a.path.display()
         );
     }

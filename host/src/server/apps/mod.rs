@@ -5,8 +5,9 @@
 //! (spin-sdk 5 and older, and anything built with the `wasip2` crate). Its
 //! `fermyon:spin/llm@2.0.0` import is served by the node's warm llm instances
 //! ([`spin_llm`]); its `wasi:nn` import (an app composed with the llm component) sees the
-//! node's loaded models. Each request gets a fresh instance, as Spin does, run on a thread of
-//! its own so that long model calls never hold the node's async workers.
+//! node's loaded models. Each request gets a fresh instance, as Spin does (composed apps keep
+//! warm ones: their llm set-up is most of a short request), run on a thread of its own so that
+//! long model calls never hold the node's async workers.
 
 pub mod imports;
 pub mod spin_llm;
@@ -14,7 +15,7 @@ pub mod spin_llm;
 use std::collections::HashSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -23,12 +24,12 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Limited, StreamBody};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::p3::bindings::ServicePre;
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
+use wasmtime_wasi_http::p3::bindings::{Service, ServicePre};
 use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 use wasmtime_wasi_nn::wit::{WasiNnCtx, WasiNnView};
 
@@ -97,6 +98,20 @@ enum Handler {
     P3(ServicePre<AppState>),
 }
 
+/// An instance of an app's handler.
+enum Bound {
+    P2(Proxy),
+    P3(Service),
+}
+
+/// An instance kept between requests, with the store it lives in.
+struct Warm {
+    store: Store<AppState>,
+    bound: Bound,
+    /// The runtime's model generation its `wasi:nn` context was made in.
+    generation: u64,
+}
+
 /// One app, compiled and linked.
 pub struct App {
     /// The path it serves (and everything below it).
@@ -104,6 +119,12 @@ pub struct App {
     pub path: PathBuf,
     handler: Handler,
     access: LlmAccess,
+    /// Requests it may serve at once.
+    permits: Arc<Semaphore>,
+    limit: usize,
+    /// Whether instances outlive their request.
+    pub reuse: bool,
+    idle: Mutex<Vec<Warm>>,
 }
 
 impl App {
@@ -252,12 +273,16 @@ impl AppHost {
 
     /// Serves `req` with `app`, on a thread of its own.
     pub async fn handle(self: &Arc<Self>, app: Arc<App>, req: Request) -> Response {
+        let Ok(permit) = app.permits.clone().try_acquire_owned() else {
+            return ApiError::app_busy(&app.route, app.limit).into_response();
+        };
         let req = spin_request(&app, req);
         let (tx, rx) = oneshot::channel::<Answer>();
         let host = self.clone();
         let rt = tokio::runtime::Handle::current();
         let route = app.route.clone();
         let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let _counted = host.node.enter();
             rt.block_on(async {
                 match tokio::time::timeout(APP_TIMEOUT, host.run(&app, req, tx)).await {
@@ -312,73 +337,114 @@ impl AppHost {
         store
     }
 
+    /// A warm instance of `app` if one is kept, else a new one.
+    async fn instance(&self, app: &App) -> wasmtime::Result<Warm> {
+        let generation = self.node.runtime.generation();
+        let kept = app
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.pop())
+            .filter(|w| w.generation == generation);
+        if let Some(w) = kept {
+            return Ok(w);
+        }
+        let mut store = self.store(app);
+        let bound = match &app.handler {
+            Handler::P2(pre) => Bound::P2(pre.instantiate_async(&mut store).await?),
+            Handler::P3(pre) => Bound::P3(pre.instantiate_async(&mut store).await?),
+        };
+        Ok(Warm {
+            store,
+            bound,
+            generation,
+        })
+    }
+
     /// Runs one request; the answer goes to `tx` as soon as the app sets it, while its body
-    /// keeps streaming.
+    /// keeps streaming. The instance is kept for the next request when the app reuses them
+    /// and this one ran to its end.
     async fn run(
         &self,
         app: &App,
         req: http::Request<AppBody>,
         tx: oneshot::Sender<Answer>,
     ) -> wasmtime::Result<()> {
-        let mut store = self.store(app);
-        match &app.handler {
-            Handler::P2(pre) => {
-                use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
-                let req = store
-                    .data_mut()
-                    .http()
-                    .new_incoming_request(Scheme::Http, req)?;
-                let out = store
-                    .data_mut()
-                    .http()
-                    .new_response_outparam_from_callback(move |r| {
-                        let _ = tx.send(r.map_err(|code| format!("{code:?}")));
-                    })?;
-                let proxy = pre.instantiate_async(&mut store).await?;
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, req, out)
-                    .await
+        let mut warm = self.instance(app).await?;
+        let clean = serve(&mut warm, req, tx).await?;
+        if clean && app.reuse {
+            if let Ok(mut idle) = app.idle.lock() {
+                idle.push(warm);
             }
-            Handler::P3(pre) => {
-                let (request, request_io) =
-                    wasmtime_wasi_http::p3::Request::from_http(&mut NoOutbound, req);
-                // Reports errors reading the request body; the app sees them itself.
-                tokio::spawn(request_io);
-                let service = pre.instantiate_async(&mut store).await?;
-                store
-                    .run_concurrent(async |accessor| -> wasmtime::Result<()> {
-                        let res = match service.handle(accessor, request).await? {
-                            Ok(res) => res,
-                            Err(code) => {
-                                let _ = tx.send(Err(format!("{code:?}")));
-                                return Ok(());
-                            }
-                        };
-                        let res = accessor.with(|a| res.into_http(a, async { Ok(()) }))?;
-                        let (head, mut body) = res.into_parts();
-                        // The body is the guest's stream: it moves only while this store
-                        // runs, so frames are pumped from here to the client.
-                        let (frames, rx) = mpsc::channel(8);
-                        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                            rx.recv().await.map(|f| (f, rx))
-                        });
-                        let streamed = StreamBody::new(stream).boxed_unsync();
-                        if tx
-                            .send(Ok(http::Response::from_parts(head, streamed)))
-                            .is_err()
-                        {
-                            return Ok(());
+        }
+        Ok(())
+    }
+}
+
+/// One request on `warm`; true when it ran to its end (the body fully sent), so that the
+/// instance holds nothing of it.
+async fn serve(
+    warm: &mut Warm,
+    req: http::Request<AppBody>,
+    tx: oneshot::Sender<Answer>,
+) -> wasmtime::Result<bool> {
+    let store = &mut warm.store;
+    match &warm.bound {
+        Bound::P2(proxy) => {
+            use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+            let req = store
+                .data_mut()
+                .http()
+                .new_incoming_request(Scheme::Http, req)?;
+            let out = store
+                .data_mut()
+                .http()
+                .new_response_outparam_from_callback(move |r| {
+                    let _ = tx.send(r.map_err(|code| format!("{code:?}")));
+                })?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut *store, req, out)
+                .await?;
+            Ok(true)
+        }
+        Bound::P3(service) => {
+            let (request, request_io) =
+                wasmtime_wasi_http::p3::Request::from_http(&mut NoOutbound, req);
+            // Reports errors reading the request body; the app sees them itself.
+            tokio::spawn(request_io);
+            store
+                .run_concurrent(async |accessor| -> wasmtime::Result<bool> {
+                    let res = match service.handle(accessor, request).await? {
+                        Ok(res) => res,
+                        Err(code) => {
+                            let _ = tx.send(Err(format!("{code:?}")));
+                            return Ok(true);
                         }
-                        while let Some(frame) = body.frame().await {
-                            if frames.send(frame).await.is_err() {
-                                break;
-                            }
+                    };
+                    let res = accessor.with(|a| res.into_http(a, async { Ok(()) }))?;
+                    let (head, mut body) = res.into_parts();
+                    // The body is the guest's stream: it moves only while this store runs,
+                    // so frames are pumped from here to the client.
+                    let (frames, rx) = mpsc::channel(8);
+                    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                        rx.recv().await.map(|f| (f, rx))
+                    });
+                    let streamed = StreamBody::new(stream).boxed_unsync();
+                    if tx
+                        .send(Ok(http::Response::from_parts(head, streamed)))
+                        .is_err()
+                    {
+                        return Ok(false);
+                    }
+                    while let Some(frame) = body.frame().await {
+                        if frames.send(frame).await.is_err() {
+                            return Ok(false);
                         }
-                        Ok(())
-                    })
-                    .await?
-            }
+                    }
+                    Ok(true)
+                })
+                .await?
         }
     }
 }
@@ -458,6 +524,12 @@ fn load_app(
             exports,
         });
     };
+    let reuse = c.reuse_instances.unwrap_or_else(|| {
+        component
+            .component_type()
+            .imports(engine)
+            .any(|(name, _)| name.starts_with("wasi:nn/"))
+    });
     let allowed = c
         .models
         .as_ref()
@@ -470,6 +542,10 @@ fn load_app(
             node: node.clone(),
             allowed,
         },
+        permits: Arc::new(Semaphore::new(c.max_concurrent)),
+        limit: c.max_concurrent,
+        reuse,
+        idle: Mutex::new(Vec::new()),
     })
 }
 
