@@ -295,20 +295,31 @@ impl AppHost {
             })
         });
         match rx.await {
-            Ok(Ok(res)) => res
-                .map(|b| Body::new(b.map_err(|e| std::io::Error::other(e.to_string()))))
-                .into_response(),
+            Ok(Ok(res)) => {
+                // A trap after the head was sent can only end the body early: log it.
+                let logged = route.clone();
+                tokio::spawn(async move {
+                    if let Ok(Err(e)) = task.await {
+                        eprintln!("wasmlm: app {logged}: {e:#}");
+                    }
+                });
+                res.map(|b| Body::new(b.map_err(|e| std::io::Error::other(e.to_string()))))
+                    .into_response()
+            }
             Ok(Err(code)) => {
                 ApiError::internal(format!("the app at {route} failed: {code}")).into_response()
             }
-            // The app ended (or trapped) without answering.
+            // The app ended (or trapped) without answering. The client gets the cause; the
+            // log also gets the wasm backtrace.
             Err(_) => {
                 let why = match task.await {
                     Ok(Ok(())) => "it returned without setting a response".to_string(),
-                    Ok(Err(e)) => format!("{e:#}"),
+                    Ok(Err(e)) => {
+                        eprintln!("wasmlm: app {route}: {e:#}");
+                        e.root_cause().to_string()
+                    }
                     Err(e) => format!("its thread failed: {e}"),
                 };
-                eprintln!("wasmlm: app {route}: {why}");
                 ApiError::internal(format!("the app at {route} failed: {why}")).into_response()
             }
         }
