@@ -265,6 +265,7 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();
+        wasmlm_kernels::pool::set_threads(n);
     }
     Ok(())
 }

@@ -5,10 +5,10 @@
 //! Weights are immutable and shared by every sequence; a sequence's state lives in its
 //! [`KvCache`].
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::kv_cache::KvCache;
+use super::linear::Linear;
 use super::weights::{Embedding, HParams, WeightSource};
 use super::{BackendModelError, CausalLm};
 
@@ -62,20 +62,20 @@ pub struct Sliding {
 
 struct Layer {
     attn_norm: Tensor,
-    attn_q: QMatMul,
-    attn_k: QMatMul,
-    attn_v: QMatMul,
+    attn_q: Linear,
+    attn_k: Linear,
+    attn_v: Linear,
     /// Biases of q, k and v, when the family has them.
     qkv_bias: Option<(Tensor, Tensor, Tensor)>,
     /// Per-head RMS norm weights of q and k, when the family has them.
     qk_norm: Option<(Tensor, Tensor)>,
-    attn_output: QMatMul,
+    attn_output: Linear,
     /// Norm of the attention output before the residual add, when the family has it.
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    ffn_gate: QMatMul,
-    ffn_up: QMatMul,
-    ffn_down: QMatMul,
+    ffn_gate: Linear,
+    ffn_up: Linear,
+    ffn_down: Linear,
     /// Norm of the MLP output before the residual add, when the family has it.
     post_ffn_norm: Option<Tensor>,
     /// Keys a sliding-window layer sees (its own position included); `None`: all.
@@ -89,7 +89,7 @@ pub struct Decoder {
     token_embd: Embedding,
     layers: Vec<Layer>,
     output_norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     /// Rotary `(cos, sin)` tables sized to the configured context, `(context, head_dim / 2)`:
     /// the global layers', then the local layers' when they differ.
     ropes: Vec<(Tensor, Tensor)>,
@@ -161,7 +161,7 @@ impl Decoder {
             }
             None => None,
         };
-        let token_embd = src.tensor("token_embd.weight", device)?.embedding();
+        let token_embd = src.tensor("token_embd.weight", device)?.embedding()?;
         let (vocab, embd_width) = token_embd.dims();
         if embd_width != hp.hidden || vocab == 0 {
             return Err(BackendModelError::Invalid(format!(
@@ -416,6 +416,32 @@ impl Decoder {
 
 impl CausalLm for Decoder {
     fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Vec<f32>> {
+        // On candle's own pool: its many small parallel ops then run on warm workers instead
+        // of handing each one to a sleeping thread (a futex wake per op).
+        self.device
+            .with_context(|| self.forward_here(tokens, cache))
+    }
+
+    fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        self.device
+            .with_context(|| self.forward_batch_here(tokens, caches))
+    }
+
+    fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(self.layers.len(), max_len.min(self.context))
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+}
+
+impl Decoder {
+    fn forward_here(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Vec<f32>> {
         let pos = cache.len();
         let n = tokens.len();
         let mut x = self.embed(tokens)?;
@@ -432,7 +458,7 @@ impl CausalLm for Decoder {
             .to_vec1()
     }
 
-    fn forward_batch(
+    fn forward_batch_here(
         &self,
         tokens: &[u32],
         caches: &mut [&mut KvCache],
@@ -450,14 +476,6 @@ impl CausalLm for Decoder {
             .squeeze(0)?
             .to_dtype(DType::F32)?
             .to_vec2()
-    }
-
-    fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache::new(self.layers.len(), max_len.min(self.context))
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.vocab
     }
 }
 

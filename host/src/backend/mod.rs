@@ -9,6 +9,7 @@ pub mod bert;
 pub mod decoder;
 pub mod gemma3;
 pub mod kv_cache;
+pub mod linear;
 pub mod llama;
 pub mod qwen2;
 pub mod qwen3;

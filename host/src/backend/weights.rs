@@ -9,7 +9,9 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
+use wasmlm_kernels::QMatrix;
 
+use super::linear::{native_matrix, Linear};
 use super::{plain_message, BackendModelError};
 use crate::gguf::GgufFile;
 
@@ -29,19 +31,22 @@ impl Param {
     }
 
     /// As a matrix to multiply by.
-    pub fn matmul(self) -> Result<QMatMul, BackendModelError> {
+    pub fn matmul(self) -> Result<Linear, BackendModelError> {
         Ok(match self {
-            Param::Quant(q) => QMatMul::from_qtensor(q)?,
-            Param::Dense(t) => QMatMul::Tensor(t),
+            Param::Quant(q) => Linear::quantized(q)?,
+            Param::Dense(t) => Linear::Candle(QMatMul::Tensor(t)),
         })
     }
 
     /// As an embedding table.
-    pub fn embedding(self) -> Embedding {
-        match self {
-            Param::Quant(q) => Embedding::Quant(Arc::new(q)),
+    pub fn embedding(self) -> Result<Embedding, BackendModelError> {
+        Ok(match self {
+            Param::Quant(q) => match native_matrix(q)? {
+                Ok(m) => Embedding::Native(Arc::new(m)),
+                Err(q) => Embedding::Quant(Arc::new(q)),
+            },
             Param::Dense(t) => Embedding::Dense(t),
-        }
+        })
     }
 }
 
@@ -49,6 +54,8 @@ impl Param {
 /// lookup (f32 would cost 4–8× the file's size for large vocabularies).
 #[derive(Clone)]
 pub enum Embedding {
+    /// In a format the native kernels cover (shared with the output projection when tied).
+    Native(Arc<QMatrix>),
     Quant(Arc<QTensor>),
     Dense(Tensor),
 }
@@ -57,6 +64,7 @@ impl Embedding {
     /// `(vocab, hidden)`.
     pub fn dims(&self) -> (usize, usize) {
         let d = match self {
+            Embedding::Native(m) => vec![m.rows(), m.cols()],
             Embedding::Quant(q) => q.shape().dims().to_vec(),
             Embedding::Dense(t) => t.dims().to_vec(),
         };
@@ -67,10 +75,11 @@ impl Embedding {
     }
 
     /// The same table as an output projection (tied embeddings).
-    pub fn as_matmul(&self) -> Result<QMatMul, BackendModelError> {
+    pub fn as_matmul(&self) -> Result<Linear, BackendModelError> {
         Ok(match self {
-            Embedding::Quant(q) => QMatMul::from_arc(q.clone())?,
-            Embedding::Dense(t) => QMatMul::Tensor(t.clone()),
+            Embedding::Native(m) => Linear::Native(m.clone()),
+            Embedding::Quant(q) => Linear::Candle(QMatMul::from_arc(q.clone())?),
+            Embedding::Dense(t) => Linear::Candle(QMatMul::Tensor(t.clone())),
         })
     }
 
@@ -83,6 +92,14 @@ impl Embedding {
             )));
         }
         match self {
+            Embedding::Native(m) => {
+                let mut rows = vec![0f32; tokens.len() * hidden];
+                for (&t, row) in tokens.iter().zip(rows.chunks_exact_mut(hidden)) {
+                    m.dequantize_row(t as usize, row)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                }
+                Tensor::from_vec(rows, (1, tokens.len(), hidden), device)
+            }
             Embedding::Dense(t) => {
                 let ids = Tensor::new(tokens, t.device())?;
                 t.index_select(&ids, 0)?.to_device(device)?.unsqueeze(0)
