@@ -12,6 +12,7 @@
 
 pub mod act;
 mod formats;
+pub mod ops;
 pub mod pool;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -312,7 +313,7 @@ impl QMatrix {
 }
 
 /// The output pointer shared by the tasks of one product (each writes its own columns).
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint elements (see `QMatrix::run`), and the product waits for all.
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}

@@ -7,6 +7,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+mod rows;
+
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::weights::{Embedding, HParams, WeightSource};
@@ -107,6 +109,8 @@ pub struct Decoder {
     eps: f32,
     vocab: usize,
     device: Device,
+    /// The CPU pass over plain rows; `None`: the tensor pass.
+    rows: Option<rows::RowWeights>,
 }
 
 /// Loads `arch`'s hyper-parameters and a decoder of `family` over them; the context is the
@@ -231,7 +235,7 @@ impl Decoder {
         } else {
             1.0 / (hp.head_dim as f64).sqrt()
         };
-        Ok(Self {
+        let mut decoder = Self {
             token_embd,
             layers,
             output_norm,
@@ -248,7 +252,12 @@ impl Decoder {
             eps: hp.eps,
             vocab,
             device: device.clone(),
-        })
+            rows: None,
+        };
+        if rows::rows_enabled(device) {
+            decoder.rows = Some(rows::RowWeights::of(&decoder)?);
+        }
+        Ok(decoder)
     }
 
     /// Embedding rows of `tokens`, `(1, n, hidden)`.
@@ -418,6 +427,9 @@ impl CausalLm for Decoder {
     fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Vec<f32>> {
         // On candle's own pool: its many small parallel ops then run on warm workers instead
         // of handing each one to a sleeping thread (a futex wake per op).
+        if let Some(w) = &self.rows {
+            return self.rows_forward(w, tokens, cache);
+        }
         self.device
             .with_context(|| self.forward_here(tokens, cache))
     }
@@ -427,12 +439,19 @@ impl CausalLm for Decoder {
         tokens: &[u32],
         caches: &mut [&mut KvCache],
     ) -> candle_core::Result<Vec<Vec<f32>>> {
+        if let Some(w) = &self.rows {
+            return self.rows_forward_batch(w, tokens, caches);
+        }
         self.device
             .with_context(|| self.forward_batch_here(tokens, caches))
     }
 
     fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache::new(self.layers.len(), max_len.min(self.context))
+        let max_len = max_len.min(self.context);
+        match self.rows {
+            Some(_) => KvCache::new_rows(self.layers.len(), max_len, self.n_kv_head * self.head_dim),
+            None => KvCache::new(self.layers.len(), max_len),
+        }
     }
 
     fn vocab_size(&self) -> usize {

@@ -1,10 +1,15 @@
-//! One sequence's KV cache: per-layer key and value tensors that grow in place.
+//! One sequence's KV cache: per-layer keys and values that grow in place, as candle tensors
+//! (the tensor forward pass) or as plain rows (the CPU forward pass).
 
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Keys and values of one sequence for every layer, `(1, n_kv_head, capacity, head_dim)` each.
+/// Keys and values of one sequence for every layer.
 pub struct KvCache {
+    /// `(1, n_kv_head, capacity, head_dim)` tensors, allocated on first use.
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Or `[position][n_kv_head · head_dim]` rows, `row` values each.
+    rows: Vec<(Vec<f32>, Vec<f32>)>,
+    row: usize,
     capacity: usize,
     len: usize,
     max_len: usize,
@@ -18,10 +23,56 @@ impl KvCache {
     pub fn new(n_layers: usize, max_len: usize) -> Self {
         Self {
             layers: vec![None; n_layers],
+            rows: Vec::new(),
+            row: 0,
             capacity: 0,
             len: 0,
             max_len,
         }
+    }
+
+    /// An empty cache of plain rows (`row` values of keys, and of values, per position).
+    pub fn new_rows(n_layers: usize, max_len: usize, row: usize) -> Self {
+        Self {
+            layers: Vec::new(),
+            rows: vec![(Vec::new(), Vec::new()); n_layers],
+            row,
+            capacity: 0,
+            len: 0,
+            max_len,
+        }
+    }
+
+    /// Writes the keys and values of `n` positions (`n × row` each) of `layer` after the held
+    /// positions and returns all of the layer's keys and values so far. Call
+    /// [`KvCache::advance`] once all layers have appended.
+    pub fn append_rows(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(&[f32], &[f32])> {
+        let n = k.len() / self.row.max(1);
+        let end = self.len + n;
+        if end > self.max_len {
+            candle_core::bail!("KV cache full: {end} positions > {}", self.max_len);
+        }
+        if k.len() != v.len() || k.len() != n * self.row {
+            candle_core::bail!("KV rows of {} and {} values, {} per position", k.len(), v.len(), self.row);
+        }
+        if end > self.capacity {
+            // Exact reservations, doubling from MIN_CAPACITY: growth stays within 2x of use
+            // and never past the context (Vec's own growth could double a 2k cache to 4k).
+            self.capacity = end.max(self.capacity * 2).max(MIN_CAPACITY).min(self.max_len);
+        }
+        let (row, held, cap) = (self.row, self.len, self.capacity);
+        let (kc, vc) = self
+            .rows
+            .get_mut(layer)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no KV cache for layer {layer}")))?;
+        for (c, new) in [(&mut *kc, k), (&mut *vc, v)] {
+            c.truncate(held * row);
+            if c.capacity() < cap * row {
+                c.reserve_exact(cap * row - c.len());
+            }
+            c.extend_from_slice(new);
+        }
+        Ok((kc.as_slice(), vc.as_slice()))
     }
 
     /// Positions held.

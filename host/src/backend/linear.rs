@@ -57,6 +57,22 @@ impl Linear {
         })
     }
 
+    /// `x · Wᵀ` for `m` rows of `x`, as rows.
+    pub fn rows(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Linear::Native(w) => {
+                let mut out = vec![0f32; m * w.rows()];
+                w.matmul(x, m, &mut out)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                Ok(out)
+            }
+            Linear::Candle(q) => {
+                let t = Tensor::from_slice(x, (m, x.len() / m.max(1)), &Device::Cpu)?;
+                q.forward(&t)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+            }
+        }
+    }
+
     /// `x · Wᵀ` over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {

@@ -5,7 +5,7 @@ back in one run (report the ratio, not the absolute numbers: these machines are 
 
     wasmlm serve --model all-minilm-l6-v2 --threads 2 --listen 127.0.0.1:8090 &
     pip install sentence-transformers==6.2.0      # and torch
-    python3 benches/embeddings_baseline.py http://127.0.0.1:8090 MODEL_DIR [--threads 2]
+    python3 bench/embeddings_baseline.py http://127.0.0.1:8090 MODEL_DIR [--threads 2]
 """
 import argparse
 import json

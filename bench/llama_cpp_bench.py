@@ -4,7 +4,7 @@ ours (forward passes only: a prompt of N tokens in one batch, then M single-toke
 the two can run back to back on the same machine and be compared as a ratio.
 
     pip install llama-cpp-python==0.3.36     # builds llama.cpp from source
-    python3 benches/llama_cpp_baseline.py MODEL.gguf [--threads 2] [--prompt-tokens 128]
+    python3 bench/llama_cpp_bench.py MODEL.gguf [--threads 2] [--prompt-tokens 128]
         [--gen-tokens 128] [--rounds 3]
 
 Prints one line: `llama.cpp prefill_tok_s=... decode_tok_s=...` (best of the rounds).

@@ -1,0 +1,187 @@
+//! The decoder's other operations over plain f32 rows: norms, rotary embedding, gated
+//! activations and attention over a KV cache laid out `[position][kv_head][head_dim]`.
+//!
+//! A decode step of a small model is ~25 such operations per layer between the products;
+//! through a tensor library each costs an allocation, a layout check and a dispatch (about
+//! a third of a SmolLM2 decode step). Here each is one loop over the row, in place.
+
+use crate::{pool, KernelError, SendPtr};
+
+/// Σ a·b with eight independent partial sums (vectorizes without fast-math).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>();
+    for v in acc {
+        s += v;
+    }
+    s
+}
+
+/// `y += a · x`.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// Each `w.len()`-wide row of `x` scaled to unit RMS (with `eps`) and multiplied by `w`.
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for row in x.chunks_exact_mut(d) {
+        let ss = dot(row, row) / d as f32;
+        let r = 1.0 / (ss + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(w) {
+            *v = *v * r * w;
+        }
+    }
+}
+
+/// [`rms_norm`] into `out`, `x` left as it is.
+pub fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    out.copy_from_slice(x);
+    rms_norm(out, w, eps);
+}
+
+/// Rotates each `head_dim`-wide head of `x` (one row per position `pos + i`) by the angles
+/// of `cos`/`sin` (`head_dim / 2` per position). `interleaved`: pairs `(2j, 2j + 1)` (GPT-J,
+/// llama GGUFs); otherwise `(j, j + head_dim / 2)` (NeoX).
+pub fn rope(x: &mut [f32], row_width: usize, head_dim: usize, pos: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = head_dim / 2;
+    for (i, row) in x.chunks_exact_mut(row_width).enumerate() {
+        let at = (pos + i) * half;
+        let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
+        for head in row.chunks_exact_mut(head_dim) {
+            if interleaved {
+                for j in 0..half {
+                    let (a, b) = (head[2 * j], head[2 * j + 1]);
+                    head[2 * j] = a * c[j] - b * s[j];
+                    head[2 * j + 1] = a * s[j] + b * c[j];
+                }
+            } else {
+                let (lo, hi) = head.split_at_mut(half);
+                for j in 0..half {
+                    let (a, b) = (lo[j], hi[j]);
+                    lo[j] = a * c[j] - b * s[j];
+                    hi[j] = a * s[j] + b * c[j];
+                }
+            }
+        }
+    }
+}
+
+/// `gate = silu(gate) · up`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `gate = gelu(gate) · up`, GELU's tanh approximation.
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh()) * u;
+    }
+}
+
+/// `y += x`.
+pub fn add(y: &mut [f32], x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += x;
+    }
+}
+
+/// The shape of multi-head attention with grouped KV heads.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads (each serves `n_head / n_kv_head` query heads).
+    pub n_kv_head: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+/// Causal attention of `rows` queries (`q`, `rows × n_head·head_dim`) at positions
+/// `pos..pos + rows` over the keys and values of positions `0..pos + rows` (`k`, `v`:
+/// `[position][n_kv_head·head_dim]`), scores multiplied by `scale`; a query at `p` sees keys
+/// `t ≤ p` with `p - t < window`. Writes `out` (like `q`). Heads run across the pool.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    h: Heads,
+    pos: usize,
+    window: Option<usize>,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let qw = h.n_head * h.head_dim;
+    let kw = h.n_kv_head * h.head_dim;
+    if qw == 0 || kw == 0 || h.n_head % h.n_kv_head != 0 || q.len() % qw != 0 {
+        return Err(KernelError::Shape(format!("attention heads {h:?} for {} query values", q.len())));
+    }
+    let rows = q.len() / qw;
+    if out.len() != q.len() || k.len() < (pos + rows) * kw || v.len() < (pos + rows) * kw {
+        return Err(KernelError::Shape(format!(
+            "attention of {rows} rows at {pos}: {} keys, {} values, {} outputs",
+            k.len() / kw,
+            v.len() / kw,
+            out.len() / qw
+        )));
+    }
+    let group = h.n_head / h.n_kv_head;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let head_task = |head: usize| {
+        let out_ptr = &out_ptr;
+        let g = head / group;
+        let mut scores = Vec::with_capacity(pos + rows);
+        let mut acc = vec![0f32; h.head_dim];
+        for i in 0..rows {
+            let p = pos + i;
+            let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
+            let qh = &q[i * qw + head * h.head_dim..][..h.head_dim];
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for t in first..=p {
+                let s = dot(qh, &k[t * kw + g * h.head_dim..][..h.head_dim]) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            acc.fill(0.0);
+            for (j, s) in scores.iter().enumerate() {
+                axpy(*s, &v[(first + j) * kw + g * h.head_dim..][..h.head_dim], &mut acc);
+            }
+            let inv = 1.0 / sum;
+            // SAFETY: `out` is `rows × qw` (the caller's slice); this task alone writes head
+            // `head` of each row.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(i * qw + head * h.head_dim), h.head_dim) };
+            for (d, a) in dst.iter_mut().zip(&acc) {
+                *d = a * inv;
+            }
+        }
+    };
+    // Small attention (short contexts, one row) is not worth the hand-off.
+    if rows * (pos + rows) * h.n_head * h.head_dim < 32 * 1024 {
+        (0..h.n_head).for_each(head_task);
+    } else {
+        pool::parallel_for(h.n_head, &head_task);
+    }
+    Ok(())
+}
