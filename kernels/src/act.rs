@@ -1,18 +1,22 @@
 //! Activations quantized to 8 bits, once per product, so the weight kernels can dot integers.
 //!
-//! The scale is f32 (ggml stores f16 for the 32-wide blocks): one rounding less, and these
+//! Scales are f32 (ggml stores f16 for the 32-wide blocks): one rounding less, and these
 //! blocks never leave memory.
 
-/// 32 activations: `x[i] ≈ qs[i] · d`, and `s = d · Σ qs` for formats with a minimum or offset.
-#[derive(Debug, Clone, Copy)]
-#[repr(C)]
-pub struct Act32 {
-    /// The integers.
-    pub qs: [i8; 32],
-    /// The scale.
-    pub d: f32,
-    /// `d` times the sum of `qs`.
-    pub s: f32,
+/// Rows of activations in 32-wide blocks, as planes: row `r`'s block `b` stands for
+/// `qs[r·cols + 32b ..][..32] · d[r·blocks + b]`, and `s[r·blocks + b]` is `d` times the sum of
+/// its integers (for formats with a minimum or an offset). Planes let a kernel read the
+/// scales of a row as vectors.
+#[derive(Debug, Clone, Default)]
+pub struct Acts32 {
+    /// The integers, row after row.
+    pub qs: Vec<i8>,
+    /// The scale of each block.
+    pub d: Vec<f32>,
+    /// `d` times the sum of each block's integers.
+    pub s: Vec<f32>,
+    /// Blocks per row.
+    pub blocks: usize,
 }
 
 /// 256 activations: `x[i] ≈ qs[i] · d`, with the sum of each 16 integers in `bsums` (the
@@ -28,6 +32,15 @@ pub struct Act256 {
     pub d: f32,
 }
 
+/// Rows of activations in 256-wide blocks.
+#[derive(Debug, Clone, Default)]
+pub struct Acts256 {
+    /// Row after row.
+    pub data: Vec<Act256>,
+    /// Blocks per row.
+    pub blocks: usize,
+}
+
 /// `(scale, 1 / scale)` that maps the largest magnitude of `x` to 127.
 fn scale(x: &[f32]) -> (f32, f32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -40,49 +53,68 @@ fn to_i8(v: f32, id: f32) -> i8 {
     (v * id).round() as i8
 }
 
-/// `x` (a multiple of 32 long) as 32-wide blocks.
-pub fn quantize_32(x: &[f32]) -> impl Iterator<Item = Act32> + '_ {
-    x.chunks_exact(32).map(|c| {
+/// Rows of `cols` values (`cols` a multiple of 32) as 32-wide blocks.
+pub fn quantize_32(x: &[f32], cols: usize) -> Acts32 {
+    let n = x.len() / 32;
+    let mut a = Acts32 {
+        qs: vec![0; n * 32],
+        d: Vec::with_capacity(n),
+        s: Vec::with_capacity(n),
+        blocks: cols / 32,
+    };
+    for (c, q) in x.chunks_exact(32).zip(a.qs.chunks_exact_mut(32)) {
         let (d, id) = scale(c);
-        let mut qs = [0i8; 32];
-        for (q, &v) in qs.iter_mut().zip(c) {
+        let mut sum = 0i32;
+        for (q, &v) in q.iter_mut().zip(c) {
             *q = to_i8(v, id);
+            sum += i32::from(*q);
         }
-        let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
-        Act32 {
-            qs,
-            d,
-            s: d * sum as f32,
-        }
-    })
+        a.d.push(d);
+        a.s.push(d * sum as f32);
+    }
+    a
 }
 
-/// `x` (a multiple of 256 long) as 256-wide blocks.
-pub fn quantize_256(x: &[f32]) -> impl Iterator<Item = Act256> + '_ {
-    x.chunks_exact(256).map(|c| {
-        let (d, id) = scale(c);
-        let mut qs = [0i8; 256];
-        for (q, &v) in qs.iter_mut().zip(c) {
-            *q = to_i8(v, id);
-        }
-        let mut bsums = [0i16; 16];
-        for (s, g) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
-            *s = g.iter().map(|&q| i16::from(q)).sum();
-        }
-        Act256 { qs, bsums, d }
-    })
-}
-
-impl Act32 {
-    /// The 32 values this block stands for.
-    pub fn dequantize(&self) -> [f32; 32] {
-        self.qs.map(|q| f32::from(q) * self.d)
+/// Rows of `cols` values (`cols` a multiple of 256) as 256-wide blocks.
+pub fn quantize_256(x: &[f32], cols: usize) -> Acts256 {
+    let data = x
+        .chunks_exact(256)
+        .map(|c| {
+            let (d, id) = scale(c);
+            let mut qs = [0i8; 256];
+            for (q, &v) in qs.iter_mut().zip(c) {
+                *q = to_i8(v, id);
+            }
+            let mut bsums = [0i16; 16];
+            for (s, g) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
+                *s = g.iter().map(|&q| i16::from(q)).sum();
+            }
+            Act256 { qs, bsums, d }
+        })
+        .collect();
+    Acts256 {
+        data,
+        blocks: cols / 256,
     }
 }
 
-impl Act256 {
-    /// The 256 values this block stands for.
-    pub fn dequantize(&self) -> [f32; 256] {
-        self.qs.map(|q| f32::from(q) * self.d)
+impl Acts32 {
+    /// The values these blocks stand for.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.qs
+            .chunks_exact(32)
+            .zip(&self.d)
+            .flat_map(|(q, &d)| q.iter().map(move |&q| f32::from(q) * d))
+            .collect()
+    }
+}
+
+impl Acts256 {
+    /// The values these blocks stand for.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.data
+            .iter()
+            .flat_map(|a| a.qs.map(|q| f32::from(q) * a.d))
+            .collect()
     }
 }

@@ -1,25 +1,72 @@
-//! The block layouts of each format (as ggml writes them), their dequantization, the portable
-//! dot kernels, and which kernel serves a format on an instruction set.
+//! The block layouts of each format, their dequantization, the portable dot kernels, and
+//! which kernel serves a format on an instruction set.
+//!
+//! K-formats keep ggml's block layout. The 32-wide formats are repacked per row into planes
+//! (same bytes, other order): the f16 scales of the row's blocks, then (Q4_1) their
+//! minimums, then the quantized values of each block as ggml stores them. Kernels then load
+//! eight scales with one instruction instead of converting one per block.
 
 use half::f16;
 
-use crate::act::{Act256, Act32};
+use crate::act::{Acts256, Acts32};
 use crate::{Isa, QFormat};
 
-/// Dots one weight row (`blocks` blocks) with `out.len()` activation rows (`a`, `blocks` each,
-/// one after the other) into `out`.
+/// Dots one weight row with `out.len()` activation rows from `first` on into `out`.
 ///
 /// # Safety
-/// The kernel's instruction set must be present, `w` must hold `blocks` blocks and `a`
-/// `out.len() × blocks` activations.
-pub type DotFn<A> = unsafe fn(w: &[u8], a: &[A], blocks: usize, out: &mut [f32]);
+/// The kernel's instruction set must be present, `w` must be one row of the format with as
+/// many blocks as the activations' rows, and `a` must hold rows `first..first + out.len()`.
+pub type DotFn<A> = unsafe fn(w: &[u8], a: &A, first: usize, out: &mut [f32]);
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
+/// Bytes of one block's quantized values in a 32-wide format, and whether it has minimums.
+pub(crate) const fn planar(format: QFormat) -> (usize, bool) {
+    match format {
+        QFormat::Q4_0 => (16, false),
+        QFormat::Q4_1 => (16, true),
+        QFormat::Q8_0 => (32, false),
+        QFormat::Q4K | QFormat::Q6K => (0, false),
+    }
+}
+
+/// `data` (ggml blocks, `blocks` per row) in this crate's row layout for `format`.
+pub fn repack(format: QFormat, data: Vec<u8>, blocks: usize) -> Vec<u8> {
+    let (qs, mins) = planar(format);
+    if qs == 0 {
+        return data;
+    }
+    let bb = format.block_bytes();
+    let mut out = vec![0u8; data.len()];
+    for (src, dst) in data
+        .chunks_exact(blocks * bb)
+        .zip(out.chunks_exact_mut(blocks * bb))
+    {
+        let (scales, rest) = dst.split_at_mut(2 * blocks);
+        let (min_plane, values) = rest.split_at_mut(if mins { 2 * blocks } else { 0 });
+        for (b, blk) in src.chunks_exact(bb).enumerate() {
+            scales[2 * b..2 * b + 2].copy_from_slice(&blk[0..2]);
+            if mins {
+                min_plane[2 * b..2 * b + 2].copy_from_slice(&blk[2..4]);
+            }
+            values[qs * b..qs * (b + 1)].copy_from_slice(&blk[bb - qs..]);
+        }
+    }
+    out
+}
+
+/// A repacked row's planes: scales, minimums (empty without), values.
+pub(crate) fn planes(format: QFormat, row: &[u8], blocks: usize) -> (&[u8], &[u8], &[u8]) {
+    let (_, mins) = planar(format);
+    let (scales, rest) = row.split_at(2 * blocks);
+    let (m, values) = rest.split_at(if mins { 2 * blocks } else { 0 });
+    (scales, m, values)
+}
+
 /// The kernel for a 32-wide format on `isa`.
-pub fn dot32(format: QFormat, isa: Isa) -> Option<DotFn<Act32>> {
+pub fn dot32(format: QFormat, isa: Isa) -> Option<DotFn<Acts32>> {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         return Some(match format {
@@ -39,7 +86,7 @@ pub fn dot32(format: QFormat, isa: Isa) -> Option<DotFn<Act32>> {
 }
 
 /// The kernel for a 256-wide format on `isa`.
-pub fn dot256(format: QFormat, isa: Isa) -> Option<DotFn<Act256>> {
+pub fn dot256(format: QFormat, isa: Isa) -> Option<DotFn<Acts256>> {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         return Some(match format {
@@ -56,52 +103,49 @@ pub fn dot256(format: QFormat, isa: Isa) -> Option<DotFn<Act256>> {
     })
 }
 
-/// Integer dot of a 32-block's weights (given as `w(i)`) with one activation block.
-fn idot32(a: &Act32, w: impl Fn(usize) -> i32) -> i32 {
-    (0..32).map(|i| w(i) * i32::from(a.qs[i])).sum()
-}
-
-fn nibble(qs: &[u8], i: usize) -> i32 {
-    i32::from(if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 })
-}
-
-fn rows32(
-    w: &[u8],
-    a: &[Act32],
-    blocks: usize,
-    out: &mut [f32],
-    bytes: usize,
-    block: impl Fn(&[u8], &Act32) -> f32,
-) {
-    for (r, o) in out.iter_mut().enumerate() {
-        let acts = &a[r * blocks..(r + 1) * blocks];
-        *o = w
-            .chunks_exact(bytes)
-            .zip(acts)
-            .map(|(b, act)| block(b, act))
-            .sum();
+/// The integer value of weight `i` of a block's values in `format`.
+fn value(format: QFormat, qs: &[u8], i: usize) -> i32 {
+    match format {
+        QFormat::Q8_0 => i32::from(qs[i] as i8),
+        _ => i32::from(if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 }),
     }
 }
 
-fn q4_0(w: &[u8], a: &[Act32], blocks: usize, out: &mut [f32]) {
-    rows32(w, a, blocks, out, 18, |b, act| {
-        let d = f16_at(b, 0);
-        d * act.d * idot32(act, |i| nibble(&b[2..], i) - 8) as f32
-    })
+fn rows32(format: QFormat, w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) {
+    let nb = a.blocks;
+    let (qs_bytes, _) = planar(format);
+    let (scales, mins, values) = planes(format, w, nb);
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = first + r;
+        let mut acc = 0f32;
+        for b in 0..nb {
+            let qs = &values[qs_bytes * b..];
+            let aq = &a.qs[(row * nb + b) * 32..][..32];
+            let dot: i32 = (0..32)
+                .map(|i| value(format, qs, i) * i32::from(aq[i]))
+                .sum();
+            let (d, ad, s) = (f16_at(scales, 2 * b), a.d[row * nb + b], a.s[row * nb + b]);
+            acc += d * ad * dot as f32;
+            acc += match format {
+                QFormat::Q4_0 => -8.0 * d * s,
+                QFormat::Q4_1 => f16_at(mins, 2 * b) * s,
+                _ => 0.0,
+            };
+        }
+        *o = acc;
+    }
 }
 
-fn q4_1(w: &[u8], a: &[Act32], blocks: usize, out: &mut [f32]) {
-    rows32(w, a, blocks, out, 20, |b, act| {
-        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-        d * act.d * idot32(act, |i| nibble(&b[4..], i)) as f32 + m * act.s
-    })
+fn q4_0(w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) {
+    rows32(QFormat::Q4_0, w, a, first, out)
 }
 
-fn q8_0(w: &[u8], a: &[Act32], blocks: usize, out: &mut [f32]) {
-    rows32(w, a, blocks, out, 34, |b, act| {
-        let d = f16_at(b, 0);
-        d * act.d * idot32(act, |i| i32::from(b[2 + i] as i8)) as f32
-    })
+fn q4_1(w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) {
+    rows32(QFormat::Q4_1, w, a, first, out)
+}
+
+fn q8_0(w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) {
+    rows32(QFormat::Q8_0, w, a, first, out)
 }
 
 /// A Q4_K block's 256 4-bit values, its 8 group scales and minimums.
@@ -156,10 +200,12 @@ fn q6k_unpack(b: &[u8]) -> ([i8; 256], [i8; 16]) {
     (q, sc)
 }
 
-fn q4k(w: &[u8], a: &[Act256], blocks: usize, out: &mut [f32]) {
+fn q4k(w: &[u8], a: &Acts256, first: usize, out: &mut [f32]) {
+    let blocks = a.blocks;
     for (r, o) in out.iter_mut().enumerate() {
         let mut acc = 0f32;
-        for (b, act) in w.chunks_exact(144).zip(&a[r * blocks..(r + 1) * blocks]) {
+        let acts = &a.data[(first + r) * blocks..(first + r + 1) * blocks];
+        for (b, act) in w.chunks_exact(144).zip(acts) {
             let (q, sc, mn) = q4k_unpack(b);
             let (mut sumi, mut summ) = (0i32, 0i32);
             for g in 0..8 {
@@ -176,10 +222,12 @@ fn q4k(w: &[u8], a: &[Act256], blocks: usize, out: &mut [f32]) {
     }
 }
 
-fn q6k(w: &[u8], a: &[Act256], blocks: usize, out: &mut [f32]) {
+fn q6k(w: &[u8], a: &Acts256, first: usize, out: &mut [f32]) {
+    let blocks = a.blocks;
     for (r, o) in out.iter_mut().enumerate() {
         let mut acc = 0f32;
-        for (b, act) in w.chunks_exact(210).zip(&a[r * blocks..(r + 1) * blocks]) {
+        let acts = &a.data[(first + r) * blocks..(first + r + 1) * blocks];
+        for (b, act) in w.chunks_exact(210).zip(acts) {
             let (q, sc) = q6k_unpack(b);
             let mut sumi = 0i32;
             for g in 0..16 {
@@ -194,46 +242,43 @@ fn q6k(w: &[u8], a: &[Act256], blocks: usize, out: &mut [f32]) {
     }
 }
 
-/// One row of `format` blocks (`row`) as f32 into `out`.
+/// One row of `format` (in this crate's layout) as f32 into `out`.
 pub fn dequantize(format: QFormat, row: &[u8], out: &mut [f32]) {
     let n = format.block_len();
+    let (qs_bytes, _) = planar(format);
+    if qs_bytes > 0 {
+        let nb = out.len() / 32;
+        let (scales, mins, values) = planes(format, row, nb);
+        for (b, y) in out.chunks_exact_mut(32).enumerate() {
+            let d = f16_at(scales, 2 * b);
+            let qs = &values[qs_bytes * b..];
+            for (i, v) in y.iter_mut().enumerate() {
+                let q = value(format, qs, i);
+                *v = match format {
+                    QFormat::Q4_0 => (q - 8) as f32 * d,
+                    QFormat::Q4_1 => q as f32 * d + f16_at(mins, 2 * b),
+                    _ => q as f32 * d,
+                };
+            }
+        }
+        return;
+    }
     for (b, y) in row
         .chunks_exact(format.block_bytes())
         .zip(out.chunks_exact_mut(n))
     {
-        match format {
-            QFormat::Q4_0 => {
-                let d = f16_at(b, 0);
-                for (i, v) in y.iter_mut().enumerate() {
-                    *v = (nibble(&b[2..], i) - 8) as f32 * d;
-                }
+        if format == QFormat::Q4K {
+            let (q, sc, mn) = q4k_unpack(b);
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            for (i, v) in y.iter_mut().enumerate() {
+                let g = i / 32;
+                *v = d * f32::from(sc[g]) * f32::from(q[i]) - dmin * f32::from(mn[g]);
             }
-            QFormat::Q4_1 => {
-                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-                for (i, v) in y.iter_mut().enumerate() {
-                    *v = nibble(&b[4..], i) as f32 * d + m;
-                }
-            }
-            QFormat::Q8_0 => {
-                let d = f16_at(b, 0);
-                for (i, v) in y.iter_mut().enumerate() {
-                    *v = f32::from(b[2 + i] as i8) * d;
-                }
-            }
-            QFormat::Q4K => {
-                let (q, sc, mn) = q4k_unpack(b);
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                for (i, v) in y.iter_mut().enumerate() {
-                    let g = i / 32;
-                    *v = d * f32::from(sc[g]) * f32::from(q[i]) - dmin * f32::from(mn[g]);
-                }
-            }
-            QFormat::Q6K => {
-                let (q, sc) = q6k_unpack(b);
-                let d = f16_at(b, 208);
-                for (i, v) in y.iter_mut().enumerate() {
-                    *v = d * f32::from(sc[i / 16]) * f32::from(q[i]);
-                }
+        } else {
+            let (q, sc) = q6k_unpack(b);
+            let d = f16_at(b, 208);
+            for (i, v) in y.iter_mut().enumerate() {
+                *v = d * f32::from(sc[i / 16]) * f32::from(q[i]);
             }
         }
     }

@@ -19,7 +19,7 @@ mod x86;
 
 use std::sync::OnceLock;
 
-pub use act::{Act256, Act32};
+pub use act::{Act256, Acts256, Acts32};
 
 /// A GGUF weight format this crate multiplies natively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,8 +135,9 @@ impl Isa {
     }
 }
 
-/// A `rows × cols` matrix of quantized weights, in GGUF's own block layout (row-major, each row
-/// `cols / block_len` blocks). Multiplying `x` (`m × cols`) gives `x · selfᵀ` (`m × rows`).
+/// A `rows × cols` matrix of quantized weights, row-major, each row `cols / block_len` blocks
+/// (the 32-wide formats repacked into planes per row: see `formats`). Multiplying `x`
+/// (`m × cols`) gives `x · selfᵀ` (`m × rows`).
 pub struct QMatrix {
     format: QFormat,
     rows: usize,
@@ -162,7 +163,7 @@ impl QMatrix {
         data: Vec<u8>,
     ) -> Result<Self, KernelError> {
         let block = format.block_len();
-        if cols % block != 0 || cols == 0 {
+        if !cols.is_multiple_of(block) || cols == 0 {
             return Err(KernelError::RaggedRow {
                 format,
                 cols,
@@ -179,6 +180,7 @@ impl QMatrix {
                 expected,
             });
         }
+        let data = formats::repack(format, data, cols / block);
         Ok(Self {
             format,
             rows,
@@ -254,26 +256,17 @@ impl QMatrix {
         }
         let isa = if isa == Isa::Avx2 { Isa::best() } else { isa };
         if let Some(dot) = formats::dot32(self.format, isa) {
-            let acts: Vec<Act32> = x
-                .chunks_exact(self.cols)
-                .flat_map(act::quantize_32)
-                .collect();
-            self.run(dot, &acts, m, out);
+            self.run(dot, &act::quantize_32(x, self.cols), m, out);
         } else if let Some(dot) = formats::dot256(self.format, isa) {
-            let acts: Vec<Act256> = x
-                .chunks_exact(self.cols)
-                .flat_map(act::quantize_256)
-                .collect();
-            self.run(dot, &acts, m, out);
+            self.run(dot, &act::quantize_256(x, self.cols), m, out);
         }
         Ok(())
     }
 
     /// Splits the weight rows across the pool; each task dots its rows with every activation
     /// row, [`ROW_TILE`] at a time, so a weight block is read from memory once per product.
-    fn run<A: Sync>(&self, dot: formats::DotFn<A>, acts: &[A], m: usize, out: &mut [f32]) {
+    fn run<A: Sync>(&self, dot: formats::DotFn<A>, acts: &A, m: usize, out: &mut [f32]) {
         let n = self.rows;
-        let blocks = self.cols / self.format.block_len();
         let rb = self.row_bytes();
         let out_ptr = SendPtr(out.as_mut_ptr());
         let work = |rows: std::ops::Range<usize>| {
@@ -284,10 +277,9 @@ impl QMatrix {
                 let mut j = 0;
                 while j < m {
                     let t = (m - j).min(ROW_TILE);
-                    let a = &acts[j * blocks..(j + t) * blocks];
                     // SAFETY: `dot` was picked for a CPU that has its instruction set; `w` is
-                    // one row of `blocks` blocks and `a` `t` rows of `blocks` activations.
-                    unsafe { dot(w, a, blocks, &mut tile[..t]) };
+                    // one row and `acts` holds `m` rows of as many blocks.
+                    unsafe { dot(w, acts, j, &mut tile[..t]) };
                     for (i, v) in tile[..t].iter().enumerate() {
                         // SAFETY: `out` has `m × n` values (checked by the caller); each
                         // (row j + i, column r) is written by the one task that owns row r.

@@ -54,7 +54,15 @@ pub fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// Rotates each `head_dim`-wide head of `x` (one row per position `pos + i`) by the angles
 /// of `cos`/`sin` (`head_dim / 2` per position). `interleaved`: pairs `(2j, 2j + 1)` (GPT-J,
 /// llama GGUFs); otherwise `(j, j + head_dim / 2)` (NeoX).
-pub fn rope(x: &mut [f32], row_width: usize, head_dim: usize, pos: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
+pub fn rope(
+    x: &mut [f32],
+    row_width: usize,
+    head_dim: usize,
+    pos: usize,
+    cos: &[f32],
+    sin: &[f32],
+    interleaved: bool,
+) {
     let half = head_dim / 2;
     for (i, row) in x.chunks_exact_mut(row_width).enumerate() {
         let at = (pos + i) * half;
@@ -129,8 +137,11 @@ pub fn attention(
 ) -> Result<(), KernelError> {
     let qw = h.n_head * h.head_dim;
     let kw = h.n_kv_head * h.head_dim;
-    if qw == 0 || kw == 0 || h.n_head % h.n_kv_head != 0 || q.len() % qw != 0 {
-        return Err(KernelError::Shape(format!("attention heads {h:?} for {} query values", q.len())));
+    if qw == 0 || kw == 0 || !h.n_head.is_multiple_of(h.n_kv_head) || !q.len().is_multiple_of(qw) {
+        return Err(KernelError::Shape(format!(
+            "attention heads {h:?} for {} query values",
+            q.len()
+        )));
     }
     let rows = q.len() / qw;
     if out.len() != q.len() || k.len() < (pos + rows) * kw || v.len() < (pos + rows) * kw {
@@ -166,12 +177,21 @@ pub fn attention(
             }
             acc.fill(0.0);
             for (j, s) in scores.iter().enumerate() {
-                axpy(*s, &v[(first + j) * kw + g * h.head_dim..][..h.head_dim], &mut acc);
+                axpy(
+                    *s,
+                    &v[(first + j) * kw + g * h.head_dim..][..h.head_dim],
+                    &mut acc,
+                );
             }
             let inv = 1.0 / sum;
             // SAFETY: `out` is `rows × qw` (the caller's slice); this task alone writes head
             // `head` of each row.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(i * qw + head * h.head_dim), h.head_dim) };
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    out_ptr.0.add(i * qw + head * h.head_dim),
+                    h.head_dim,
+                )
+            };
             for (d, a) in dst.iter_mut().zip(&acc) {
                 *d = a * inv;
             }

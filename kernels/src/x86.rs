@@ -7,7 +7,9 @@
 
 use std::arch::x86_64::*;
 
-use crate::act::{Act256, Act32};
+use crate::act::{Acts256, Acts32};
+use crate::formats::{planar, planes};
+use crate::QFormat;
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -44,86 +46,128 @@ fn dot_u8_i8(w: __m256i, a: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(p)
 }
 
-/// A 32-weight block format: how to unpack one block.
-trait Block32 {
-    const BYTES: usize;
-    /// Whether the unpacked weights are signed (then dotted as |w| · sign(a, w)).
+/// How a 32-wide format's values become 32 bytes.
+trait Values32 {
+    const FORMAT: QFormat;
+    /// Whether the values are signed (then dotted as |w| · sign(a, w)).
     const SIGNED: bool;
-    /// The 32 weights as bytes, the scale, and what multiplies the activations' `s`.
-    unsafe fn unpack(p: *const u8) -> (__m256i, f32, f32);
+    unsafe fn load(p: *const u8) -> __m256i;
 }
 
 struct Q4_0;
 struct Q4_1;
 struct Q8_0;
 
-impl Block32 for Q4_0 {
-    const BYTES: usize = 18;
+impl Values32 for Q4_0 {
+    const FORMAT: QFormat = QFormat::Q4_0;
     const SIGNED: bool = false;
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn unpack(p: *const u8) -> (__m256i, f32, f32) {
-        // (q - 8)·d·a summed = d·Σq·a - 8·d·Σa: the offset rides on the activations' sum.
-        let d = unsafe { f16_at(p) };
-        (unsafe { nibbles(p.add(2)) }, d, -8.0 * d)
+    unsafe fn load(p: *const u8) -> __m256i {
+        unsafe { nibbles(p) }
     }
 }
 
-impl Block32 for Q4_1 {
-    const BYTES: usize = 20;
+impl Values32 for Q4_1 {
+    const FORMAT: QFormat = QFormat::Q4_1;
     const SIGNED: bool = false;
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn unpack(p: *const u8) -> (__m256i, f32, f32) {
-        unsafe { (nibbles(p.add(4)), f16_at(p), f16_at(p.add(2))) }
+    unsafe fn load(p: *const u8) -> __m256i {
+        unsafe { nibbles(p) }
     }
 }
 
-impl Block32 for Q8_0 {
-    const BYTES: usize = 34;
+impl Values32 for Q8_0 {
+    const FORMAT: QFormat = QFormat::Q8_0;
     const SIGNED: bool = true;
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn unpack(p: *const u8) -> (__m256i, f32, f32) {
-        unsafe {
-            (
-                _mm256_loadu_si256(p.add(2) as *const __m256i),
-                f16_at(p),
-                0.0,
-            )
-        }
+    unsafe fn load(p: *const u8) -> __m256i {
+        unsafe { _mm256_loadu_si256(p as *const __m256i) }
     }
 }
 
-/// One weight row (`blocks` blocks at `w`) against `R` activation rows.
+/// Scales converted per chunk of this many blocks (a stack buffer).
+const CHUNK: usize = 64;
+
+/// `n` f16 values at `src` as f32 into `dst`, eight per instruction.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile32<B: Block32, const R: usize>(
-    w: &[u8],
-    a: &[Act32],
-    blocks: usize,
-    out: &mut [f32],
-) {
+unsafe fn f16_to_f32(src: &[u8], dst: &mut [f32; CHUNK], n: usize) {
+    let mut i = 0;
+    while i + 8 <= n {
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(2 * i) as *const __m128i);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    while i < n {
+        dst[i] = unsafe { f16_at(src.as_ptr().add(2 * i)) };
+        i += 1;
+    }
+}
+
+/// One repacked weight row against `R` activation rows from `first` on. Per block: one
+/// value load, and per activation row one integer dot and one fused multiply-add with the
+/// product of the two scales; minimums or offsets are a dot of scale vectors per chunk.
+// Indices run over blocks and rows of several arrays at once.
+#[allow(clippy::needless_range_loop)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile32<B: Values32, const R: usize>(w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) {
+    let nb = a.blocks;
+    let (qs_bytes, _) = planar(B::FORMAT);
+    let (scales, mins, values) = planes(B::FORMAT, w, nb);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut offs = [0f32; R];
-    let wp = w.as_ptr();
-    let ap = a.as_ptr();
-    for b in 0..blocks {
-        let (wv, d, m) = unsafe { B::unpack(wp.add(b * B::BYTES)) };
-        let wabs = if B::SIGNED {
-            _mm256_sign_epi8(wv, wv)
-        } else {
-            wv
-        };
-        for r in 0..R {
-            let act = unsafe { &*ap.add(r * blocks + b) };
-            let mut av = unsafe { _mm256_loadu_si256(act.qs.as_ptr() as *const __m256i) };
-            if B::SIGNED {
-                av = _mm256_sign_epi8(av, wv);
+    let mut wd = [0f32; CHUNK];
+    let mut wm = [0f32; CHUNK];
+    let cols = nb * 32;
+    let mut c0 = 0;
+    while c0 < nb {
+        let c = (nb - c0).min(CHUNK);
+        unsafe { f16_to_f32(&scales[2 * c0..], &mut wd, c) };
+        match B::FORMAT {
+            QFormat::Q4_1 => unsafe { f16_to_f32(&mins[2 * c0..], &mut wm, c) },
+            // (q - 8)·d·a summed = d·Σq·a - 8·d·Σa: the offset rides on the activations' sum.
+            QFormat::Q4_0 => {
+                for (m, d) in wm[..c].iter_mut().zip(&wd[..c]) {
+                    *m = -8.0 * d;
+                }
             }
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), dot_u8_i8(wabs, av), acc[r]);
-            offs[r] += m * act.s;
+            _ => {}
         }
+        for b in 0..c {
+            let wv = unsafe { B::load(values.as_ptr().add(qs_bytes * (c0 + b))) };
+            let wabs = if B::SIGNED {
+                _mm256_sign_epi8(wv, wv)
+            } else {
+                wv
+            };
+            for r in 0..R {
+                let row = first + r;
+                let at = row * nb + c0 + b;
+                let mut av = unsafe {
+                    _mm256_loadu_si256(
+                        a.qs.as_ptr().add(row * cols + (c0 + b) * 32) as *const __m256i
+                    )
+                };
+                if B::SIGNED {
+                    av = _mm256_sign_epi8(av, wv);
+                }
+                let dd = wd[b] * unsafe { *a.d.get_unchecked(at) };
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dd), dot_u8_i8(wabs, av), acc[r]);
+            }
+        }
+        if B::FORMAT != QFormat::Q8_0 {
+            for (r, off) in offs.iter_mut().enumerate() {
+                let at = (first + r) * nb + c0;
+                *off += crate::ops::dot(&wm[..c], &a.s[at..at + c]);
+            }
+        }
+        c0 += c;
     }
     for r in 0..R {
         out[r] = hsum(acc[r]) + offs[r];
@@ -131,17 +175,16 @@ unsafe fn tile32<B: Block32, const R: usize>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows32<B: Block32>(w: &[u8], a: &[Act32], blocks: usize, out: &mut [f32]) {
-    debug_assert!(w.len() >= blocks * B::BYTES && a.len() >= out.len() * blocks);
+unsafe fn rows32<B: Values32>(w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) {
     unsafe {
         match out.len() {
-            4 => tile32::<B, 4>(w, a, blocks, out),
-            3 => tile32::<B, 3>(w, a, blocks, out),
-            2 => tile32::<B, 2>(w, a, blocks, out),
-            1 => tile32::<B, 1>(w, a, blocks, out),
+            4 => tile32::<B, 4>(w, a, first, out),
+            3 => tile32::<B, 3>(w, a, first, out),
+            2 => tile32::<B, 2>(w, a, first, out),
+            1 => tile32::<B, 1>(w, a, first, out),
             n => {
                 for r in 0..n {
-                    tile32::<B, 1>(w, &a[r * blocks..], blocks, &mut out[r..r + 1]);
+                    tile32::<B, 1>(w, a, first + r, &mut out[r..r + 1]);
                 }
             }
         }
@@ -149,18 +192,18 @@ unsafe fn rows32<B: Block32>(w: &[u8], a: &[Act32], blocks: usize, out: &mut [f3
 }
 
 /// Q4_0 rows; see [`crate::formats::DotFn`].
-pub unsafe fn q4_0(w: &[u8], a: &[Act32], blocks: usize, out: &mut [f32]) {
-    unsafe { rows32::<Q4_0>(w, a, blocks, out) }
+pub unsafe fn q4_0(w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) {
+    unsafe { rows32::<Q4_0>(w, a, first, out) }
 }
 
 /// Q4_1 rows; see [`crate::formats::DotFn`].
-pub unsafe fn q4_1(w: &[u8], a: &[Act32], blocks: usize, out: &mut [f32]) {
-    unsafe { rows32::<Q4_1>(w, a, blocks, out) }
+pub unsafe fn q4_1(w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) {
+    unsafe { rows32::<Q4_1>(w, a, first, out) }
 }
 
 /// Q8_0 rows; see [`crate::formats::DotFn`].
-pub unsafe fn q8_0(w: &[u8], a: &[Act32], blocks: usize, out: &mut [f32]) {
-    unsafe { rows32::<Q8_0>(w, a, blocks, out) }
+pub unsafe fn q8_0(w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) {
+    unsafe { rows32::<Q8_0>(w, a, first, out) }
 }
 
 const SCALE_PAIRS: [[u8; 32]; 8] = {
@@ -179,28 +222,40 @@ const SCALE_PAIRS: [[u8; 32]; 8] = {
 
 /// Q4_K rows (after llama.cpp's `ggml_vec_dot_q4_K_q8_K`); see [`crate::formats::DotFn`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4k(w: &[u8], a: &[Act256], blocks: usize, out: &mut [f32]) {
+pub unsafe fn q4k(w: &[u8], a: &Acts256, first: usize, out: &mut [f32]) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
     let m4 = _mm256_set1_epi8(0x0f);
+    let blocks = a.blocks;
     for (r, o) in out.iter_mut().enumerate() {
+        let r = first + r;
         let mut acc = _mm256_setzero_ps();
-        let mut acc_m = 0f32;
+        let mut acc_m = _mm_setzero_ps();
         for b in 0..blocks {
-            let blk = &w[b * 144..(b + 1) * 144];
-            let act = &a[r * blocks + b];
-            let p = blk.as_ptr();
+            let p = unsafe { w.as_ptr().add(b * 144) };
+            let act = &a.data[r * blocks + b];
             let d = unsafe { f16_at(p) } * act.d;
-            let dmin = unsafe { f16_at(p.add(2)) } * act.d;
-            let (sc, mn) = crate::formats::q4k_scales_mins(&blk[4..16]);
+            let dmin = -unsafe { f16_at(p.add(2)) } * act.d;
+            // The 12 bytes of packed 6-bit scales and minimums as 8 + 8 bytes.
+            let u = |i: usize| unsafe { std::ptr::read_unaligned(p.add(4 + 4 * i) as *const u32) };
+            let (u0, u1, u2) = (u(0), u(1), u(2));
+            let t3 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+            let t2 = u1 & KMASK1;
+            let t1 = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+            let t0 = u0 & KMASK1;
+            let mins_scales =
+                _mm256_cvtepu8_epi16(_mm_set_epi32(t3 as i32, t2 as i32, t1 as i32, t0 as i32));
             // Minimums: Σ over groups of min · (sum of that group's 32 activations).
-            let mut msum = 0i32;
-            for g in 0..8 {
-                let s = i32::from(act.bsums[2 * g]) + i32::from(act.bsums[2 * g + 1]);
-                msum += i32::from(mn[g]) * s;
-            }
-            acc_m -= dmin * msum as f32;
-            let sc16 = unsafe { _mm_loadl_epi64(sc.as_ptr() as *const __m128i) };
-            let sc16 = _mm256_cvtepu8_epi16(sc16);
-            let scales = _mm256_permute2x128_si256(sc16, sc16, 0);
+            let bsums = unsafe { _mm256_loadu_si256(act.bsums.as_ptr() as *const __m256i) };
+            let sums32 = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bsums),
+                _mm256_extracti128_si256(bsums, 1),
+            );
+            let prod = _mm_madd_epi16(_mm256_extracti128_si256(mins_scales, 1), sums32);
+            acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+            let sc = _mm256_castsi256_si128(mins_scales);
+            let scales = _mm256_set_m128i(sc, sc);
             let mut sumi = _mm256_setzero_si256();
             let q4 = unsafe { p.add(16) };
             let q8 = act.qs.as_ptr();
@@ -223,21 +278,25 @@ pub unsafe fn q4k(w: &[u8], a: &[Act256], blocks: usize, out: &mut [f32]) {
             }
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
         }
-        *o = hsum(acc) + acc_m;
+        let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
+        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        *o = hsum(acc) + _mm_cvtss_f32(m);
     }
 }
 
 /// Q6_K rows (after llama.cpp's `ggml_vec_dot_q6_K_q8_K`); see [`crate::formats::DotFn`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q6k(w: &[u8], a: &[Act256], blocks: usize, out: &mut [f32]) {
+pub unsafe fn q6k(w: &[u8], a: &Acts256, first: usize, out: &mut [f32]) {
     let m4 = _mm256_set1_epi8(0x0f);
     let m2 = _mm256_set1_epi8(3);
     let m32 = _mm256_set1_epi8(32);
+    let blocks = a.blocks;
     for (r, o) in out.iter_mut().enumerate() {
+        let r = first + r;
         let mut acc = _mm256_setzero_ps();
         for b in 0..blocks {
             let p = unsafe { w.as_ptr().add(b * 210) };
-            let act = &a[r * blocks + b];
+            let act = &a.data[r * blocks + b];
             let d = unsafe { f16_at(p.add(208)) } * act.d;
             let scales = unsafe { p.add(192) } as *const i8;
             let mut sumi = _mm256_setzero_si256();

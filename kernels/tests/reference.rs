@@ -63,10 +63,11 @@ fn candle_dequant(dtype: GgmlDType, data: &[u8], rows: usize, cols: usize) -> Ve
 
 /// The activations the kernels use, dequantized.
 fn used_activations(format: QFormat, x: &[f32]) -> Vec<f32> {
+    let cols = x.len();
     if format.block_len() == 256 {
-        quantize_256(x).flat_map(|a| a.dequantize()).collect()
+        quantize_256(x, cols).dequantize()
     } else {
-        quantize_32(x).flat_map(|a| a.dequantize()).collect()
+        quantize_32(x, cols).dequantize()
     }
 }
 
@@ -100,7 +101,10 @@ fn check(
         );
     }
     let x: Vec<f32> = (0..m * cols).map(|_| rng.unit() * 4.0).collect();
-    let xa = used_activations(format, &x);
+    let xa: Vec<f32> = x
+        .chunks_exact(cols)
+        .flat_map(|r| used_activations(format, r))
+        .collect();
     for isa in isas() {
         let mut out = vec![f32::NAN; m * rows];
         q.matmul_with(isa, &x, m, &mut out).expect("matmul");
@@ -137,9 +141,12 @@ fn random_blocks_match_candle_dequantize_then_matmul() {
 #[test]
 fn candle_quantized_weights_match_and_large_products_split_across_threads() {
     let mut rng = Rng(42);
-    for (format, dtype) in FORMATS {
-        // Enough rows that the product is split into several tasks.
-        let (rows, cols) = (600, 512);
+    // Enough rows that the product is split into several tasks; rows of more blocks than the
+    // kernels convert scales for at once (64).
+    for ((format, dtype), (rows, cols)) in FORMATS
+        .into_iter()
+        .flat_map(|f| [(f, (600, 512)), (f, (130, 2304))])
+    {
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
         let t = candle_core::Tensor::from_vec(w, (rows, cols), &Device::Cpu).expect("tensor");
         let q = QTensor::quantize(&t, dtype).expect("quantize");

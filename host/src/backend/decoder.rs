@@ -449,7 +449,9 @@ impl CausalLm for Decoder {
     fn new_cache(&self, max_len: usize) -> KvCache {
         let max_len = max_len.min(self.context);
         match self.rows {
-            Some(_) => KvCache::new_rows(self.layers.len(), max_len, self.n_kv_head * self.head_dim),
+            Some(_) => {
+                KvCache::new_rows(self.layers.len(), max_len, self.n_kv_head * self.head_dim)
+            }
             None => KvCache::new(self.layers.len(), max_len),
         }
     }

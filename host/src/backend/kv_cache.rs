@@ -53,12 +53,20 @@ impl KvCache {
             candle_core::bail!("KV cache full: {end} positions > {}", self.max_len);
         }
         if k.len() != v.len() || k.len() != n * self.row {
-            candle_core::bail!("KV rows of {} and {} values, {} per position", k.len(), v.len(), self.row);
+            candle_core::bail!(
+                "KV rows of {} and {} values, {} per position",
+                k.len(),
+                v.len(),
+                self.row
+            );
         }
         if end > self.capacity {
             // Exact reservations, doubling from MIN_CAPACITY: growth stays within 2x of use
             // and never past the context (Vec's own growth could double a 2k cache to 4k).
-            self.capacity = end.max(self.capacity * 2).max(MIN_CAPACITY).min(self.max_len);
+            self.capacity = end
+                .max(self.capacity * 2)
+                .max(MIN_CAPACITY)
+                .min(self.max_len);
         }
         let (row, held, cap) = (self.row, self.len, self.capacity);
         let (kc, vc) = self

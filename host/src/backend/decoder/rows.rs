@@ -91,7 +91,11 @@ impl Decoder {
         }
         for c in caches.iter() {
             if c.len() + per_seq > c.max_len() {
-                candle_core::bail!("KV cache full: {} positions > {}", c.len() + per_seq, c.max_len());
+                candle_core::bail!(
+                    "KV cache full: {} positions > {}",
+                    c.len() + per_seq,
+                    c.max_len()
+                );
             }
         }
         let heads = Heads {
@@ -125,13 +129,26 @@ impl Decoder {
             let (cos, sin) = &w.ropes[l.rope];
             for (s, cache) in caches.iter_mut().enumerate() {
                 let pos = cache.len();
-                let (qs, ks) = (&mut q[s * per_seq * qw..][..per_seq * qw], &mut k[s * per_seq * kw..][..per_seq * kw]);
+                let (qs, ks) = (
+                    &mut q[s * per_seq * qw..][..per_seq * qw],
+                    &mut k[s * per_seq * kw..][..per_seq * kw],
+                );
                 ops::rope(qs, qw, self.head_dim, pos, cos, sin, self.interleaved);
                 ops::rope(ks, kw, self.head_dim, pos, cos, sin, self.interleaved);
                 let vs = &v[s * per_seq * kw..][..per_seq * kw];
                 let (kc, vc) = cache.append_rows(i, ks, vs)?;
                 let out = &mut att[s * per_seq * qw..][..per_seq * qw];
-                ops::attention(qs, kc, vc, heads, pos, l.window, self.attn_scale as f32, out).map_err(err)?;
+                ops::attention(
+                    qs,
+                    kc,
+                    vc,
+                    heads,
+                    pos,
+                    l.window,
+                    self.attn_scale as f32,
+                    out,
+                )
+                .map_err(err)?;
             }
             let mut o = l.attn_output.rows(&att, n)?;
             if let Some(pn) = &rl.post_attn_norm {
@@ -158,7 +175,12 @@ impl Decoder {
     }
 
     /// Logits of the last of `tokens` appended to one sequence.
-    pub(super) fn rows_forward(&self, w: &RowWeights, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Vec<f32>> {
+    pub(super) fn rows_forward(
+        &self,
+        w: &RowWeights,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Vec<f32>> {
         let x = self.rows_pass(w, tokens, &mut [cache], tokens.len())?;
         let hidden = x.len() / tokens.len();
         let mut last = x[x.len() - hidden..].to_vec();
@@ -176,7 +198,10 @@ impl Decoder {
         let mut x = self.rows_pass(w, tokens, caches, 1)?;
         ops::rms_norm(&mut x, &w.output_norm, self.eps);
         let logits = self.output.rows(&x, tokens.len())?;
-        Ok(logits.chunks_exact(self.vocab).map(<[f32]>::to_vec).collect())
+        Ok(logits
+            .chunks_exact(self.vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
 
