@@ -19,14 +19,14 @@ pub enum Linear {
     Candle(QMatMul),
 }
 
-/// The kernels' name for a GGUF block type they multiply faster than candle.
+/// The kernels' name for a GGUF block type they cover.
 fn native_format(dtype: GgmlDType) -> Option<QFormat> {
     Some(match dtype {
         GgmlDType::Q4_0 => QFormat::Q4_0,
         GgmlDType::Q4_1 => QFormat::Q4_1,
         GgmlDType::Q8_0 => QFormat::Q8_0,
-        // The crate's Q4_K and Q6_K kernels are tested but still slower than candle 0.11's
-        // repacked ones (`cargo bench -p wasmlm-kernels`: 0.6x and 0.4x); candle keeps them.
+        GgmlDType::Q4K => QFormat::Q4K,
+        GgmlDType::Q6K => QFormat::Q6K,
         _ => None?,
     })
 }
