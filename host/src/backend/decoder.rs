@@ -425,11 +425,11 @@ impl Decoder {
 
 impl CausalLm for Decoder {
     fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Vec<f32>> {
-        // On candle's own pool: its many small parallel ops then run on warm workers instead
-        // of handing each one to a sleeping thread (a futex wake per op).
         if let Some(w) = &self.rows {
             return self.rows_forward(w, tokens, cache);
         }
+        // On candle's own pool: its many small parallel ops then run on warm workers instead
+        // of handing each one to a sleeping thread (a futex wake per op).
         self.device
             .with_context(|| self.forward_here(tokens, cache))
     }

@@ -61,12 +61,9 @@ impl KvCache {
             );
         }
         if end > self.capacity {
-            // Exact reservations, doubling from MIN_CAPACITY: growth stays within 2x of use
-            // and never past the context (Vec's own growth could double a 2k cache to 4k).
-            self.capacity = end
-                .max(self.capacity * 2)
-                .max(MIN_CAPACITY)
-                .min(self.max_len);
+            // Exact reservations on the tensors' schedule: Vec's own growth could double a 2k
+            // cache to 4k, past the context.
+            self.capacity = self.next_capacity(end);
         }
         let (row, held, cap) = (self.row, self.len, self.capacity);
         let (kc, vc) = self
@@ -129,11 +126,17 @@ impl KvCache {
         self.len += n;
     }
 
-    fn grow(&mut self, needed: usize, like: &Tensor) -> Result<()> {
-        let new_cap = needed
+    /// The capacity to grow to for `needed` positions: doubling from [`MIN_CAPACITY`], never
+    /// past `max_len`.
+    fn next_capacity(&self, needed: usize) -> usize {
+        needed
             .max(self.capacity * 2)
             .max(MIN_CAPACITY)
-            .min(self.max_len);
+            .min(self.max_len)
+    }
+
+    fn grow(&mut self, needed: usize, like: &Tensor) -> Result<()> {
+        let new_cap = self.next_capacity(needed);
         let (_, n_kv, _, hd) = like.dims4()?;
         let alloc = |dev: &Device, dt: DType| Tensor::zeros((1, n_kv, new_cap, hd), dt, dev);
         for layer in self.layers.iter_mut() {
