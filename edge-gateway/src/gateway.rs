@@ -301,7 +301,7 @@ aliases = ["gpt-4o-mini"]
         for (n, gpu) in gw.inventory.all().iter().zip(["L40S", "A100", "A10G"]) {
             let info = json!({"id": gpu, "labels": {"gpu": gpu},
                 "models": [{"id": "qwen3", "state": "warm"}, {"id": "other", "state": "cold"}]});
-            inventory::apply_poll(n, &info, true);
+            inventory::apply_poll(n, &info, true, n.load_mark());
         }
         gw
     }

@@ -2,7 +2,7 @@
 //! (counted here, exact), measured speeds, and ejection after repeated failures.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::Value;
@@ -59,7 +59,16 @@ pub struct NodeState {
     /// The DNS name it came from, if any (it leaves when the name stops yielding it).
     pub from_dns: Option<String>,
     pub in_flight: AtomicU32,
+    /// Requests ever sent there (with `in_flight`, bounds what a poll's answer counted of ours).
+    entered: AtomicU64,
     pub view: Mutex<NodeView>,
+}
+
+/// The edge count at the start of a poll (`NodeState::load_mark`).
+#[derive(Debug, Clone, Copy)]
+pub struct LoadMark {
+    in_flight: u32,
+    entered: u64,
 }
 
 impl NodeState {
@@ -73,7 +82,28 @@ impl NodeState {
             url,
             from_dns,
             in_flight: AtomicU32::new(0),
+            entered: AtomicU64::new(0),
         }
+    }
+
+    /// Marks the edge count before asking the node for its own.
+    pub fn load_mark(&self) -> LoadMark {
+        LoadMark {
+            entered: self.entered.load(Ordering::SeqCst),
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+        }
+    }
+
+    /// The most of our requests the node can have been serving at any moment since `mark`:
+    /// those in flight then plus those sent since. The count now would be too low when one of
+    /// ours ended between the node's answer and now, leaving a phantom load on exactly the node
+    /// a conversation returns to.
+    pub fn ours_since(&self, mark: LoadMark) -> u64 {
+        let sent = self
+            .entered
+            .load(Ordering::SeqCst)
+            .saturating_sub(mark.entered);
+        u64::from(mark.in_flight).saturating_add(sent)
     }
 
     /// A copy of the polled view.
@@ -83,7 +113,10 @@ impl NodeState {
 
     /// Takes one request into the edge count; the guard gives it back.
     pub fn enter(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        // In this order, and read in the other by `load_mark`: a request is then in the mark's
+        // `in_flight` or in the `entered` after it.
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.entered.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
     }
 
@@ -109,7 +142,7 @@ pub struct InFlight(Arc<NodeState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -185,8 +218,9 @@ pub fn fail(node: &NodeState, eject_after: u32) -> Transition {
     Transition::None
 }
 
-/// Applies a successful poll of `/node` (and the `/health` status).
-pub fn apply_poll(node: &NodeState, info: &Value, ready: bool) -> Transition {
+/// Applies a successful poll of `/node` (and the `/health` status); `mark` was taken before
+/// `/node` was asked.
+pub fn apply_poll(node: &NodeState, info: &Value, ready: bool, mark: LoadMark) -> Transition {
     let labels: HashMap<String, String> = info
         .get("labels")
         .and_then(Value::as_object)
@@ -249,7 +283,7 @@ pub fn apply_poll(node: &NodeState, info: &Value, ready: bool) -> Transition {
     }
     // The node's `in_flight` counts requests being served or waiting in its queue, ours too.
     let theirs = info.get("in_flight").and_then(Value::as_u64).unwrap_or(0);
-    let ours = u64::from(node.in_flight.load(Ordering::Relaxed));
+    let ours = node.ours_since(mark);
     v.others_load = u32::try_from(theirs.saturating_sub(ours)).unwrap_or(u32::MAX);
     v.labels = labels;
     v.device = device;
@@ -310,18 +344,49 @@ mod tests {
                    "models": [{"id": "m", "aliases": ["x"], "state": "warm", "slots": {"total": 2}}]})
         };
         assert_eq!(
-            apply_poll(&n, &info(json!({"gpu": "L40S", "device": "cpu"})), true),
+            apply_poll(
+                &n,
+                &info(json!({"gpu": "L40S", "device": "cpu"})),
+                true,
+                n.load_mark()
+            ),
             Transition::Readmitted
         );
         assert_eq!(n.view().device, "L40S");
-        apply_poll(&n, &info(json!({"device": "cpu-avx512"})), true);
+        apply_poll(
+            &n,
+            &info(json!({"device": "cpu-avx512"})),
+            true,
+            n.load_mark(),
+        );
         assert_eq!(n.view().device, "cpu-avx512");
-        n.in_flight.store(1, Ordering::Relaxed);
+        let n = Arc::new(n);
+        let first = n.enter();
         let mut busy = info(json!({}));
         busy["in_flight"] = json!(3);
-        apply_poll(&n, &busy, true);
+        apply_poll(&n, &busy, true, n.load_mark());
+        assert_eq!(n.view().others_load, 2, "3 at the node, 1 of them ours");
+        // Ours end and start while the poll is out: the node's count may hold any of them.
+        let mark = n.load_mark();
+        drop(first);
+        let second = n.enter();
+        apply_poll(&n, &busy, true, mark);
+        assert_eq!(
+            n.view().others_load,
+            1,
+            "3 at the node, up to 2 of them ours"
+        );
+        let mut one = info(json!({}));
+        one["in_flight"] = json!(1);
+        let mark = n.load_mark();
+        drop(second);
+        apply_poll(&n, &one, true, mark);
+        assert_eq!(
+            n.view().others_load,
+            0,
+            "the one the node counted had just ended here"
+        );
         let v = n.view();
-        assert_eq!(v.others_load, 2, "3 at the node, 1 of them ours");
         assert_eq!((v.device.as_str(), v.id.as_str()), ("cpu", "n1"));
         assert_eq!(served(&v, "X").map(|m| m.slots), Some(2));
     }
@@ -329,14 +394,14 @@ mod tests {
     #[test]
     fn ejection_after_consecutive_failures_and_readmission() {
         let n = NodeState::new("http://a:1".into(), None);
-        apply_poll(&n, &json!({"models": []}), true);
+        apply_poll(&n, &json!({"models": []}), true, n.load_mark());
         assert_eq!(fail(&n, 2), Transition::None);
         assert!(n.view().up);
         assert_eq!(fail(&n, 2), Transition::Ejected);
         assert_eq!(fail(&n, 2), Transition::None);
         assert!(!n.view().up);
         assert_eq!(
-            apply_poll(&n, &json!({"models": []}), true),
+            apply_poll(&n, &json!({"models": []}), true, n.load_mark()),
             Transition::Readmitted
         );
         assert_eq!(n.view().failures, 0);

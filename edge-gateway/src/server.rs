@@ -70,11 +70,12 @@ async fn get_json(
 
 /// Polls one node's `/node` and `/health` and applies the result.
 async fn poll(gw: &Gateway, node: &NodeState) {
+    let mark = node.load_mark();
     let info = get_json(gw, node, "/node").await;
     let result = match info {
         Ok((s, v)) if s.is_success() && v.is_object() => {
             let ready = matches!(get_json(gw, node, "/health").await, Ok((s, _)) if s.is_success());
-            Ok(inventory::apply_poll(node, &v, ready))
+            Ok(inventory::apply_poll(node, &v, ready, mark))
         }
         Ok((s, _)) => Err(format!("/node answered {s}")),
         Err(e) => Err(e),
