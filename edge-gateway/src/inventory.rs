@@ -230,12 +230,17 @@ pub fn apply_poll(node: &NodeState, info: &Value, ready: bool, mark: LoadMark) -
                 .collect()
         })
         .unwrap_or_default();
-    let detected = info
-        .get("devices")
-        .and_then(Value::as_array)
-        .and_then(|d| d.first())
-        .and_then(|d| d.get("kind"))
-        .and_then(Value::as_str)
+    // A node lists the GPUs its models run on first, each with the driver's model name
+    // shortened the way catalogs spell it (`gpu`: "H100"); a CPU-only node lists its CPU.
+    let devices = info.get("devices").and_then(Value::as_array);
+    let detected = devices
+        .and_then(|ds| ds.iter().find_map(|d| d.get("gpu").and_then(Value::as_str)))
+        .or_else(|| {
+            devices
+                .and_then(|ds| ds.first())
+                .and_then(|d| d.get("kind"))
+                .and_then(Value::as_str)
+        })
         .unwrap_or("cpu");
     let device = labels
         .get("gpu")
@@ -388,6 +393,15 @@ mod tests {
         );
         let v = n.view();
         assert_eq!((v.device.as_str(), v.id.as_str()), ("cpu", "n1"));
+        let mut gpu = info(json!({}));
+        gpu["devices"] = json!([{"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "gpu": "H100"},
+                                {"kind": "cpu"}]);
+        apply_poll(&n, &gpu, true, n.load_mark());
+        assert_eq!(
+            n.view().device,
+            "H100",
+            "the driver's GPU model, unlabelled"
+        );
         assert_eq!(served(&v, "X").map(|m| m.slots), Some(2));
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use wasmlm_host::bindings::exports::wasmlm::llm::types::{Message, Role, SamplingOptions};
+use wasmlm_host::device::DeviceSpec;
 use wasmlm_host::runtime::{default_options, message, no_context, Runtime};
 use wasmlm_host::server::config::{NodeConfig, Overrides};
 
@@ -165,6 +166,7 @@ pub fn run(
     runtime: Runtime,
     model: String,
     model_spec: String,
+    device: DeviceSpec,
     gen: u32,
     rounds: usize,
     streams: &[usize],
@@ -177,6 +179,7 @@ pub fn run(
             models: vec![model_spec],
             slots: Some(max_streams),
             queue: Some(max_streams),
+            device: Some(device),
             ..Overrides::default()
         },
         &wasmlm_host::models::models_dir(),

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod compose;
+pub mod device;
 pub mod gguf;
 pub mod hub;
 pub mod models;

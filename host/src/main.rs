@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use wasmlm_host::backend::{LoadedModel, Sequence};
 use wasmlm_host::bindings::exports::wasmlm::llm::types::{Role, SamplingOptions};
+use wasmlm_host::device::DeviceSpec;
 use wasmlm_host::models::{self, ModelSpec, KNOWN_MODELS};
 use wasmlm_host::runtime::{default_options, message, no_context, Runtime, EMBEDDED_COMPONENT};
 use wasmlm_host::server::{self, config::NodeConfig, config::Overrides};
@@ -71,6 +72,9 @@ struct ModelArgs {
     /// A Jinja chat template file to use instead of the model's own (or for a model without).
     #[arg(long)]
     chat_template: Option<PathBuf>,
+    /// Device for the forward pass: cpu, or cuda:N in a build with CUDA.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 #[derive(Args)]
@@ -143,6 +147,10 @@ struct ServeArgs {
     /// CPU threads for the forward pass (default: available cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Device for the models named by --model (the config file sets its own per model):
+    /// cpu, or cuda:N in a build with CUDA.
+    #[arg(long)]
+    device: Option<DeviceSpec>,
     /// Use this component file instead of the embedded one.
     #[arg(long, hide = true)]
     component: Option<PathBuf>,
@@ -290,6 +298,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         labels: a.labels,
         node_id: a.node_id,
         chat_template: a.chat_template,
+        device: a.device,
         apps: a.apps,
         allow_unknown_imports: a.allow_unknown_imports,
     };
@@ -323,7 +332,15 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
     }
     let (runtime, model) = start(&a.model)?;
     let spec = format!("{model}={}", runtime_model_path(&a.model)?.display());
-    bench_serve::run(runtime, model, spec, a.gen_tokens, a.rounds, &a.streams)
+    bench_serve::run(
+        runtime,
+        model,
+        spec,
+        a.model.device,
+        a.gen_tokens,
+        a.rounds,
+        &a.streams,
+    )
 }
 
 /// The file of the model `a` names.
@@ -348,11 +365,8 @@ fn start(a: &ModelArgs) -> Result<(Runtime, String)> {
         chat_template: a.chat_template.clone(),
         ..spec
     };
-    let loaded = models::load_all(
-        std::slice::from_ref(&spec),
-        a.context,
-        &candle_core::Device::Cpu,
-    )?;
+    let device = a.device.open()?;
+    let loaded = models::load_all(std::slice::from_ref(&spec), a.context, &device)?;
     let wasm = component_wasm(a.component.as_ref())?;
     let cache = models::cache_dir().join("components");
     let runtime = Runtime::new(&wasm, loaded, Some(&cache))?;

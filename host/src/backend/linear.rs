@@ -17,6 +17,9 @@ pub enum Linear {
     Native(Arc<QMatrix>),
     /// Anything else, through candle.
     Candle(QMatMul),
+    /// Dense bf16/f16 weights (off the CPU): activations are cast to their dtype for the
+    /// product (which accumulates in f32) and back.
+    Dense(Tensor),
 }
 
 /// The kernels' name for a GGUF block type they cover.
@@ -49,6 +52,14 @@ pub fn native_matrix(q: QTensor) -> Result<Result<QMatrix, QTensor>, BackendMode
 }
 
 impl Linear {
+    /// A matrix of dense weights (f32 through candle's own path).
+    pub fn dense(w: Tensor) -> Self {
+        match w.dtype() {
+            DType::F32 => Linear::Candle(QMatMul::Tensor(w)),
+            _ => Linear::Dense(w),
+        }
+    }
+
     /// A matrix of quantized weights.
     pub fn quantized(q: QTensor) -> Result<Self, BackendModelError> {
         Ok(match native_matrix(q)? {
@@ -66,9 +77,9 @@ impl Linear {
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 Ok(out)
             }
-            Linear::Candle(q) => {
+            Linear::Candle(_) | Linear::Dense(_) => {
                 let t = Tensor::from_slice(x, (m, x.len() / m.max(1)), &Device::Cpu)?;
-                q.forward(&t)?
+                self.forward(&t)?
                     .flatten_all()?
                     .to_dtype(DType::F32)?
                     .to_vec1()
@@ -80,6 +91,14 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Linear::Candle(m) => m.forward(x),
+            Linear::Dense(w) => {
+                let w = match *x.dims() {
+                    [b1, b2, _, _] => w.broadcast_left((b1, b2))?.t()?,
+                    [b, _, _] => w.broadcast_left(b)?.t()?,
+                    _ => w.t()?,
+                };
+                x.to_dtype(w.dtype())?.matmul(&w)?.to_dtype(x.dtype())
+            }
             Linear::Native(w) => {
                 let mut dims = x.dims().to_vec();
                 let k = dims.last().copied().unwrap_or(0);
@@ -97,5 +116,38 @@ impl Linear {
                 Tensor::from_vec(out, dims, &Device::Cpu)?.to_device(x.device())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_weights_multiply_like_f32_within_bf16_rounding() {
+        let dev = Device::Cpu;
+        let w32 = Tensor::randn(0f32, 1.0, (48, 64), &dev).unwrap();
+        let w = w32.to_dtype(DType::BF16).unwrap();
+        let exact = Linear::dense(w.to_dtype(DType::F32).unwrap());
+        let half = Linear::dense(w);
+        assert!(matches!(half, Linear::Dense(_)) && matches!(exact, Linear::Candle(_)));
+        for shape in [vec![3, 64], vec![1, 3, 64], vec![2, 1, 3, 64]] {
+            let x = Tensor::randn(0f32, 1.0, shape.clone(), &dev).unwrap();
+            let a = half.forward(&x).unwrap();
+            let b = exact.forward(&x).unwrap();
+            assert_eq!(a.dtype(), DType::F32);
+            assert_eq!(a.dims(), b.dims(), "{shape:?}");
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            // Only the activations' rounding to bf16 separates the two (8 bits of mantissa).
+            assert!(err <= scale * 2e-2, "{shape:?}: {err} vs {scale}");
+        }
+        let rows = half.rows(&vec![0.5f32; 2 * 64], 2).unwrap();
+        assert_eq!(rows.len(), 2 * 48);
     }
 }

@@ -15,7 +15,8 @@ use super::linear::{native_matrix, Linear};
 use super::{plain_message, BackendModelError};
 use crate::gguf::GgufFile;
 
-/// One tensor as stored: quantized (GGUF) or dense (safetensors, read as f32).
+/// One tensor as stored: quantized (GGUF) or dense (safetensors: f32 on the CPU, the stored
+/// bf16/f16 elsewhere, see [`dense_dtype`]).
 pub enum Param {
     Quant(QTensor),
     Dense(Tensor),
@@ -26,7 +27,7 @@ impl Param {
     pub fn dense(self, device: &Device) -> Result<Tensor, BackendModelError> {
         Ok(match self {
             Param::Quant(q) => q.dequantize(device)?,
-            Param::Dense(t) => t,
+            Param::Dense(t) => t.to_dtype(DType::F32)?,
         })
     }
 
@@ -34,16 +35,35 @@ impl Param {
     pub fn matmul(self) -> Result<Linear, BackendModelError> {
         Ok(match self {
             Param::Quant(q) => Linear::quantized(q)?,
-            Param::Dense(t) => Linear::Candle(QMatMul::Tensor(t)),
+            Param::Dense(t) => Linear::dense(t),
         })
     }
 
     /// As an embedding table.
     pub fn embedding(self) -> Result<Embedding, BackendModelError> {
         Ok(match self {
+            Param::Quant(q) if !q.device().is_cpu() => {
+                // Rows are looked up on the host: reading them out of device memory would copy
+                // the whole table (QTensor::data) on every step. The device copy stays for the
+                // tied output projection.
+                use candle_core::quantized::ggml_file::qtensor_from_ggml;
+                let host = qtensor_from_ggml(
+                    q.dtype(),
+                    &q.data()?,
+                    q.shape().dims().to_vec(),
+                    &Device::Cpu,
+                )?;
+                Embedding::Quant {
+                    host: Arc::new(host),
+                    device: Some(Arc::new(q)),
+                }
+            }
             Param::Quant(q) => match native_matrix(q)? {
                 Ok(m) => Embedding::Native(Arc::new(m)),
-                Err(q) => Embedding::Quant(Arc::new(q)),
+                Err(q) => Embedding::Quant {
+                    host: Arc::new(q),
+                    device: None,
+                },
             },
             Param::Dense(t) => Embedding::Dense(t),
         })
@@ -56,7 +76,12 @@ impl Param {
 pub enum Embedding {
     /// In a format the native kernels cover (shared with the output projection when tied).
     Native(Arc<QMatrix>),
-    Quant(Arc<QTensor>),
+    /// Rows come from `host` (on the CPU); `device` is the same table where the model runs,
+    /// when that is not the CPU.
+    Quant {
+        host: Arc<QTensor>,
+        device: Option<Arc<QTensor>>,
+    },
     Dense(Tensor),
 }
 
@@ -65,7 +90,7 @@ impl Embedding {
     pub fn dims(&self) -> (usize, usize) {
         let d = match self {
             Embedding::Native(m) => vec![m.rows(), m.cols()],
-            Embedding::Quant(q) => q.shape().dims().to_vec(),
+            Embedding::Quant { host, .. } => host.shape().dims().to_vec(),
             Embedding::Dense(t) => t.dims().to_vec(),
         };
         (
@@ -78,8 +103,10 @@ impl Embedding {
     pub fn as_matmul(&self) -> Result<Linear, BackendModelError> {
         Ok(match self {
             Embedding::Native(m) => Linear::Native(m.clone()),
-            Embedding::Quant(q) => Linear::Candle(QMatMul::from_arc(q.clone())?),
-            Embedding::Dense(t) => Linear::Candle(QMatMul::Tensor(t.clone())),
+            Embedding::Quant { host, device } => {
+                Linear::Candle(QMatMul::from_arc(device.as_ref().unwrap_or(host).clone())?)
+            }
+            Embedding::Dense(t) => Linear::dense(t.clone()),
         })
     }
 
@@ -102,9 +129,12 @@ impl Embedding {
             }
             Embedding::Dense(t) => {
                 let ids = Tensor::new(tokens, t.device())?;
-                t.index_select(&ids, 0)?.to_device(device)?.unsqueeze(0)
+                t.index_select(&ids, 0)?
+                    .to_dtype(DType::F32)?
+                    .to_device(device)?
+                    .unsqueeze(0)
             }
-            Embedding::Quant(q) => {
+            Embedding::Quant { host: q, .. } => {
                 use candle_core::quantized::ggml_file::qtensor_from_ggml;
                 let dtype = q.dtype();
                 let row_bytes = hidden / dtype.block_size() * dtype.type_size();
@@ -178,6 +208,19 @@ fn gguf_rope_scale(f: &GgufFile, arch: &str) -> Result<f32, BackendModelError> {
         other => Err(BackendModelError::Invalid(format!(
             "rope scaling '{other}' (factor {factor}) is not supported yet"
         ))),
+    }
+}
+
+/// The dtype a dense weight of `stored` dtype is kept in on `device`. A GPU multiplies bf16/f16
+/// at twice the bytes per second of f32 (decode reads every weight once per token), with f32
+/// accumulation; the CPU pass wants f32. `WASMLM_DENSE_DTYPE=f32` or `=stored` overrides it.
+pub fn dense_dtype(stored: DType, device: &Device) -> DType {
+    let half = matches!(stored, DType::BF16 | DType::F16);
+    match std::env::var("WASMLM_DENSE_DTYPE").as_deref() {
+        Ok("f32") => DType::F32,
+        Ok("stored") if half => stored,
+        _ if half && !device.is_cpu() => stored,
+        _ => DType::F32,
     }
 }
 
@@ -262,7 +305,7 @@ impl WeightSource {
                 })?;
                 let t = tensors
                     .load(&hf, device)
-                    .and_then(|t| t.to_dtype(DType::F32))
+                    .and_then(|t| t.to_dtype(dense_dtype(t.dtype(), device)))
                     .map_err(|e| BackendModelError::Tensor(hf.clone(), plain_message(&e)))?;
                 Ok(Param::Dense(t))
             }
@@ -456,6 +499,15 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dense_weights_stay_half_precision_only_off_the_cpu() {
+        // (WASMLM_DENSE_DTYPE is not set in tests.)
+        let cpu = Device::Cpu;
+        assert_eq!(dense_dtype(DType::BF16, &cpu), DType::F32);
+        assert_eq!(dense_dtype(DType::F16, &cpu), DType::F32);
+        assert_eq!(dense_dtype(DType::F32, &cpu), DType::F32);
+    }
 
     #[test]
     fn translates_names() {

@@ -19,6 +19,7 @@ use super::wire::{self, chat_logprob, finish_reason, GenRequest, LegacyLogprobs,
 use super::worker::{self, Event, Job, Timings};
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
 use crate::bindings::exports::wasmlm::llm::types::{FinishReason, Role, ToolCall, Usage};
+use crate::device::DeviceSpec;
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -52,7 +53,7 @@ fn preference(headers: &HeaderMap, body: Option<String>) -> Option<String> {
 fn check_device(m: &ServedModel, pref: Option<&str>) -> Result<(), ApiError> {
     match pref {
         None | Some("auto" | "any") => Ok(()),
-        Some(p) if p == m.config.device => Ok(()),
+        Some(p) if p.parse::<DeviceSpec>().is_ok_and(|d| d == m.config.device) => Ok(()),
         Some(p) => Err(ApiError::bad_param(
             "gpu_preference",
             format!(
@@ -227,7 +228,7 @@ async fn generate(node: Arc<Node>, headers: HeaderMap, body: Body, kind: Kind) -
         }),
         created: unix_now(),
         model: req.model.clone(),
-        device: m.config.device.clone(),
+        device: m.config.device.to_string(),
     };
     let fmt = Formatter::new(meta, kind, &req);
     if req.stream {
@@ -717,7 +718,7 @@ pub async fn warmup(
             Ok(Json(json!({
                 "model": m.name(),
                 "state": "warm",
-                "device": m.config.device,
+                "device": m.config.device.to_string(),
                 "load_time_ms": secs * 1e3,
                 "already_warm": was_warm,
                 "message": format!("{} warmed up in {secs:.2} s", m.name()),
@@ -735,7 +736,7 @@ pub async fn warmup_status(State(node): State<Arc<Node>>, Path(model): Path<Stri
         Json(json!({
             "model": m.name(),
             "state": w.state.as_str(),
-            "device": m.config.device,
+            "device": m.config.device.to_string(),
             "load_time_ms": w.load_secs.map(|s| s * 1e3),
             "error": w.error,
         }))

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::device::{DeviceError, DeviceSpec};
 use crate::models::{ModelError, ModelSpec};
 
 /// Slots per model unless configured.
@@ -98,7 +99,7 @@ pub struct ModelFile {
     pub name: String,
     /// GGUF file (relative to the config file) or, when absent, the known model `name`.
     pub path: Option<PathBuf>,
-    /// Device to run on (`cpu`).
+    /// Device to run on: `cpu` (default) or `cuda:N` (a build with the `cuda` feature).
     pub device: Option<String>,
     /// Concurrent generations (warm instances, each with its own KV cache).
     pub slots: Option<usize>,
@@ -117,7 +118,7 @@ pub struct ModelFile {
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub spec: ModelSpec,
-    pub device: String,
+    pub device: DeviceSpec,
     pub slots: usize,
     pub context_length: Option<usize>,
     pub aliases: Vec<String>,
@@ -149,6 +150,8 @@ pub struct Overrides {
     pub node_id: Option<String>,
     /// A chat template file for the models named on the command line.
     pub chat_template: Option<PathBuf>,
+    /// The device for the models named on the command line (and the default model).
+    pub device: Option<DeviceSpec>,
     /// `ROUTE=PATH` apps.
     pub apps: Vec<String>,
     /// Start apps whose imports the node does not all provide (calls to those trap).
@@ -166,9 +169,6 @@ const RESERVED_ROUTES: &[&str] = &[
     "/apply-template",
     "/node",
 ];
-
-/// Devices this build can run models on.
-pub const DEVICES: &[&str] = &["cpu"];
 
 impl NodeConfig {
     /// The config of `file` (if any) with `cli` applied; `models_dir` holds known models.
@@ -224,9 +224,15 @@ impl NodeConfig {
                 chat_template: m.chat_template.as_ref().map(|t| base.join(t)),
                 ..spec
             };
+            let device = match &m.device {
+                None => DeviceSpec::Cpu,
+                Some(d) => d.parse().map_err(|e: DeviceError| {
+                    ConfigError::Invalid(format!("model '{}': {e}", m.name))
+                })?,
+            };
             models.push(ModelConfig {
                 spec,
-                device: m.device.unwrap_or_else(|| "cpu".into()),
+                device,
                 slots: cli.slots.or(m.slots).unwrap_or(default_slots),
                 context_length: cli.context_length.or(m.context_length),
                 aliases: m.aliases,
@@ -240,7 +246,7 @@ impl NodeConfig {
             };
             let m = ModelConfig {
                 spec,
-                device: "cpu".into(),
+                device: cli.device.unwrap_or_default(),
                 slots: default_slots,
                 context_length: cli.context_length,
                 aliases: Vec::new(),
@@ -254,7 +260,7 @@ impl NodeConfig {
         if models.is_empty() {
             models.push(ModelConfig {
                 spec: ModelSpec::default_model(models_dir),
-                device: "cpu".into(),
+                device: cli.device.unwrap_or_default(),
                 slots: default_slots,
                 context_length: cli.context_length,
                 aliases: Vec::new(),
@@ -335,12 +341,11 @@ impl NodeConfig {
                     m.spec.name
                 )));
             }
-            if !DEVICES.contains(&m.device.as_str()) {
+            if !m.device.built() {
                 return Err(ConfigError::Invalid(format!(
-                    "model '{}': device '{}' is not available on this node (available: {})",
+                    "model '{}': {}",
                     m.spec.name,
-                    m.device,
-                    DEVICES.join(", ")
+                    DeviceError::NotBuilt(m.device)
                 )));
             }
             for n in std::iter::once(&m.spec.name).chain(&m.aliases) {
@@ -451,8 +456,20 @@ aliases = ["gpt-4o-mini"]
             "[[models]]\nname = \"x\"\npath = \"x\"\ndevice = \"cuda:7\"\n",
         )
         .unwrap();
+        if !cfg!(feature = "cuda") {
+            let e = NodeConfig::load(Some(&path), Overrides::default(), &dir).unwrap_err();
+            assert!(e.to_string().contains("scripts/build-cuda.sh"), "{e}");
+        }
+        std::fs::write(
+            &path,
+            "[[models]]\nname = \"x\"\npath = \"x\"\ndevice = \"tpu\"\n",
+        )
+        .unwrap();
         let e = NodeConfig::load(Some(&path), Overrides::default(), &dir).unwrap_err();
-        assert!(e.to_string().contains("available: cpu"), "{e}");
+        assert!(
+            e.to_string().contains("model 'x': unknown device 'tpu'"),
+            "{e}"
+        );
         std::fs::write(&path, "bogus = 1\n").unwrap();
         let e = NodeConfig::load(Some(&path), Overrides::default(), &dir).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");

@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::metrics::{Metrics, ModelGauges};
 use super::slots::SlotPool;
 use crate::bindings::exports::wasmlm::llm::models::ModelInfo;
+use crate::device::DeviceSpec;
 use crate::models;
 use crate::runtime::{default_options, Runtime};
 
@@ -234,12 +235,9 @@ impl Node {
 
     fn load_inner(&self, m: &ServedModel) -> Result<(), String> {
         let name = m.name();
-        let loaded = models::load_one(
-            &m.config.spec,
-            m.config.context_length,
-            &candle_core::Device::Cpu,
-        )
-        .map_err(|e| e.to_string())?;
+        let device = m.config.device.open().map_err(|e| e.to_string())?;
+        let loaded = models::load_one(&m.config.spec, m.config.context_length, &device)
+            .map_err(|e| e.to_string())?;
         let kind = loaded.weights.kind();
         if let Ok(mut k) = m.kind.lock() {
             *k = Some(kind);
@@ -306,12 +304,29 @@ impl Node {
             "created": self.started_unix(),
             "owned_by": "wasmlm",
             "aliases": m.config.aliases,
-            "device": m.config.device,
+            "device": m.config.device.to_string(),
             "context_length": context,
             "state": w.state.as_str(),
             "slots": m.config.slots,
             "kind": m.kind(),
         })
+    }
+
+    /// The devices models run on, GPUs first (the gateway takes the first GPU's model as the
+    /// node's device), then the CPU, which always serves the guests.
+    fn devices(&self) -> Vec<Value> {
+        let mut gpus: Vec<DeviceSpec> = self
+            .models
+            .iter()
+            .map(|m| m.config.device)
+            .filter(|d| *d != DeviceSpec::Cpu)
+            .collect();
+        gpus.sort_by_key(ToString::to_string);
+        gpus.dedup();
+        gpus.into_iter()
+            .chain(std::iter::once(DeviceSpec::Cpu))
+            .map(DeviceSpec::describe)
+            .collect()
     }
 
     /// Unix time the node started.
@@ -329,7 +344,7 @@ impl Node {
                 json!({
                     "id": m.name(),
                     "aliases": m.config.aliases,
-                    "device": m.config.device,
+                    "device": m.config.device.to_string(),
                     "state": w.state.as_str(),
                     "load_time_ms": w.load_secs.map(|s| s * 1e3),
                     "error": w.error,
@@ -347,7 +362,7 @@ impl Node {
             "id": self.config.node_id,
             "version": env!("CARGO_PKG_VERSION"),
             "labels": self.config.labels,
-            "devices": [cpu_device()],
+            "devices": self.devices(),
             "models": models,
             "in_flight": self.in_flight(),
             "queue_depth": queue,
@@ -361,30 +376,4 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// The CPU as a device: its model name, cores and memory.
-fn cpu_device() -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let name = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or("cpu", |(_, v)| v.trim());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024);
-    json!({
-        "id": "cpu",
-        "kind": "cpu",
-        "name": name,
-        "memory_bytes": memory,
-        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
-    })
 }
