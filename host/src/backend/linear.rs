@@ -91,14 +91,10 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Linear::Candle(m) => m.forward(x),
-            Linear::Dense(w) => {
-                let w = match *x.dims() {
-                    [b1, b2, _, _] => w.broadcast_left((b1, b2))?.t()?,
-                    [b, _, _] => w.broadcast_left(b)?.t()?,
-                    _ => w.t()?,
-                };
-                x.to_dtype(w.dtype())?.matmul(&w)?.to_dtype(x.dtype())
-            }
+            // candle's dense product (its batch broadcasting), in the weights' dtype.
+            Linear::Dense(w) => QMatMul::Tensor(w.clone())
+                .forward(&x.to_dtype(w.dtype())?)?
+                .to_dtype(x.dtype()),
             Linear::Native(w) => {
                 let mut dims = x.dims().to_vec();
                 let k = dims.last().copied().unwrap_or(0);
