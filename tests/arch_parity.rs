@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Device;
-use wasmlm_host::backend::{LoadedModel, Sequence};
+use wasmlm_host::backend::{DenseDType, LoadOptions, LoadedModel, Pass, Sequence};
 
 fn fixture(arch: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -55,11 +55,21 @@ fn argmax(v: &[f32]) -> usize {
         .unwrap_or(0)
 }
 
+/// Both forward passes: the CPU's own over rows, and candle's tensor pass that GPUs run.
+const PASSES: [Pass; 2] = [Pass::Auto, Pass::Tensors];
+
+fn options(pass: Pass) -> LoadOptions {
+    LoadOptions {
+        pass,
+        ..LoadOptions::default()
+    }
+}
+
 /// Runs `model` on the reference ids token by token and as one prompt; returns the worst
 /// relative error and the positions whose greedy token differs.
-fn run(path: &Path, expected: &[Vec<f32>], ids: &[u32]) -> (f32, Vec<usize>) {
+fn run(path: &Path, options: LoadOptions, expected: &[Vec<f32>], ids: &[u32]) -> (f32, Vec<usize>) {
     let model = Arc::new(
-        LoadedModel::from_path(path, None, &Device::Cpu)
+        LoadedModel::from_path(path, &options, &Device::Cpu)
             .unwrap_or_else(|e| panic!("{} loads: {e}", path.display())),
     );
     let mut seq = Sequence::new(model.clone());
@@ -93,44 +103,77 @@ fn check_arch(arch: &str, variants: &[&str], q8: Q8Bounds) {
     let dir = fixture(arch);
     // f32 and bf16 hold the same (bf16-representable) numbers, and so does f16: the only
     // difference left is the order of floating-point operations.
-    for &variant in variants {
-        let (err, mismatch) = run(&dir.join(variant), &r.logits, &r.ids);
-        assert!(err < 1e-4, "{arch} {variant}: relative error {err:e}");
+    for pass in PASSES {
+        for &variant in variants {
+            let (err, mismatch) = run(&dir.join(variant), options(pass), &r.logits, &r.ids);
+            assert!(
+                err < 1e-4,
+                "{arch} {variant} {pass:?}: relative error {err:e}"
+            );
+            assert!(
+                mismatch.is_empty(),
+                "{arch} {variant} {pass:?}: greedy differs at {mismatch:?}"
+            );
+            eprintln!("{arch} {variant} {pass:?}: relative error {err:.2e}");
+        }
+        // q8_0 against transformers on the same dequantized weights. Run with
+        // CANDLE_DEQUANTIZE_ALL=1 (f32 matmuls) this is ~8e-7: the file is read exactly.
+        // What is left here, ~2.3e-2, is rounding activations to 8 bits inside each
+        // quantized product, as llama.cpp does.
+        let q8_0 = dir.join("model-q8_0.gguf");
+        let (err, _) = run(&q8_0, options(pass), &r.logits_q8_0, &r.ids);
+        assert!(err < q8.0, "{arch} q8_0 {pass:?}: relative error {err:e}");
+        // Against the unquantized model: weight and activation rounding together (~2.5e-2).
+        let (err_full, mismatch) = run(&q8_0, options(pass), &r.logits, &r.ids);
         assert!(
-            mismatch.is_empty(),
-            "{arch} {variant}: greedy differs at {mismatch:?}"
+            err_full < q8.1,
+            "{arch} q8_0 {pass:?} vs f32: relative error {err_full:e}"
         );
-        eprintln!("{arch} {variant}: relative error {err:.2e}");
+        assert!(
+            mismatch.len() <= r.ids.len() / 4,
+            "{arch} q8_0 {pass:?}: greedy differs at {mismatch:?}"
+        );
+        eprintln!(
+            "{arch} q8_0 {pass:?}: {err:.2e} vs dequantized weights, {err_full:.2e} vs f32, greedy differs at {mismatch:?}"
+        );
     }
-    // q8_0 against transformers on the same dequantized weights. Run with
-    // CANDLE_DEQUANTIZE_ALL=1 (f32 matmuls) this is ~8e-7: the file is read exactly. What
-    // is left here, ~2.3e-2, is candle rounding activations to q8_0 inside each quantized
-    // matmul, as llama.cpp does.
-    let (err, _) = run(&dir.join("model-q8_0.gguf"), &r.logits_q8_0, &r.ids);
-    assert!(err < q8.0, "{arch} q8_0: relative error {err:e}");
-    // Against the unquantized model: weight and activation rounding together (~2.5e-2).
-    let (err_full, mismatch) = run(&dir.join("model-q8_0.gguf"), &r.logits, &r.ids);
-    assert!(
-        err_full < q8.1,
-        "{arch} q8_0 vs f32: relative error {err_full:e}"
-    );
-    assert!(
-        mismatch.len() <= r.ids.len() / 4,
-        "{arch} q8_0: greedy differs at {mismatch:?}"
-    );
-    eprintln!(
-        "{arch} q8_0: {err:.2e} vs dequantized weights, {err_full:.2e} vs f32, greedy differs at {mismatch:?}"
-    );
+}
+
+/// What a GPU runs on a bf16 folder: the weights stay bf16 and the activations are rounded to
+/// bf16 for each product (f32 in between). Checked here on the CPU, through both passes.
+fn check_bf16_as_stored(arch: &str) {
+    let r = reference(arch);
+    let path = fixture(arch).join("hf-bf16");
+    for pass in PASSES {
+        let stored = LoadOptions {
+            pass,
+            dense: DenseDType::Stored,
+            ..LoadOptions::default()
+        };
+        let (err, mismatch) = run(&path, stored, &r.logits, &r.ids);
+        // bf16 keeps 8 bits of mantissa: ~4e-3 per rounding; two layers of them gave ~1e-2.
+        assert!(err < 2.5e-2, "{arch} bf16 {pass:?}: relative error {err:e}");
+        // A single bit of bf16 rounding can never flip every other choice.
+        assert!(
+            mismatch.len() <= r.ids.len() / 4,
+            "{arch} bf16 {pass:?}: greedy differs at {mismatch:?}"
+        );
+        eprintln!(
+            "{arch} bf16 kept {pass:?}: relative error {err:.2e}, greedy differs at {mismatch:?}"
+        );
+    }
 }
 
 #[test]
 fn qwen3_matches_transformers() {
     check_arch("qwen3", ALL_VARIANTS, Q8_SHALLOW);
+    check_bf16_as_stored("qwen3");
 }
 
 #[test]
 fn qwen2_matches_transformers() {
     check_arch("qwen2", ALL_VARIANTS, Q8_SHALLOW);
+    check_bf16_as_stored("qwen2");
 }
 
 /// Gemma 3: sliding-window layers (the window of 4 is shorter than the prompt), a global
@@ -153,20 +196,20 @@ fn unsupported_folder_is_a_clear_error() {
         dir.join("model.safetensors"),
     )
     .unwrap();
-    let err = LoadedModel::from_path(&dir, None, &Device::Cpu)
+    let err = LoadedModel::from_path(&dir, &LoadOptions::default(), &Device::Cpu)
         .err()
         .expect("mamba is refused")
         .to_string();
     assert!(err.contains("'mamba' is not supported"), "{err}");
     std::fs::write(dir.join("config.json"), "{not json").unwrap();
-    let err = LoadedModel::from_path(&dir, None, &Device::Cpu)
+    let err = LoadedModel::from_path(&dir, &LoadOptions::default(), &Device::Cpu)
         .err()
         .expect("broken config is refused")
         .to_string();
     assert!(err.contains("config.json"), "{err}");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("config.json"), r#"{"model_type": "qwen3"}"#).unwrap();
-    let err = LoadedModel::from_path(&dir, None, &Device::Cpu)
+    let err = LoadedModel::from_path(&dir, &LoadOptions::default(), &Device::Cpu)
         .err()
         .expect("a folder without weights is refused")
         .to_string();

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use candle_core::Device;
-use wasmlm_host::backend::LoadedModel;
+use wasmlm_host::backend::{LoadOptions, LoadedModel, Pass};
 use wasmlm_host::bindings::exports::wasmlm::llm::types::{
     ChatContext, Error as GuestError, FinishReason, Message, Role, SamplingOptions,
 };
@@ -29,7 +29,11 @@ fn runtime_with_context(context: usize) -> Runtime {
 
 /// A runtime serving the model at `path` as `name`, its context capped at `context`.
 fn runtime_of(name: &str, path: &std::path::Path, context: Option<usize>) -> Runtime {
-    let model = LoadedModel::from_path(path, context, &Device::Cpu)
+    let options = LoadOptions {
+        context,
+        ..LoadOptions::default()
+    };
+    let model = LoadedModel::from_path(path, &options, &Device::Cpu)
         .unwrap_or_else(|e| panic!("{name} loads: {e}"));
     let models = HashMap::from([(name.to_string(), std::sync::Arc::new(model))]);
     let cache = wasmlm_host::models::cache_dir().join("components");
@@ -460,8 +464,51 @@ fn component_imports_only_wasi_nn_and_wasi() {
 /// sequences decode from several threads at once.
 #[test]
 fn batched_decode_matches_one_sequence_at_a_time() {
+    check_batched_decode(runtime().model(MODEL).unwrap());
+}
+
+/// candle's tensor pass, what a GPU runs, holds llama.cpp's greedy tokens as the row pass
+/// does (teacher-forced, within the same near-tie noise), and its batched decode equals one
+/// sequence at a time.
+#[test]
+fn tensor_pass_matches_llama_cpp() {
     use wasmlm_host::backend::Sequence;
-    let model = runtime().model(MODEL).unwrap();
+    const TIE_NATS: f32 = 0.25;
+    let options = LoadOptions {
+        context: Some(2048),
+        pass: Pass::Tensors,
+        ..LoadOptions::default()
+    };
+    let model = std::sync::Arc::new(
+        LoadedModel::from_path(&common::smollm2_path(), &options, &Device::Cpu)
+            .expect("the model loads for the tensor pass"),
+    );
+    let mut worst = 0f32;
+    for (i, row) in common::vectors("smollm2-greedy.jsonl")
+        .iter()
+        .take(2)
+        .enumerate()
+    {
+        let expected = common::ids(&row["greedy_ids"]);
+        let mut seq = Sequence::new(model.clone());
+        let mut logits = seq.extend(&common::ids(&row["prompt_ids"])).unwrap();
+        for (j, &t) in expected.iter().enumerate() {
+            let gap = logits[argmax(&logits) as usize] - logits[t as usize];
+            assert!(
+                gap <= TIE_NATS,
+                "row {i} position {j}: llama.cpp's token {t} is {gap} nats below our choice"
+            );
+            worst = worst.max(gap);
+            logits = seq.extend(&[t]).unwrap();
+        }
+    }
+    eprintln!("tensor pass: llama.cpp's tokens are at most {worst:.4} nats from our argmax");
+    check_batched_decode(model);
+}
+
+/// `model`'s batched decode against the same sequences decoded alone.
+fn check_batched_decode(model: std::sync::Arc<LoadedModel>) {
+    use wasmlm_host::backend::Sequence;
     let weights = model.weights.causal().expect("a generator");
     let prompts: Vec<Vec<u32>> = common::vectors("smollm2-greedy.jsonl")
         .iter()

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::backend::{BackendModelError, LoadedModel};
+use crate::backend::{BackendModelError, LoadOptions, LoadedModel};
 use crate::hub::{self, HubError, HubRef};
 
 /// The model served when none is named.
@@ -379,7 +379,7 @@ pub fn load_one(
     device: &candle_core::Device,
 ) -> Result<Arc<LoadedModel>, ModelError> {
     let path = spec.resolve()?;
-    let mut model = LoadedModel::from_path(&path, context, device)?;
+    let mut model = LoadedModel::from_path(&path, &LoadOptions::from_env(context), device)?;
     if let Some(path) = &spec.chat_template {
         let text = fs::read_to_string(path).map_err(|source| ModelError::Template {
             path: path.clone(),

@@ -10,9 +10,9 @@ use candle_core::{DType, Device, Tensor};
 mod rows;
 
 use super::kv_cache::KvCache;
-use super::linear::Linear;
+use super::linear::{Linear, Stacked};
 use super::weights::{Embedding, HParams, WeightSource};
-use super::{BackendModelError, CausalLm};
+use super::{BackendModelError, CausalLm, LoadOptions, Pass};
 
 /// What sets one family of the decoder apart.
 #[derive(Debug, Clone, Copy)]
@@ -64,9 +64,8 @@ pub struct Sliding {
 
 struct Layer {
     attn_norm: Tensor,
-    attn_q: Linear,
-    attn_k: Linear,
-    attn_v: Linear,
+    /// The q, k and v projections.
+    qkv: Stacked,
     /// Biases of q, k and v, when the family has them.
     qkv_bias: Option<(Tensor, Tensor, Tensor)>,
     /// Per-head RMS norm weights of q and k, when the family has them.
@@ -75,8 +74,8 @@ struct Layer {
     /// Norm of the attention output before the residual add, when the family has it.
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    ffn_gate: Linear,
-    ffn_up: Linear,
+    /// The gate and up projections.
+    gate_up: Stacked,
     ffn_down: Linear,
     /// Norm of the MLP output before the residual add, when the family has it.
     post_ffn_norm: Option<Tensor>,
@@ -114,20 +113,21 @@ pub struct Decoder {
 }
 
 /// Loads `arch`'s hyper-parameters and a decoder of `family` over them; the context is the
-/// model's own, capped by `context`. Returns the decoder and that context.
+/// model's own, capped by the options'. Returns the decoder and that context.
 pub fn load_family(
     src: &mut WeightSource,
     arch: &str,
     family: Family,
-    context: Option<usize>,
+    options: &LoadOptions,
     device: &Device,
 ) -> Result<(Decoder, usize), BackendModelError> {
     let hp = src.hparams(arch)?;
-    let context = context
+    let context = options
+        .context
         .map_or(hp.context_length, |c| c.min(hp.context_length))
         .max(1);
     Ok((
-        Decoder::load(src, arch, family, &hp, context, device)?,
+        Decoder::load(src, arch, family, &hp, context, options.pass, device)?,
         context,
     ))
 }
@@ -140,6 +140,7 @@ impl Decoder {
         family: Family,
         hp: &HParams,
         context: usize,
+        pass: Pass,
         device: &Device,
     ) -> Result<Self, BackendModelError> {
         let mut ropes = vec![rope_tables(
@@ -209,19 +210,22 @@ impl Decoder {
             };
             // As llama.cpp: layer i is local unless i % every == every - 1.
             let local = window.filter(|&(_, every)| i % every < every - 1);
+            let mut stacked = |names: &[&str]| {
+                let names: Vec<String> = names.iter().map(|n| format!("{p}.{n}.weight")).collect();
+                src.stacked(&names, device)
+            };
+            let qkv = stacked(&["attn_q", "attn_k", "attn_v"])?;
+            let gate_up = stacked(&["ffn_gate", "ffn_up"])?;
             let mut matmul = |n: &str| src.tensor(&format!("{p}.{n}"), device)?.matmul();
             layers.push(Layer {
                 attn_norm,
-                attn_q: matmul("attn_q.weight")?,
-                attn_k: matmul("attn_k.weight")?,
-                attn_v: matmul("attn_v.weight")?,
+                qkv,
                 qkv_bias,
                 qk_norm,
                 attn_output: matmul("attn_output.weight")?,
                 post_attn_norm,
                 ffn_norm,
-                ffn_gate: matmul("ffn_gate.weight")?,
-                ffn_up: matmul("ffn_up.weight")?,
+                gate_up,
                 ffn_down: matmul("ffn_down.weight")?,
                 post_ffn_norm,
                 window: local.map(|(w, _)| w),
@@ -254,7 +258,7 @@ impl Decoder {
             device: device.clone(),
             rows: None,
         };
-        if rows::rows_enabled(device) {
+        if device.is_cpu() && pass == Pass::Auto {
             decoder.rows = Some(rows::RowWeights::of(&decoder)?);
         }
         Ok(decoder)
@@ -336,9 +340,7 @@ impl Decoder {
     /// The q, k and v projections of `x`, biases added.
     fn qkv(&self, layer: usize, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let l = &self.layers[layer];
-        let q = l.attn_q.forward(x)?;
-        let k = l.attn_k.forward(x)?;
-        let v = l.attn_v.forward(x)?;
+        let [q, k, v] = three(l.qkv.forward(x)?)?;
         match &l.qkv_bias {
             Some((bq, bk, bv)) => Ok((
                 q.broadcast_add(bq)?,
@@ -392,12 +394,12 @@ impl Decoder {
 
     fn mlp(&self, layer: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let l = &self.layers[layer];
-        let gate = l.ffn_gate.forward(x)?;
+        let [gate, up] = two(l.gate_up.forward(x)?)?;
         let gate = match self.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             Activation::GeluTanh => gate.gelu()?,
         };
-        l.ffn_down.forward(&(gate * l.ffn_up.forward(x)?)?)
+        l.ffn_down.forward(&(gate * up)?)
     }
 
     /// One block: `x + attn(norm(x))`, then `+ mlp(norm(..))`, each output normed again first
@@ -498,6 +500,22 @@ impl Decoder {
             .to_dtype(DType::F32)?
             .to_vec2()
     }
+}
+
+/// The outputs of a [`Stacked`] of three matrices.
+pub(super) fn three<T>(parts: Vec<T>) -> candle_core::Result<[T; 3]> {
+    let n = parts.len();
+    parts
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("{n} products where 3 were stacked")))
+}
+
+/// The outputs of a [`Stacked`] of two matrices.
+pub(super) fn two<T>(parts: Vec<T>) -> candle_core::Result<[T; 2]> {
+    let n = parts.len();
+    parts
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("{n} products where 2 were stacked")))
 }
 
 /// `(n, pos + n - first)` for queries at `pos..pos + n` and keys from position `first` on: 0

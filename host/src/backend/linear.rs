@@ -115,6 +115,68 @@ impl Linear {
     }
 }
 
+/// Products of one input by several matrices, in as few products as their storage allows:
+/// adjacent matrices of one format and width are stacked into one (their rows one after the
+/// other), so the input is quantized, read and (on a GPU) launched once per stack.
+#[derive(Clone)]
+pub struct Stacked {
+    /// Each product, with the number of output features of each matrix stacked in it.
+    stacks: Vec<(Linear, Vec<usize>)>,
+}
+
+impl Stacked {
+    /// The products `stacks` hold, each with the widths of the matrices stacked in it.
+    pub fn new(stacks: Vec<(Linear, Vec<usize>)>) -> Self {
+        Self { stacks }
+    }
+
+    /// How many products one input costs.
+    pub fn products(&self) -> usize {
+        self.stacks.len()
+    }
+
+    /// `x · Wᵢᵀ` for each matrix, over the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        for (w, widths) in &self.stacks {
+            let y = w.forward(x)?;
+            if widths.len() == 1 {
+                out.push(y);
+                continue;
+            }
+            let mut at = 0;
+            for &n in widths {
+                out.push(y.narrow(candle_core::D::Minus1, at, n)?);
+                at += n;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `x · Wᵢᵀ` for each matrix and `m` rows of `x`, as rows.
+    pub fn rows(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<Vec<f32>>> {
+        let mut out = Vec::new();
+        for (w, widths) in &self.stacks {
+            let y = w.rows(x, m)?;
+            if widths.len() == 1 {
+                out.push(y);
+                continue;
+            }
+            let total: usize = widths.iter().sum();
+            let mut at = 0;
+            for &n in widths {
+                let mut part = Vec::with_capacity(m * n);
+                for row in y.chunks_exact(total) {
+                    part.extend_from_slice(&row[at..at + n]);
+                }
+                out.push(part);
+                at += n;
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -148,6 +148,57 @@ pub fn plain_message(e: &candle_core::Error) -> String {
     }
 }
 
+/// Which forward pass a decoder runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pass {
+    /// The CPU's own pass over plain rows on the CPU, candle's tensor pass elsewhere.
+    #[default]
+    Auto,
+    /// candle's tensor pass everywhere: what a GPU runs, run on the CPU to check or compare it.
+    Tensors,
+}
+
+/// The dtype dense (safetensors) bf16/f16 weights are kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DenseDType {
+    /// f32 on the CPU, the stored bf16/f16 elsewhere (see [`weights::dense_dtype`]).
+    #[default]
+    Auto,
+    /// f32 everywhere.
+    F32,
+    /// As stored, everywhere (on the CPU too: what a GPU computes, to check it there).
+    Stored,
+}
+
+/// How a model is loaded, beyond its file and device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Caps the model's own context length.
+    pub context: Option<usize>,
+    pub pass: Pass,
+    pub dense: DenseDType,
+}
+
+impl LoadOptions {
+    /// The defaults, with a context cap, and the developers' overrides from the environment:
+    /// `WASMLM_FORWARD=tensors` and `WASMLM_DENSE_DTYPE=f32|stored`.
+    pub fn from_env(context: Option<usize>) -> Self {
+        let var = |k: &str| std::env::var(k).unwrap_or_default();
+        Self {
+            context,
+            pass: match var("WASMLM_FORWARD").as_str() {
+                "tensors" => Pass::Tensors,
+                _ => Pass::Auto,
+            },
+            dense: match var("WASMLM_DENSE_DTYPE").as_str() {
+                "f32" => DenseDType::F32,
+                "stored" => DenseDType::Stored,
+                _ => DenseDType::Auto,
+            },
+        }
+    }
+}
+
 /// A model in memory, ready to serve sequences.
 pub struct LoadedModel {
     pub architecture: String,
@@ -165,10 +216,11 @@ impl LoadedModel {
     /// context length. What the model is comes from its metadata, never its file name.
     pub fn from_path(
         path: &Path,
-        context: Option<usize>,
+        options: &LoadOptions,
         device: &Device,
     ) -> Result<Self, BackendModelError> {
-        let mut src = WeightSource::open(path)?;
+        let context = options.context;
+        let mut src = WeightSource::open(path, options.dense)?;
         let file_size = model_size(path);
         let arch = src.architecture().unwrap_or_default();
         let family = match arch.as_str() {
@@ -186,7 +238,7 @@ impl LoadedModel {
             )));
         }
         let (weights, context_length) = if let Some(family) = family {
-            let (m, ctx) = decoder::load_family(&mut src, &arch, family, context, device)?;
+            let (m, ctx) = decoder::load_family(&mut src, &arch, family, options, device)?;
             (Weights::Causal(Box::new(m)), ctx)
         } else if arch == "bert" {
             let m = bert::Bert::load(&src, device)?;

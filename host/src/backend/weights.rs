@@ -11,8 +11,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use wasmlm_kernels::QMatrix;
 
-use super::linear::{native_matrix, Linear};
-use super::{plain_message, BackendModelError};
+use super::linear::{native_matrix, Linear, Stacked};
+use super::{plain_message, BackendModelError, DenseDType};
 use crate::gguf::GgufFile;
 
 /// One tensor as stored: quantized (GGUF) or dense (safetensors: f32 on the CPU, the stored
@@ -37,6 +37,83 @@ impl Param {
             Param::Quant(q) => Linear::quantized(q)?,
             Param::Dense(t) => Linear::dense(t),
         })
+    }
+
+    /// `(rows, columns)` of a matrix; `None` for any other rank.
+    fn matrix_dims(&self) -> Option<(usize, usize)> {
+        match self.shape().dims() {
+            &[rows, cols] => Some((rows, cols)),
+            _ => None,
+        }
+    }
+
+    fn shape(&self) -> &candle_core::Shape {
+        match self {
+            Param::Quant(q) => q.shape(),
+            Param::Dense(t) => t.shape(),
+        }
+    }
+
+    /// Whether `other` can be stacked under `self` as one matrix: same storage, same width.
+    fn stacks_with(&self, other: &Param) -> bool {
+        let same_storage = match (self, other) {
+            (Param::Quant(a), Param::Quant(b)) => a.dtype() == b.dtype(),
+            (Param::Dense(a), Param::Dense(b)) => a.dtype() == b.dtype(),
+            _ => false,
+        };
+        match (self.matrix_dims(), other.matrix_dims()) {
+            (Some((_, a)), Some((_, b))) => same_storage && a == b,
+            _ => false,
+        }
+    }
+
+    /// `parts` (each `stacks_with` the first) as one matrix on `device`, with each one's
+    /// number of rows. Quantized parts are on the host, where their bytes can be joined.
+    fn stack(
+        parts: Vec<Param>,
+        device: &Device,
+    ) -> Result<(Linear, Vec<usize>), BackendModelError> {
+        let widths = parts
+            .iter()
+            .map(|p| p.matrix_dims().map_or(0, |(rows, _)| rows))
+            .collect();
+        let mut parts = parts;
+        // One part needs no joining, unless its host blocks must move to the device.
+        if parts.len() == 1 && (device.is_cpu() || matches!(parts[0], Param::Dense(_))) {
+            if let Some(p) = parts.pop() {
+                return Ok((p.matmul()?, widths));
+            }
+        }
+        let linear = match parts.as_slice() {
+            [Param::Quant(first), ..] => {
+                use candle_core::quantized::ggml_file::qtensor_from_ggml;
+                let (dtype, dims) = (first.dtype(), first.shape().dims().to_vec());
+                let mut bytes = Vec::new();
+                let mut rows = 0;
+                for p in &parts {
+                    if let Param::Quant(q) = p {
+                        bytes.extend_from_slice(&q.data()?);
+                        rows += q.shape().dims().first().copied().unwrap_or(0);
+                    }
+                }
+                let dims = match dims.as_slice() {
+                    [_, cols] => vec![rows, *cols],
+                    _ => dims,
+                };
+                Linear::quantized(qtensor_from_ggml(dtype, &bytes, dims, device)?)?
+            }
+            _ => {
+                let ts: Vec<&Tensor> = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Param::Dense(t) => Some(t),
+                        Param::Quant(_) => None,
+                    })
+                    .collect();
+                Linear::dense(Tensor::cat(&ts, 0)?)
+            }
+        };
+        Ok((linear, widths))
     }
 
     /// As an embedding table.
@@ -156,6 +233,22 @@ impl Embedding {
     }
 }
 
+/// `params` as products on `device`, each run of adjacent matrices that stack as one.
+fn stack_all(params: Vec<Param>, device: &Device) -> Result<Stacked, BackendModelError> {
+    let mut stacks = Vec::new();
+    let mut run: Vec<Param> = Vec::new();
+    for p in params {
+        if run.first().is_some_and(|first| !first.stacks_with(&p)) {
+            stacks.push(Param::stack(std::mem::take(&mut run), device)?);
+        }
+        run.push(p);
+    }
+    if !run.is_empty() {
+        stacks.push(Param::stack(run, device)?);
+    }
+    Ok(Stacked::new(stacks))
+}
+
 /// The hyper-parameters every architecture here needs, from GGUF keys or `config.json`.
 #[derive(Debug, Clone)]
 pub struct HParams {
@@ -211,15 +304,15 @@ fn gguf_rope_scale(f: &GgufFile, arch: &str) -> Result<f32, BackendModelError> {
     }
 }
 
-/// The dtype a dense weight of `stored` dtype is kept in on `device`. A GPU multiplies bf16/f16
-/// at twice the bytes per second of f32 (decode reads every weight once per token), with f32
-/// accumulation; the CPU pass wants f32. `WASMLM_DENSE_DTYPE=f32` or `=stored` overrides it.
-pub fn dense_dtype(stored: DType, device: &Device) -> DType {
+/// The dtype a dense weight of `stored` dtype is kept in on `device` under `policy`. A GPU
+/// multiplies bf16/f16 at twice the bytes per second of f32 (decode reads every weight once
+/// per token), with f32 accumulation; the CPU pass wants f32.
+pub fn dense_dtype(stored: DType, device: &Device, policy: DenseDType) -> DType {
     let half = matches!(stored, DType::BF16 | DType::F16);
-    match std::env::var("WASMLM_DENSE_DTYPE").as_deref() {
-        Ok("f32") => DType::F32,
-        Ok("stored") if half => stored,
-        _ if half && !device.is_cpu() => stored,
+    match policy {
+        DenseDType::F32 => DType::F32,
+        DenseDType::Stored if half => stored,
+        DenseDType::Auto if half && !device.is_cpu() => stored,
         _ => DType::F32,
     }
 }
@@ -231,12 +324,14 @@ pub enum WeightSource {
         dir: PathBuf,
         config: serde_json::Map<String, Value>,
         tensors: MmapedSafetensors,
+        /// What dtype dense bf16/f16 weights are kept in.
+        dense: DenseDType,
     },
 }
 
 impl WeightSource {
-    /// Opens a GGUF file or a Hugging Face model folder.
-    pub fn open(path: &Path) -> Result<Self, BackendModelError> {
+    /// Opens a GGUF file or a Hugging Face model folder, whose bf16/f16 weights `dense` places.
+    pub fn open(path: &Path, dense: DenseDType) -> Result<Self, BackendModelError> {
         if !path.is_dir() {
             return Ok(Self::Gguf(GgufFile::open(path)?));
         }
@@ -266,6 +361,7 @@ impl WeightSource {
             dir: path.to_path_buf(),
             config,
             tensors,
+            dense,
         })
     }
 
@@ -299,17 +395,36 @@ impl WeightSource {
                 .tensor(&mut f.reader, name, device)
                 .map(Param::Quant)
                 .map_err(fail),
-            Self::Folder { tensors, .. } => {
+            Self::Folder { tensors, dense, .. } => {
                 let hf = hf_name(name).ok_or_else(|| {
                     BackendModelError::Tensor(name.into(), "no Hugging Face name".into())
                 })?;
                 let t = tensors
                     .load(&hf, device)
-                    .and_then(|t| t.to_dtype(dense_dtype(t.dtype(), device)))
+                    .and_then(|t| t.to_dtype(dense_dtype(t.dtype(), device, *dense)))
                     .map_err(|e| BackendModelError::Tensor(hf.clone(), plain_message(&e)))?;
                 Ok(Param::Dense(t))
             }
         }
+    }
+
+    /// The matrices `names`, which multiply one input, as few stacked products (see
+    /// [`Stacked`]).
+    pub fn stacked(
+        &mut self,
+        names: &[String],
+        device: &Device,
+    ) -> Result<Stacked, BackendModelError> {
+        // GGUF blocks are read on the host, where the bytes of several matrices can be joined.
+        let at = match self {
+            Self::Gguf(_) => Device::Cpu,
+            Self::Folder { .. } => device.clone(),
+        };
+        let params = names
+            .iter()
+            .map(|name| self.tensor(name, &at))
+            .collect::<Result<Vec<_>, _>>()?;
+        stack_all(params, device)
     }
 
     /// Whether a folder has the tensor of this Hugging Face name.
@@ -502,11 +617,98 @@ mod tests {
 
     #[test]
     fn dense_weights_stay_half_precision_only_off_the_cpu() {
-        // (WASMLM_DENSE_DTYPE is not set in tests.)
         let cpu = Device::Cpu;
-        assert_eq!(dense_dtype(DType::BF16, &cpu), DType::F32);
-        assert_eq!(dense_dtype(DType::F16, &cpu), DType::F32);
-        assert_eq!(dense_dtype(DType::F32, &cpu), DType::F32);
+        for stored in [DType::BF16, DType::F16, DType::F32] {
+            assert_eq!(dense_dtype(stored, &cpu, DenseDType::Auto), DType::F32);
+            assert_eq!(dense_dtype(stored, &cpu, DenseDType::F32), DType::F32);
+        }
+        assert_eq!(
+            dense_dtype(DType::BF16, &cpu, DenseDType::Stored),
+            DType::BF16
+        );
+        assert_eq!(
+            dense_dtype(DType::F16, &cpu, DenseDType::Stored),
+            DType::F16
+        );
+        assert_eq!(
+            dense_dtype(DType::F32, &cpu, DenseDType::Stored),
+            DType::F32
+        );
+    }
+
+    /// Stacked quantized products equal the separate ones to the bit (each output is one
+    /// row's dot product either way), and only matrices of one format and width stack.
+    #[test]
+    fn stacked_products_equal_separate_ones() {
+        use candle_core::quantized::GgmlDType;
+        let dev = Device::Cpu;
+        let matrix = |rows: usize, cols: usize, seed: f32| {
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i as f32 * 0.37 + seed).sin() * 2.0))
+                .collect();
+            Tensor::from_vec(v, (rows, cols), &dev).unwrap()
+        };
+        let quant = |t: &Tensor, f: GgmlDType| Param::Quant(QTensor::quantize(t, f).unwrap());
+        let (q, k, v, other) = (
+            matrix(64, 256, 0.0),
+            matrix(32, 256, 1.0),
+            matrix(32, 256, 2.0),
+            matrix(32, 64, 3.0),
+        );
+        let x: Vec<f32> = (0..3 * 256).map(|i| (i as f32 * 0.11).cos()).collect();
+        for (format, dense) in [
+            (GgmlDType::Q8_0, false),
+            (GgmlDType::Q4K, false),
+            (GgmlDType::Q5_0, false),
+            (GgmlDType::F32, true),
+        ] {
+            let param = |t: &Tensor| {
+                if dense {
+                    Param::Dense(t.clone())
+                } else {
+                    quant(t, format)
+                }
+            };
+            let stacked = stack_all(vec![param(&q), param(&k), param(&v)], &dev).unwrap();
+            assert_eq!(stacked.products(), 1, "{format:?}");
+            let together = stacked.rows(&x, 3).unwrap();
+            let xt = Tensor::from_slice(&x, (1, 3, 256), &dev).unwrap();
+            let as_tensors = stacked.forward(&xt).unwrap();
+            for (i, t) in [&q, &k, &v].into_iter().enumerate() {
+                let alone = param(t).matmul().unwrap().rows(&x, 3).unwrap();
+                if dense {
+                    // A dense product's blocking (so its summation order) follows its shape.
+                    let close = together[i]
+                        .iter()
+                        .zip(&alone)
+                        .all(|(a, b)| (a - b).abs() < 1e-4);
+                    assert!(close, "{format:?} part {i}");
+                } else {
+                    assert_eq!(together[i], alone, "{format:?} part {i}");
+                }
+                let tensor: Vec<f32> = as_tensors[i].flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(as_tensors[i].dims(), &[1, 3, t.dim(0).unwrap()]);
+                let close = tensor.iter().zip(&alone).all(|(a, b)| (a - b).abs() < 1e-3);
+                assert!(close, "{format:?} part {i} as tensors");
+            }
+        }
+        // Formats and widths part the runs: [q8 q8] [q4_0] [q4_0 of another width].
+        let mixed = stack_all(
+            vec![
+                quant(&q, GgmlDType::Q8_0),
+                quant(&k, GgmlDType::Q8_0),
+                quant(&v, GgmlDType::Q4_0),
+                quant(&other, GgmlDType::Q4_0),
+            ],
+            &dev,
+        )
+        .unwrap();
+        assert_eq!(mixed.products(), 3);
+        let x: Vec<f32> = x[..256].to_vec();
+        assert!(
+            mixed.rows(&x, 1).is_err(),
+            "a 64-wide matrix refuses 256 inputs"
+        );
     }
 
     #[test]

@@ -114,9 +114,7 @@ impl Decoder {
         let err = |e: wasmlm_kernels::KernelError| candle_core::Error::Msg(e.to_string());
         for (i, (l, rl)) in self.layers.iter().zip(&w.layers).enumerate() {
             ops::rms_norm_into(&x, &rl.attn_norm, self.eps, &mut h);
-            let mut q = l.attn_q.rows(&h, n)?;
-            let mut k = l.attn_k.rows(&h, n)?;
-            let mut v = l.attn_v.rows(&h, n)?;
+            let [mut q, mut k, mut v] = super::three(l.qkv.rows(&h, n)?)?;
             if let Some((bq, bk, bv)) = &rl.qkv_bias {
                 add_bias(&mut q, bq);
                 add_bias(&mut k, bk);
@@ -156,8 +154,7 @@ impl Decoder {
             }
             ops::add(&mut x, &o);
             ops::rms_norm_into(&x, &rl.ffn_norm, self.eps, &mut h);
-            let mut g = l.ffn_gate.rows(&h, n)?;
-            let u = l.ffn_up.rows(&h, n)?;
+            let [mut g, u] = super::two(l.gate_up.rows(&h, n)?)?;
             match self.activation {
                 Activation::Silu => ops::silu_mul(&mut g, &u),
                 Activation::GeluTanh => ops::gelu_mul(&mut g, &u),
@@ -203,10 +200,4 @@ impl Decoder {
             .map(<[f32]>::to_vec)
             .collect())
     }
-}
-
-/// Whether this decoder's products can all run as rows (always on the CPU: `Linear`
-/// falls back to candle per product where the kernels lack a format).
-pub(super) fn rows_enabled(device: &Device) -> bool {
-    device.is_cpu() && std::env::var("WASMLM_FORWARD").map_or(true, |v| v != "tensors")
 }
