@@ -10,7 +10,8 @@ use std::str::FromStr;
 use serde_json::{json, Value};
 
 /// A device a model can be placed on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// Ordered CPU first, then GPUs by ordinal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum DeviceSpec {
     /// The host CPU (the row pass over our own kernels).
     #[default]
@@ -197,6 +198,12 @@ mod tests {
             assert_eq!(s.parse::<DeviceSpec>().ok(), Some(d), "{s}");
         }
         assert_eq!(DeviceSpec::Cuda(1).to_string(), "cuda:1");
+        let mut order = vec![DeviceSpec::Cuda(10), DeviceSpec::Cuda(2), DeviceSpec::Cpu];
+        order.sort();
+        assert_eq!(
+            order,
+            [DeviceSpec::Cpu, DeviceSpec::Cuda(2), DeviceSpec::Cuda(10)]
+        );
         for bad in ["", "tpu", "cuda:", "cuda:-1", "cuda:x", "metal"] {
             let e = bad.parse::<DeviceSpec>().unwrap_err();
             assert!(e.to_string().contains("unknown device"), "{bad}: {e}");

@@ -644,7 +644,7 @@ mod tests {
         let dev = Device::Cpu;
         let matrix = |rows: usize, cols: usize, seed: f32| {
             let v: Vec<f32> = (0..rows * cols)
-                .map(|i| ((i as f32 * 0.37 + seed).sin() * 2.0))
+                .map(|i| (i as f32 * 0.37 + seed).sin() * 2.0)
                 .collect();
             Tensor::from_vec(v, (rows, cols), &dev).unwrap()
         };

@@ -321,7 +321,7 @@ impl Node {
             .map(|m| m.config.device)
             .filter(|d| *d != DeviceSpec::Cpu)
             .collect();
-        gpus.sort_by_key(ToString::to_string);
+        gpus.sort();
         gpus.dedup();
         gpus.into_iter()
             .chain(std::iter::once(DeviceSpec::Cpu))
