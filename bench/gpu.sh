@@ -7,6 +7,9 @@
 #                            # q8_0 GGUF) from carried tokenizer files; numpy only
 #   bench/gpu.sh run         # there: transformers, then ours, on both models; prints the table
 #   bench/gpu.sh all         # there: models + run
+#   DEVICE=cpu PROMPT=16 GEN=8 ROUNDS=1 STREAMS=2 bench/gpu.sh all
+#                            # here: a dry run of the whole script on the CPU (needs torch and
+#                            # transformers in $PY), to catch its mistakes before a GPU session
 #
 # What `run` measures (PROMPT=512 prompt tokens, GEN=128 greedy tokens, ROUNDS=3, STREAMS=8):
 # prefill and decode tok/s at batch 1 through the component (`wasmlm bench`), and from them the
@@ -28,6 +31,9 @@ GEN=${GEN:-128}
 ROUNDS=${ROUNDS:-3}
 STREAMS=${STREAMS:-8}
 PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda:0}
+TF_DEVICE=cuda
+[ "$DEVICE" = cpu ] && TF_DEVICE=cpu
 
 prepare() {
   scripts/build-cuda.sh
@@ -102,7 +108,7 @@ models() {
   [ -f "$WORK/qwen3-hf/model.safetensors" ] ||
     "$PY" bench/make_qwen3_safetensors.py "$WORK/qwen3-tokenizer" "$WORK/qwen3-hf"
   [ -f "$WORK/qwen3-q8_0.gguf" ] ||
-    PYTHONPATH="$PWD/$CARRY/py${PYTHONPATH:+:$PYTHONPATH}" \
+    PYTHONPATH="$(cd "$CARRY" && pwd)/py${PYTHONPATH:+:$PYTHONPATH}" \
       "$PY" bench/make_qwen3_gguf.py "$WORK/qwen3-tokenizer" "$WORK/qwen3-q8_0.gguf" q8_0
 }
 
@@ -117,7 +123,7 @@ run() {
 
   local tf
   tf=$("$PY" bench/transformers_bench.py "$WORK/qwen3-hf" --prompt "$PROMPT" --gen "$GEN" \
-    --batch "1,$STREAMS" --rounds "$ROUNDS" | tee /dev/stderr)
+    --batch "1,$STREAMS" --rounds "$ROUNDS" --device "$TF_DEVICE" | tee /dev/stderr)
   local bw tf_d1 tf_dn tf_p1 tf_ttft
   bw=$(echo "$tf" | field copy_bandwidth_gb_s)
   tf_p1=$(echo "$tf" | grep "batch=1 " | field prefill_tok_s)
@@ -130,9 +136,9 @@ run() {
     local path="$WORK/$m" bytes
     if [ -d "$path" ]; then bytes=$(stat -c %s "$path/model.safetensors"); else bytes=$(stat -c %s "$path"); fi
     local b s
-    b=$("$bin" bench --model "$path" --device cuda:0 --prompt-tokens "$PROMPT" \
+    b=$("$bin" bench --model "$path" --device "$DEVICE" --prompt-tokens "$PROMPT" \
       --gen-tokens "$GEN" --rounds "$ROUNDS" | tee /dev/stderr)
-    s=$("$bin" bench-serve --model "$path" --device cuda:0 --streams "1,$STREAMS" \
+    s=$("$bin" bench-serve --model "$path" --device "$DEVICE" --streams "1,$STREAMS" \
       --gen-tokens "$GEN" --rounds 1 | tee /dev/stderr)
     local p d agg ttft
     p=$(echo "$b" | grep '^best' | field component_prefill_tok_s)

@@ -100,6 +100,15 @@ impl Param {
                     [_, cols] => vec![rows, *cols],
                     _ => dims,
                 };
+                // candle reads the blocks through a pointer cast without checking the length.
+                let expected =
+                    dims.iter().product::<usize>() / dtype.block_size() * dtype.type_size();
+                if bytes.len() != expected {
+                    return Err(BackendModelError::Invalid(format!(
+                        "stacked {dtype:?} matrices of {dims:?} hold {} bytes, not {expected}",
+                        bytes.len()
+                    )));
+                }
                 Linear::quantized(qtensor_from_ggml(dtype, &bytes, dims, device)?)?
             }
             _ => {
