@@ -157,6 +157,10 @@ fn chat_template_matches_transformers() {
     }
 }
 
+/// How far below our argmax (in nats) llama.cpp's greedy token may be at a near-tie; see
+/// `greedy_decoding_matches_llama_cpp`.
+const TIE_NATS: f32 = 0.25;
+
 /// Greedy decoding against llama.cpp's. Free-running, the sequences may part where two
 /// candidates are a float-noise tie, so the test reports how far they agree. Then it feeds
 /// llama.cpp's own tokens back (teacher forcing) and requires, at every one of the positions,
@@ -168,7 +172,6 @@ fn greedy_decoding_matches_llama_cpp() {
     // f16; we stay in f32. Emulating its f16 rounding in our backend moved the logprob margins
     // at these vectors' near-tie positions by up to 0.25 nats, so that is the noise we accept.
     // Positions that are not near-ties match exactly (0.0000 nats).
-    const TIE_NATS: f32 = 0.25;
     let rt = runtime();
     let mut inst = rt.instance(MODEL).unwrap();
     let mut failures = Vec::new();
@@ -473,7 +476,6 @@ fn batched_decode_matches_one_sequence_at_a_time() {
 #[test]
 fn tensor_pass_matches_llama_cpp() {
     use wasmlm_host::backend::Sequence;
-    const TIE_NATS: f32 = 0.25;
     let options = LoadOptions {
         context: Some(2048),
         pass: Pass::Tensors,
@@ -791,7 +793,6 @@ fn gemma3_tokenizer_matches_llama_cpp_and_round_trips() {
 fn gemma3_greedy_decoding_matches_llama_cpp() {
     // Q4_K/Q5_0/Q6_K weights: candle and llama.cpp both round activations to 8 bits inside
     // each quantized product, but not identically, and llama.cpp keeps K/V in f16.
-    const TIE_NATS: f32 = 0.25;
     let mut inst = gemma3_runtime().instance(GEMMA3).unwrap();
     let mut failures = Vec::new();
     for (i, row) in common::vectors("gemma3-greedy.jsonl").iter().enumerate() {
