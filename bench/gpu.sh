@@ -56,7 +56,8 @@ prepare() {
   for p in gguf yaml tqdm; do
     cp -r "$site/$p" "$CARRY/py/"
   done
-  find "$CARRY/py" -name '__pycache__' -prune -exec rm -rf {} + -o -name '*.so' -delete
+  find "$CARRY/py" -name '__pycache__' -type d -prune -exec rm -rf {} +
+  find "$CARRY/py" -name '*.so' -delete
   du -sh "$CARRY"
   local kib
   kib=$(du -sk "$CARRY" | cut -f1)
