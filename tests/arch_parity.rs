@@ -153,7 +153,7 @@ fn check_bf16_as_stored(arch: &str) {
         let (err, mismatch) = run(&path, stored, &r.logits, &r.ids);
         // bf16 keeps 8 bits of mantissa: ~4e-3 per rounding; two layers of them gave ~1e-2.
         assert!(err < 2.5e-2, "{arch} bf16 {pass:?}: relative error {err:e}");
-        // A single bit of bf16 rounding can never flip every other choice.
+        // bf16 rounding may flip a near-tie, as q8_0's may: the same bound as q8_0's.
         assert!(
             mismatch.len() <= r.ids.len() / 4,
             "{arch} bf16 {pass:?}: greedy differs at {mismatch:?}"

@@ -340,7 +340,7 @@ impl Decoder {
     /// The q, k and v projections of `x`, biases added.
     fn qkv(&self, layer: usize, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let l = &self.layers[layer];
-        let [q, k, v] = three(l.qkv.forward(x)?)?;
+        let [q, k, v] = outputs(l.qkv.forward(x)?)?;
         match &l.qkv_bias {
             Some((bq, bk, bv)) => Ok((
                 q.broadcast_add(bq)?,
@@ -394,7 +394,7 @@ impl Decoder {
 
     fn mlp(&self, layer: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let l = &self.layers[layer];
-        let [gate, up] = two(l.gate_up.forward(x)?)?;
+        let [gate, up] = outputs(l.gate_up.forward(x)?)?;
         let gate = match self.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             Activation::GeluTanh => gate.gelu()?,
@@ -502,20 +502,12 @@ impl Decoder {
     }
 }
 
-/// The outputs of a [`Stacked`] of three matrices.
-pub(super) fn three<T>(parts: Vec<T>) -> candle_core::Result<[T; 3]> {
+/// The outputs of a [`Stacked`] of `N` matrices.
+pub(super) fn outputs<T, const N: usize>(parts: Vec<T>) -> candle_core::Result<[T; N]> {
     let n = parts.len();
     parts
         .try_into()
-        .map_err(|_| candle_core::Error::Msg(format!("{n} products where 3 were stacked")))
-}
-
-/// The outputs of a [`Stacked`] of two matrices.
-pub(super) fn two<T>(parts: Vec<T>) -> candle_core::Result<[T; 2]> {
-    let n = parts.len();
-    parts
-        .try_into()
-        .map_err(|_| candle_core::Error::Msg(format!("{n} products where 2 were stacked")))
+        .map_err(|_| candle_core::Error::Msg(format!("{n} products where {N} were stacked")))
 }
 
 /// `(n, pos + n - first)` for queries at `pos..pos + n` and keys from position `first` on: 0

@@ -73,7 +73,7 @@ impl Param {
         parts: Vec<Param>,
         device: &Device,
     ) -> Result<(Linear, Vec<usize>), BackendModelError> {
-        let widths = parts
+        let widths: Vec<usize> = parts
             .iter()
             .map(|p| p.matrix_dims().map_or(0, |(rows, _)| rows))
             .collect();
@@ -89,15 +89,13 @@ impl Param {
                 use candle_core::quantized::ggml_file::qtensor_from_ggml;
                 let (dtype, dims) = (first.dtype(), first.shape().dims().to_vec());
                 let mut bytes = Vec::new();
-                let mut rows = 0;
                 for p in &parts {
                     if let Param::Quant(q) = p {
                         bytes.extend_from_slice(&q.data()?);
-                        rows += q.shape().dims().first().copied().unwrap_or(0);
                     }
                 }
                 let dims = match dims.as_slice() {
-                    [_, cols] => vec![rows, *cols],
+                    [_, cols] => vec![widths.iter().sum(), *cols],
                     _ => dims,
                 };
                 // candle reads the blocks through a pointer cast without checking the length.

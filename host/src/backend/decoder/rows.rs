@@ -114,7 +114,7 @@ impl Decoder {
         let err = |e: wasmlm_kernels::KernelError| candle_core::Error::Msg(e.to_string());
         for (i, (l, rl)) in self.layers.iter().zip(&w.layers).enumerate() {
             ops::rms_norm_into(&x, &rl.attn_norm, self.eps, &mut h);
-            let [mut q, mut k, mut v] = super::three(l.qkv.rows(&h, n)?)?;
+            let [mut q, mut k, mut v] = super::outputs(l.qkv.rows(&h, n)?)?;
             if let Some((bq, bk, bv)) = &rl.qkv_bias {
                 add_bias(&mut q, bq);
                 add_bias(&mut k, bk);
@@ -154,7 +154,7 @@ impl Decoder {
             }
             ops::add(&mut x, &o);
             ops::rms_norm_into(&x, &rl.ffn_norm, self.eps, &mut h);
-            let [mut g, u] = super::two(l.gate_up.rows(&h, n)?)?;
+            let [mut g, u] = super::outputs(l.gate_up.rows(&h, n)?)?;
             match self.activation {
                 Activation::Silu => ops::silu_mul(&mut g, &u),
                 Activation::GeluTanh => ops::gelu_mul(&mut g, &u),
