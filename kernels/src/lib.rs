@@ -142,6 +142,9 @@ pub struct QMatrix {
     format: QFormat,
     rows: usize,
     cols: usize,
+    /// Rows are interleaved in tiles of `formats::TILE_ROWS` (see `formats::Q4K_TILE_BYTES`
+    /// and `formats::Q6K_TILE_BYTES`).
+    tiled: bool,
     data: Vec<u8>,
 }
 
@@ -185,6 +188,7 @@ impl QMatrix {
             format,
             rows,
             cols,
+            tiled: formats::tiled(format, rows),
             data,
         })
     }
@@ -223,6 +227,11 @@ impl QMatrix {
                 self.cols
             )));
         }
+        let blocks = self.cols / self.format.block_len();
+        if self.tiled {
+            formats::dequantize_tiled(self.format, &self.data, blocks, row, out);
+            return Ok(());
+        }
         let rb = self.row_bytes();
         formats::dequantize(self.format, &self.data[row * rb..(row + 1) * rb], out);
         Ok(())
@@ -255,7 +264,11 @@ impl QMatrix {
             )));
         }
         let isa = if isa == Isa::Avx2 { Isa::best() } else { isa };
-        if let Some(dot) = formats::dot32(self.format, isa) {
+        if self.tiled {
+            if let Some(dot) = formats::tile_dot(self.format, isa) {
+                self.run_tiles(dot, &act::quantize_256(x, self.cols), m, out);
+            }
+        } else if let Some(dot) = formats::dot32(self.format, isa) {
             self.run(dot, &act::quantize_32(x, self.cols), m, out);
         } else if let Some(dot) = formats::dot256(self.format, isa) {
             self.run(dot, &act::quantize_256(x, self.cols), m, out);
@@ -289,18 +302,50 @@ impl QMatrix {
                 }
             }
         };
-        let threads = pool::threads();
-        // Tasks of at least ~64 KiB of weights, several per thread so a thread slowed by
-        // the other tenants of a shared machine does not hold the product back.
-        let min_rows = (65536 / rb.max(1)).max(1);
-        let per_task = n.div_ceil(threads * 4).max(min_rows);
-        if threads == 1 || per_task >= n {
-            work(0..n);
-        } else {
-            pool::parallel_for(n.div_ceil(per_task), &|t| {
-                work(t * per_task..((t + 1) * per_task).min(n))
-            });
-        }
+        split(n, rb, &work);
+    }
+
+    /// [`QMatrix::run`] for the tiled layout: tasks own whole tiles, and each tile's eight
+    /// outputs of an activation row are adjacent.
+    fn run_tiles<A: Sync>(&self, dot: formats::TileFn<A>, acts: &A, m: usize, out: &mut [f32]) {
+        let n = self.rows;
+        let tb = self.cols / self.format.block_len() * formats::tile_bytes(self.format);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let work = |tiles: std::ops::Range<usize>| {
+            let out_ptr = &out_ptr;
+            for t in tiles {
+                // SAFETY: `dot` was picked for a CPU that has its instruction set; the tile
+                // holds `TILE_ROWS` rows of as many blocks as the activations' rows; `out`
+                // has `m × n` values and this task alone writes the tile's columns.
+                unsafe {
+                    dot(
+                        &self.data[t * tb..(t + 1) * tb],
+                        acts,
+                        0,
+                        m,
+                        out_ptr.0.add(t * formats::TILE_ROWS),
+                        n,
+                    )
+                };
+            }
+        };
+        split(n / formats::TILE_ROWS, tb, &work);
+    }
+}
+
+/// Runs `work` over `0..units` (units of `unit_bytes` of weights) on the pool.
+fn split(units: usize, unit_bytes: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    let threads = pool::threads();
+    // Tasks of at least ~64 KiB of weights, several per thread so a thread slowed by the
+    // other tenants of a shared machine does not hold the product back.
+    let min_units = (65536 / unit_bytes.max(1)).max(1);
+    let per_task = units.div_ceil(threads * 4).max(min_units);
+    if threads == 1 || per_task >= units {
+        work(0..units);
+    } else {
+        pool::parallel_for(units.div_ceil(per_task), &|t| {
+            work(t * per_task..((t + 1) * per_task).min(units))
+        });
     }
 }
 

@@ -131,7 +131,19 @@ fn random_blocks_match_candle_dequantize_then_matmul() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     for (format, dtype) in FORMATS {
         let cols = format.block_len() * 3;
-        for (rows, m) in [(7, 1), (5, 2), (3, 3), (9, 4), (4, 5), (6, 9)] {
+        // Row counts of whole tiles of eight (Q4_K's tiled layout) and not; activation rows in
+        // tiles of four and remainders.
+        for (rows, m) in [
+            (7, 1),
+            (5, 2),
+            (3, 3),
+            (9, 4),
+            (4, 5),
+            (6, 9),
+            (8, 1),
+            (16, 5),
+            (24, 11),
+        ] {
             let data = random_blocks(format, rows * cols / format.block_len(), &mut rng);
             check(format, dtype, data, rows, cols, m, &mut rng);
         }
