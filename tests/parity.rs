@@ -161,6 +161,13 @@ fn chat_template_matches_transformers() {
 /// `greedy_decoding_matches_llama_cpp`.
 const TIE_NATS: f32 = 0.25;
 
+/// [`TIE_NATS`] for Gemma 3's Q4_K/Q6_K file: how its near-ties move with nothing but the
+/// order of float additions inside the quantized products (the integer block sums are exact
+/// either way). On the same file and vectors, three kernels that differ only in that order put
+/// row 0's near-tie (position 11) at 0.000 (portable), 0.200 (AVX2 rows) and 0.278 (AVX2
+/// tiles) nats, and row 2's at 0.156 / 0.059 / 0.215. A real difference is nats away.
+const GEMMA3_TIE_NATS: f32 = 0.35;
+
 /// Greedy decoding against llama.cpp's. Free-running, the sequences may part where two
 /// candidates are a float-noise tie, so the test reports how far they agree. Then it feeds
 /// llama.cpp's own tokens back (teacher forcing) and requires, at every one of the positions,
@@ -816,7 +823,7 @@ fn gemma3_greedy_decoding_matches_llama_cpp() {
             &out,
             &prompt_ids,
             row,
-            TIE_NATS,
+            GEMMA3_TIE_NATS,
             &mut failures,
         );
     }
