@@ -14,6 +14,7 @@ pub mod act;
 mod formats;
 pub mod ops;
 pub mod pool;
+mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -142,8 +143,8 @@ pub struct QMatrix {
     format: QFormat,
     rows: usize,
     cols: usize,
-    /// Rows are interleaved in tiles of `formats::TILE_ROWS` (see `formats::Q4K_TILE_BYTES`
-    /// and `formats::Q6K_TILE_BYTES`).
+    /// Rows are interleaved in tiles of `tiles::TILE_ROWS` (see `tiles::Q4K_TILE_BYTES`
+    /// and `tiles::Q6K_TILE_BYTES`).
     tiled: bool,
     data: Vec<u8>,
 }
@@ -188,7 +189,7 @@ impl QMatrix {
             format,
             rows,
             cols,
-            tiled: formats::tiled(format, rows),
+            tiled: tiles::tiled(format, rows),
             data,
         })
     }
@@ -229,7 +230,7 @@ impl QMatrix {
         }
         let blocks = self.cols / self.format.block_len();
         if self.tiled {
-            formats::dequantize_tiled(self.format, &self.data, blocks, row, out);
+            tiles::dequantize_tiled(self.format, &self.data, blocks, row, out);
             return Ok(());
         }
         let rb = self.row_bytes();
@@ -265,7 +266,9 @@ impl QMatrix {
         }
         let isa = if isa == Isa::Avx2 { Isa::best() } else { isa };
         if self.tiled {
-            if let Some(dot) = formats::tile_dot(self.format, isa) {
+            if let Some(dot) = tiles::tile_dot32(self.format, isa) {
+                self.run_tiles(dot, &act::quantize_32(x, self.cols), m, out);
+            } else if let Some(dot) = tiles::tile_dot256(self.format, isa) {
                 self.run_tiles(dot, &act::quantize_256(x, self.cols), m, out);
             }
         } else if let Some(dot) = formats::dot32(self.format, isa) {
@@ -307,9 +310,9 @@ impl QMatrix {
 
     /// [`QMatrix::run`] for the tiled layout: tasks own whole tiles, and each tile's eight
     /// outputs of an activation row are adjacent.
-    fn run_tiles<A: Sync>(&self, dot: formats::TileFn<A>, acts: &A, m: usize, out: &mut [f32]) {
+    fn run_tiles<A: Sync>(&self, dot: tiles::TileFn<A>, acts: &A, m: usize, out: &mut [f32]) {
         let n = self.rows;
-        let tb = self.cols / self.format.block_len() * formats::tile_bytes(self.format);
+        let tb = self.cols / self.format.block_len() * tiles::tile_bytes(self.format);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let work = |tiles: std::ops::Range<usize>| {
             let out_ptr = &out_ptr;
@@ -323,13 +326,13 @@ impl QMatrix {
                         acts,
                         0,
                         m,
-                        out_ptr.0.add(t * formats::TILE_ROWS),
+                        out_ptr.0.add(t * tiles::TILE_ROWS),
                         n,
                     )
                 };
             }
         };
-        split(n / formats::TILE_ROWS, tb, &work);
+        split(n / tiles::TILE_ROWS, tb, &work);
     }
 }
 

@@ -8,7 +8,8 @@
 use std::arch::x86_64::*;
 
 use crate::act::{Acts256, Acts32};
-use crate::formats::{planar, planes, Q4K_TILE_BYTES, Q6K_TILE_BYTES};
+use crate::formats::{planar, planes};
+use crate::tiles::{tile_bytes, values32, Q4K_TILE_BYTES, Q6K_TILE_BYTES};
 use crate::QFormat;
 
 #[inline]
@@ -441,7 +442,7 @@ unsafe fn tile_rows(
     }
 }
 
-/// Q4_K tiles (llama.cpp's `ggml_gemv_q4_K_8x8_q8_K` idea); see [`crate::formats::TileFn`].
+/// Q4_K tiles (llama.cpp's `ggml_gemv_q4_K_8x8_q8_K` idea); see [`crate::tiles::TileFn`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4k_tiles(
     w: &[u8],
@@ -460,7 +461,7 @@ pub unsafe fn q4k_tiles(
     unsafe { tile_rows(kernels, w, a, first, count, out, stride) }
 }
 
-/// Q6_K tiles; see [`crate::formats::TileFn`].
+/// Q6_K tiles; see [`crate::tiles::TileFn`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q6k_tiles(
     w: &[u8],
@@ -486,7 +487,7 @@ unsafe fn broadcast4(p: *const i8) -> __m256i {
     _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(p as *const i32) })
 }
 
-/// One Q6_K tile (eight weight rows, see [`crate::formats::Q6K_TILE_BYTES`]) against `R`
+/// One Q6_K tile (eight weight rows, see [`crate::tiles::Q6K_TILE_BYTES`]) against `R`
 /// activation rows, lanes as in [`q4k_tile8`]. Values are dotted as stored (0..64) and the
 /// offset of 32 taken off per group through the activations' sums: `-16 · bsum` in both 16-bit
 /// halves of a lane pair is `-32 · bsum` after `vpmaddwd`, and fits (16 · 16 · 127 < 2¹⁵).
@@ -572,7 +573,7 @@ unsafe fn q6k_tile8<const R: usize>(
     }
 }
 
-/// One Q4_K tile (eight weight rows, see [`crate::formats::Q4K_TILE_BYTES`]) against `R`
+/// One Q4_K tile (eight weight rows, see [`crate::tiles::Q4K_TILE_BYTES`]) against `R`
 /// activation rows. Lane `r` of every vector belongs to weight row `r`: four weights of it
 /// times four broadcast activations per lane and instruction. A group's 32 weights sum in
 /// 16 bits (at most 8 · 2 · 15 · 127 = 30,480) before their scale is applied.
@@ -647,6 +648,172 @@ unsafe fn q4k_tile8<const R: usize>(
             let ad = _mm256_set1_ps(acts[r].d);
             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, ad), _mm256_cvtepi32_ps(isum[r]), acc[r]);
             acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, ad), _mm256_cvtepi32_ps(msum), acc[r]);
+        }
+    }
+    for r in 0..R {
+        unsafe { _mm256_storeu_ps(out.add(r * stride), acc[r]) };
+    }
+}
+
+/// A 32-wide tile kernel over `R` activation rows.
+type Tile32Fn = unsafe fn(w: &[u8], a: &Acts32, first: usize, out: *mut f32, stride: usize);
+
+/// Runs a 32-wide tile kernel over `count` activation rows, four at a time.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile32_rows(
+    kernels: [Tile32Fn; 4],
+    w: &[u8],
+    a: &Acts32,
+    first: usize,
+    count: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let mut done = 0;
+    while done < count {
+        let t = (count - done).min(4);
+        // SAFETY: the caller's contract, for rows `first + done..first + done + t`.
+        unsafe { kernels[t - 1](w, a, first + done, out.add(done * stride), stride) };
+        done += t;
+    }
+}
+
+/// Q4_0 tiles; see [`crate::tiles::TileFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4_0_tiles(
+    w: &[u8],
+    a: &Acts32,
+    first: usize,
+    n: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let k: [Tile32Fn; 4] = [
+        tile32_8::<Q4_0, 1>,
+        tile32_8::<Q4_0, 2>,
+        tile32_8::<Q4_0, 3>,
+        tile32_8::<Q4_0, 4>,
+    ];
+    unsafe { tile32_rows(k, w, a, first, n, out, stride) }
+}
+
+/// Q4_1 tiles; see [`crate::tiles::TileFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4_1_tiles(
+    w: &[u8],
+    a: &Acts32,
+    first: usize,
+    n: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let k: [Tile32Fn; 4] = [
+        tile32_8::<Q4_1, 1>,
+        tile32_8::<Q4_1, 2>,
+        tile32_8::<Q4_1, 3>,
+        tile32_8::<Q4_1, 4>,
+    ];
+    unsafe { tile32_rows(k, w, a, first, n, out, stride) }
+}
+
+/// Q8_0 tiles; see [`crate::tiles::TileFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_0_tiles(
+    w: &[u8],
+    a: &Acts32,
+    first: usize,
+    n: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let k: [Tile32Fn; 4] = [
+        tile32_8::<Q8_0, 1>,
+        tile32_8::<Q8_0, 2>,
+        tile32_8::<Q8_0, 3>,
+        tile32_8::<Q8_0, 4>,
+    ];
+    unsafe { tile32_rows(k, w, a, first, n, out, stride) }
+}
+
+/// One tile of a 32-wide format (eight weight rows, see [`crate::tiles::Q4_1_TILE_BYTES`])
+/// against `R` activation rows, lanes as in [`q4k_tile8`]. 4-bit weights: a block's 32 sum in
+/// 16 bits (at most 8 · 2 · 15 · 127 = 30,480). 8-bit weights are dotted as |w| · sign(a, w),
+/// and each run of four widens to 32 bits at once (two would overflow 16).
+// Indices run over the tile's activation rows in several arrays at once.
+#[allow(clippy::needless_range_loop)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile32_8<B: Values32, const R: usize>(
+    w: &[u8],
+    a: &Acts32,
+    first: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    let nb = a.blocks;
+    let cols = nb * 32;
+    let tb_len = tile_bytes(B::FORMAT);
+    let vals = values32(B::FORMAT);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let tb = unsafe { w.as_ptr().add(b * tb_len) };
+        let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(tb as *const __m128i) });
+        let q8: [*const i8; R] =
+            std::array::from_fn(|r| unsafe { a.qs.as_ptr().add((first + r) * cols + 32 * b) });
+        let mut isum = [_mm256_setzero_si256(); R];
+        if B::SIGNED {
+            for k in 0..8 {
+                let v = unsafe { _mm256_loadu_si256(tb.add(vals + 32 * k) as *const __m256i) };
+                let vabs = _mm256_sign_epi8(v, v);
+                for r in 0..R {
+                    let av = _mm256_sign_epi8(unsafe { broadcast4(q8[r].add(4 * k)) }, v);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(vabs, av), ones);
+                    isum[r] = _mm256_add_epi32(isum[r], p);
+                }
+            }
+        } else {
+            let mut sum16 = [_mm256_setzero_si256(); R];
+            for k in 0..4 {
+                let v = unsafe { _mm256_loadu_si256(tb.add(vals + 32 * k) as *const __m256i) };
+                let lo = _mm256_and_si256(v, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                for r in 0..R {
+                    let (alo, ahi) = unsafe {
+                        (
+                            broadcast4(q8[r].add(8 * k)),
+                            broadcast4(q8[r].add(8 * k + 4)),
+                        )
+                    };
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, alo),
+                        _mm256_maddubs_epi16(hi, ahi),
+                    );
+                    sum16[r] = _mm256_add_epi16(sum16[r], p);
+                }
+            }
+            for r in 0..R {
+                isum[r] = _mm256_madd_epi16(sum16[r], ones);
+            }
+        }
+        // Minimums (Q4_1) or the offset of 8 (Q4_0) ride on each activation block's sum.
+        let off = match B::FORMAT {
+            QFormat::Q4_1 => {
+                _mm256_cvtph_ps(unsafe { _mm_loadu_si128(tb.add(16) as *const __m128i) })
+            }
+            QFormat::Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+            _ => _mm256_setzero_ps(),
+        };
+        for r in 0..R {
+            let at = (first + r) * nb + b;
+            let ad = _mm256_set1_ps(unsafe { *a.d.get_unchecked(at) });
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, ad), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+            if B::FORMAT != QFormat::Q8_0 {
+                let s = _mm256_set1_ps(unsafe { *a.s.get_unchecked(at) });
+                acc[r] = _mm256_fmadd_ps(off, s, acc[r]);
+            }
         }
     }
     for r in 0..R {

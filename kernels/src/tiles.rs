@@ -1,0 +1,426 @@
+//! The tiled layout: rows of a weight matrix interleaved by eight, so that one 32-byte load
+//! holds four weights of each of eight rows and a kernel multiplies it by four broadcast
+//! activations: every lane works for its own row, with no shuffle per block and no
+//! horizontal sum per row (llama.cpp's `8x8` repacking). Matrices whose row count is a
+//! multiple of [`TILE_ROWS`] are stored so; the portable kernels here compute what the row
+//! kernels of `formats` do, row by row of a tile.
+
+use crate::act::{Acts256, Acts32};
+use crate::formats::{f16_at, planar, q4k_block_dot, q4k_unpack, q6k_block_dot, q6k_unpack, value};
+use crate::{Isa, QFormat};
+
+/// Weight rows interleaved in one tile of the tiled layout.
+pub const TILE_ROWS: usize = 8;
+
+/// Bytes of one Q4_K tile block: [`TILE_ROWS`] rows × 256 weights.
+///
+/// | bytes | what |
+/// |---|---|
+/// | 0..16 | `d` of each row, f16 |
+/// | 16..32 | `dmin` of each row, f16 |
+/// | 32..160 | per group `g` of 32 weights, 16 bytes: row `r`'s 6-bit scale at `2r` and `2r + 1` |
+/// | 160..224 | per pair `p` of groups, 16 bytes: row `r`'s minimums of groups `2p`, `2p + 1` at `2r`, `2r + 1` |
+/// | 224..1248 | per run `k` of 8 weights, 32 bytes: row `r`'s weights `8k + j` (low nibble) and `8k + j + 4` (high) at `4r + j` |
+///
+/// One 32-byte load then holds four weights of each of the eight rows, and a kernel
+/// multiplies it by four broadcast activations: every lane works for its own row, with no
+/// shuffle per block and no horizontal sum per row (llama.cpp's `q4_K_8x8` repacking).
+pub const Q4K_TILE_BYTES: usize = 1248;
+
+const Q4K_SCALES: usize = 32;
+const Q4K_MINS: usize = 160;
+const Q4K_VALUES: usize = 224;
+
+/// Bytes of one Q6_K tile block: [`TILE_ROWS`] rows × 256 weights, the values' low four
+/// bits and high two bits in separate planes as ggml keeps them, interleaved as in
+/// [`Q4K_TILE_BYTES`].
+///
+/// | bytes | what |
+/// |---|---|
+/// | 0..16 | `d` of each row, f16 |
+/// | 16..272 | per group `g` of 16 weights, 16 bytes: row `r`'s i8 scale at `2r` and `2r + 1` |
+/// | 272..1296 | per run `k` of 8 weights, 32 bytes: low 4 bits of row `r`'s weights `8k + j` (low nibble) and `8k + j + 4` (high) at `4r + j` |
+/// | 1296..1808 | per group `g`, 32 bytes: high 2 bits of row `r`'s weights `16g + j`, `+ 4`, `+ 8`, `+ 12` (bits 0-1, 2-3, 4-5, 6-7) at `4r + j` |
+pub const Q6K_TILE_BYTES: usize = 1808;
+
+const Q6K_SCALES: usize = 16;
+const Q6K_LOW: usize = 272;
+const Q6K_HIGH: usize = 1296;
+
+/// Bytes of one Q4_0 tile block, [`TILE_ROWS`] rows × 32 weights (as many as 8 blocks):
+/// `d` of each row (f16), then per run `k` of 8 weights 32 bytes: row `r`'s weights `8k + j`
+/// (low nibble) and `8k + j + 4` (high) at `4r + j`.
+pub const Q4_0_TILE_BYTES: usize = 144;
+
+/// Bytes of one Q4_1 tile block: as Q4_0's, with each row's minimum (f16) after the scales.
+pub const Q4_1_TILE_BYTES: usize = 160;
+
+/// Bytes of one Q8_0 tile block: `d` of each row (f16), then per run `k` of 4 weights 32
+/// bytes: row `r`'s weights `4k + j` at `4r + j`.
+pub const Q8_0_TILE_BYTES: usize = 272;
+
+/// Where a 32-wide tile block's values start.
+pub(crate) const fn values32(format: QFormat) -> usize {
+    match format {
+        QFormat::Q4_1 => 32,
+        _ => 16,
+    }
+}
+
+/// Whether `rows` of `format` are stored in tiles of [`TILE_ROWS`] rows.
+pub(crate) fn tiled(format: QFormat, rows: usize) -> bool {
+    tile_bytes(format) > 0 && rows.is_multiple_of(TILE_ROWS)
+}
+
+/// Bytes of one tile block of `format`; 0: the format is not tiled.
+pub(crate) const fn tile_bytes(format: QFormat) -> usize {
+    match format {
+        QFormat::Q4K => Q4K_TILE_BYTES,
+        QFormat::Q6K => Q6K_TILE_BYTES,
+        QFormat::Q4_0 => Q4_0_TILE_BYTES,
+        QFormat::Q4_1 => Q4_1_TILE_BYTES,
+        QFormat::Q8_0 => Q8_0_TILE_BYTES,
+    }
+}
+
+/// `data` (ggml blocks of `format`, `blocks` per row, rows a multiple of [`TILE_ROWS`]) as
+/// tiles: tile after tile, each its blocks in order.
+pub(crate) fn tile(format: QFormat, data: &[u8], blocks: usize) -> Vec<u8> {
+    let bb = format.block_bytes();
+    let tb_len = tile_bytes(format);
+    let tiles = data.len() / (bb * blocks * TILE_ROWS);
+    let mut out = vec![0u8; tiles * blocks * tb_len];
+    for (t, dst) in out.chunks_exact_mut(blocks * tb_len).enumerate() {
+        for (b, tb) in dst.chunks_exact_mut(tb_len).enumerate() {
+            for r in 0..TILE_ROWS {
+                let at = ((t * TILE_ROWS + r) * blocks + b) * bb;
+                let blk = &data[at..at + bb];
+                match format {
+                    QFormat::Q4K => tile_q4k_row(blk, tb, r),
+                    QFormat::Q6K => tile_q6k_row(blk, tb, r),
+                    _ => tile32_row(format, blk, tb, r),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Writes a block of a 32-wide format (ggml's layout) as row `r` of tile block `tb`.
+fn tile32_row(format: QFormat, blk: &[u8], tb: &mut [u8], r: usize) {
+    let bb = format.block_bytes();
+    let (qs_bytes, mins) = planar(format);
+    tb[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+    if mins {
+        tb[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&blk[2..4]);
+    }
+    let qs = &blk[bb - qs_bytes..];
+    let v = values32(format);
+    if format == QFormat::Q8_0 {
+        for k in 0..8 {
+            tb[v + 32 * k + 4 * r..v + 32 * k + 4 * r + 4].copy_from_slice(&qs[4 * k..4 * k + 4]);
+        }
+    } else {
+        let q = |i: usize| value(format, qs, i) as u8;
+        for k in 0..4 {
+            for j in 0..4 {
+                tb[v + 32 * k + 4 * r + j] = q(8 * k + j) | (q(8 * k + j + 4) << 4);
+            }
+        }
+    }
+}
+
+/// Row `r` of a 32-wide tile block: its integer values, scale and minimum (0 without).
+fn tile32_values(format: QFormat, tb: &[u8], r: usize) -> ([i32; 32], f32, f32) {
+    let v = values32(format);
+    let mut q = [0i32; 32];
+    for (i, q) in q.iter_mut().enumerate() {
+        *q = if format == QFormat::Q8_0 {
+            i32::from(tb[v + 32 * (i / 4) + 4 * r + i % 4] as i8)
+        } else {
+            let byte = tb[v + 32 * (i / 8) + 4 * r + i % 4];
+            i32::from((byte >> (4 * (i % 8 / 4))) & 15)
+        };
+    }
+    let m = if format == QFormat::Q4_1 {
+        f16_at(tb, 16 + 2 * r)
+    } else {
+        0.0
+    };
+    (q, f16_at(tb, 2 * r), m)
+}
+
+/// The portable kernel of 32-wide tiles: the row kernel's arithmetic, row by row.
+///
+/// # Safety
+/// See [`TileFn`].
+unsafe fn tiles32(
+    format: QFormat,
+    w: &[u8],
+    a: &Acts32,
+    first: usize,
+    count: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let nb = a.blocks;
+    let tb_len = tile_bytes(format);
+    for r in 0..TILE_ROWS {
+        for i in 0..count {
+            let row = first + i;
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let (q, d, m) = tile32_values(format, &w[b * tb_len..], r);
+                let aq = &a.qs[(row * nb + b) * 32..][..32];
+                let dot: i32 = q.iter().zip(aq).map(|(&q, &a)| q * i32::from(a)).sum();
+                let (ad, s) = (a.d[row * nb + b], a.s[row * nb + b]);
+                acc += d * ad * dot as f32;
+                acc += match format {
+                    QFormat::Q4_0 => -8.0 * d * s,
+                    QFormat::Q4_1 => m * s,
+                    _ => 0.0,
+                };
+            }
+            // SAFETY: the caller's contract (see `TileFn`).
+            unsafe { *out.add(i * stride + r) = acc };
+        }
+    }
+}
+
+/// The kernel for tiles of a 32-wide format on `isa`.
+pub fn tile_dot32(format: QFormat, isa: Isa) -> Option<TileFn<Acts32>> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        return match format {
+            QFormat::Q4_0 => Some(crate::x86::q4_0_tiles),
+            QFormat::Q4_1 => Some(crate::x86::q4_1_tiles),
+            QFormat::Q8_0 => Some(crate::x86::q8_0_tiles),
+            QFormat::Q4K | QFormat::Q6K => None,
+        };
+    }
+    let _ = isa;
+    match format {
+        QFormat::Q4_0 => Some(q4_0_tiles),
+        QFormat::Q4_1 => Some(q4_1_tiles),
+        QFormat::Q8_0 => Some(q8_0_tiles),
+        QFormat::Q4K | QFormat::Q6K => None,
+    }
+}
+
+unsafe fn q4_0_tiles(w: &[u8], a: &Acts32, first: usize, n: usize, out: *mut f32, stride: usize) {
+    unsafe { tiles32(QFormat::Q4_0, w, a, first, n, out, stride) }
+}
+
+unsafe fn q4_1_tiles(w: &[u8], a: &Acts32, first: usize, n: usize, out: *mut f32, stride: usize) {
+    unsafe { tiles32(QFormat::Q4_1, w, a, first, n, out, stride) }
+}
+
+unsafe fn q8_0_tiles(w: &[u8], a: &Acts32, first: usize, n: usize, out: *mut f32, stride: usize) {
+    unsafe { tiles32(QFormat::Q8_0, w, a, first, n, out, stride) }
+}
+
+/// Writes a Q4_K block as row `r` of tile block `tb`.
+fn tile_q4k_row(blk: &[u8], tb: &mut [u8], r: usize) {
+    tb[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+    tb[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&blk[2..4]);
+    let (q, sc, mn) = q4k_unpack(blk);
+    for g in 0..8 {
+        let s = Q4K_SCALES + 16 * g + 2 * r;
+        tb[s] = sc[g];
+        tb[s + 1] = sc[g];
+        tb[Q4K_MINS + 16 * (g / 2) + 2 * r + g % 2] = mn[g];
+    }
+    for k in 0..32 {
+        for j in 0..4 {
+            tb[Q4K_VALUES + 32 * k + 4 * r + j] = q[8 * k + j] | (q[8 * k + j + 4] << 4);
+        }
+    }
+}
+
+/// Writes a Q6_K block as row `r` of tile block `tb`.
+fn tile_q6k_row(blk: &[u8], tb: &mut [u8], r: usize) {
+    tb[2 * r..2 * r + 2].copy_from_slice(&blk[208..210]);
+    let (q, sc) = q6k_unpack(blk);
+    // Back to 0..64, as stored.
+    let u = |i: usize| (q[i] + 32) as u8;
+    for g in 0..16 {
+        let s = Q6K_SCALES + 16 * g + 2 * r;
+        tb[s] = sc[g] as u8;
+        tb[s + 1] = sc[g] as u8;
+        for j in 0..4 {
+            let w = 16 * g + j;
+            tb[Q6K_HIGH + 32 * g + 4 * r + j] = (u(w) >> 4)
+                | ((u(w + 4) >> 4) << 2)
+                | ((u(w + 8) >> 4) << 4)
+                | ((u(w + 12) >> 4) << 6);
+        }
+    }
+    for k in 0..32 {
+        for j in 0..4 {
+            tb[Q6K_LOW + 32 * k + 4 * r + j] = (u(8 * k + j) & 15) | ((u(8 * k + j + 4) & 15) << 4);
+        }
+    }
+}
+
+/// Row `r` of a Q6_K tile block: its values (-32..32), group scales and `d`.
+fn q6k_tile_row(tb: &[u8], r: usize) -> ([i8; 256], [i8; 16], f32) {
+    let mut q = [0i8; 256];
+    let mut sc = [0i8; 16];
+    for g in 0..16 {
+        sc[g] = tb[Q6K_SCALES + 16 * g + 2 * r] as i8;
+        for j in 0..4 {
+            let h = tb[Q6K_HIGH + 32 * g + 4 * r + j];
+            for (i, off) in [0, 4, 8, 12].into_iter().enumerate() {
+                let w = 16 * g + j + off;
+                // Weight w's low bits: run w / 8, lane 4r + w % 4, high nibble if w % 8 >= 4.
+                let byte = tb[Q6K_LOW + 32 * (w / 8) + 4 * r + w % 4];
+                let low = (byte >> (4 * (w % 8 / 4))) & 15;
+                q[w] = (low | (((h >> (2 * i)) & 3) << 4)) as i8 - 32;
+            }
+        }
+    }
+    (q, sc, f16_at(tb, 2 * r))
+}
+
+/// Row `r` of a Q4_K tile block: its values, group scales and minimums, `d` and `dmin`.
+fn q4k_tile_row(tb: &[u8], r: usize) -> ([u8; 256], [u8; 8], [u8; 8], f32, f32) {
+    let mut q = [0u8; 256];
+    let mut sc = [0u8; 8];
+    let mut mn = [0u8; 8];
+    for g in 0..8 {
+        sc[g] = tb[Q4K_SCALES + 16 * g + 2 * r];
+        mn[g] = tb[Q4K_MINS + 16 * (g / 2) + 2 * r + g % 2];
+    }
+    for k in 0..32 {
+        for j in 0..4 {
+            let v = tb[Q4K_VALUES + 32 * k + 4 * r + j];
+            q[8 * k + j] = v & 15;
+            q[8 * k + j + 4] = v >> 4;
+        }
+    }
+    (q, sc, mn, f16_at(tb, 2 * r), f16_at(tb, 16 + 2 * r))
+}
+
+/// Dots one tile row of blocks with `count` activation rows from `first` on, writing row
+/// `first + i`'s [`TILE_ROWS`] outputs at `out + i · stride`.
+///
+/// # Safety
+/// As [`crate::formats::DotFn`], and `out` must be valid for those writes.
+pub type TileFn<A> =
+    unsafe fn(w: &[u8], a: &A, first: usize, count: usize, out: *mut f32, stride: usize);
+
+/// The kernel for tiles of a 256-wide format on `isa`.
+pub fn tile_dot256(format: QFormat, isa: Isa) -> Option<TileFn<Acts256>> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        return match format {
+            QFormat::Q4K => Some(crate::x86::q4k_tiles),
+            QFormat::Q6K => Some(crate::x86::q6k_tiles),
+            QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0 => None,
+        };
+    }
+    let _ = isa;
+    match format {
+        QFormat::Q4K => Some(q4k_tiles),
+        QFormat::Q6K => Some(q6k_tiles),
+        QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0 => None,
+    }
+}
+
+/// The portable Q6_K tile kernel: the row kernel's arithmetic, row by row of the tile.
+///
+/// # Safety
+/// See [`TileFn`].
+unsafe fn q6k_tiles(
+    w: &[u8],
+    a: &Acts256,
+    first: usize,
+    count: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let blocks = a.blocks;
+    for r in 0..TILE_ROWS {
+        let rows: Vec<_> = (0..blocks)
+            .map(|b| q6k_tile_row(&w[b * Q6K_TILE_BYTES..], r))
+            .collect();
+        for i in 0..count {
+            let acts = &a.data[(first + i) * blocks..(first + i + 1) * blocks];
+            let mut acc = 0f32;
+            for ((q, sc, d), act) in rows.iter().zip(acts) {
+                acc += q6k_block_dot(q, sc, *d, act);
+            }
+            // SAFETY: the caller's contract.
+            unsafe { *out.add(i * stride + r) = acc };
+        }
+    }
+}
+
+/// The portable Q4_K tile kernel: the row kernel's arithmetic, row by row of the tile.
+///
+/// # Safety
+/// See [`TileFn`].
+unsafe fn q4k_tiles(
+    w: &[u8],
+    a: &Acts256,
+    first: usize,
+    count: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let blocks = a.blocks;
+    for r in 0..TILE_ROWS {
+        let rows: Vec<_> = (0..blocks)
+            .map(|b| q4k_tile_row(&w[b * Q4K_TILE_BYTES..], r))
+            .collect();
+        for i in 0..count {
+            let acts = &a.data[(first + i) * blocks..(first + i + 1) * blocks];
+            let mut acc = 0f32;
+            for ((q, sc, mn, d, dmin), act) in rows.iter().zip(acts) {
+                acc += q4k_block_dot(q, sc, mn, *d, *dmin, act);
+            }
+            // SAFETY: the caller's contract.
+            unsafe { *out.add(i * stride + r) = acc };
+        }
+    }
+}
+
+/// Row `r` of a tiled matrix of `format` (`blocks` per row) as f32 into `out`.
+pub(crate) fn dequantize_tiled(
+    format: QFormat,
+    data: &[u8],
+    blocks: usize,
+    r: usize,
+    out: &mut [f32],
+) {
+    let tb_len = tile_bytes(format);
+    let tile = &data[r / TILE_ROWS * blocks * tb_len..];
+    if format.block_len() == 32 {
+        for (b, y) in out.chunks_exact_mut(32).enumerate() {
+            let (q, d, m) = tile32_values(format, &tile[b * tb_len..], r % TILE_ROWS);
+            for (v, q) in y.iter_mut().zip(q) {
+                *v = match format {
+                    QFormat::Q4_0 => (q - 8) as f32 * d,
+                    QFormat::Q4_1 => q as f32 * d + m,
+                    _ => q as f32 * d,
+                };
+            }
+        }
+        return;
+    }
+    for (b, y) in out.chunks_exact_mut(256).enumerate() {
+        let tb = &tile[b * tb_len..];
+        if format == QFormat::Q4K {
+            let (q, sc, mn, d, dmin) = q4k_tile_row(tb, r % TILE_ROWS);
+            for (i, v) in y.iter_mut().enumerate() {
+                let g = i / 32;
+                *v = d * f32::from(sc[g]) * f32::from(q[i]) - dmin * f32::from(mn[g]);
+            }
+        } else {
+            let (q, sc, d) = q6k_tile_row(tb, r % TILE_ROWS);
+            for (i, v) in y.iter_mut().enumerate() {
+                *v = d * f32::from(sc[i / 16]) * f32::from(q[i]);
+            }
+        }
+    }
+}
