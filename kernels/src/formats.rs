@@ -1,10 +1,12 @@
 //! The block layouts of each format, their dequantization, the portable dot kernels, and
 //! which kernel serves a format on an instruction set.
 //!
-//! K-formats keep ggml's block layout. The 32-wide formats are repacked per row into planes
-//! (same bytes, other order): the f16 scales of the row's blocks, then (Q4_1) their
-//! minimums, then the quantized values of each block as ggml stores them. Kernels then load
-//! eight scales with one instruction instead of converting one per block.
+//! Matrices of a multiple of eight rows are stored in tiles (`tiles`); this module's layouts
+//! and kernels serve the others. There, K-formats keep ggml's block layout, and the 32-wide
+//! formats are repacked per row into planes (same bytes, other order): the f16 scales of the
+//! row's blocks, then (Q4_1) their minimums, then the quantized values of each block as ggml
+//! stores them. Kernels then load eight scales with one instruction instead of converting one
+//! per block.
 
 use half::f16;
 

@@ -3,8 +3,10 @@
 //! The decoder's time goes almost entirely into `x · Wᵀ` with quantized `W` (a profile of
 //! SmolLM2 Q4_1 decode put 84% of it in candle's scalar Q4_1 dot product). This crate does
 //! that product the way llama.cpp does: the activations are quantized to 8 bits once per
-//! product ([`act`]), each weight block is unpacked once and dotted against every activation
-//! row of the batch with integer SIMD, and the rows of `W` are split across the threads of [`pool`].
+//! product ([`act`]), the weights are repacked at load so one SIMD lane works for one row of
+//! `W` (tiles of eight rows), each weight block is unpacked once and dotted against every
+//! activation row of the batch with integer SIMD, and the rows of `W` are split across the
+//! threads of [`pool`].
 //!
 //! Kernels exist per weight format ([`QFormat`]) and per instruction set, picked at run time
 //! ([`Isa::detect`]), so one binary runs on any x86-64 and uses AVX2 where the CPU has it.
@@ -136,9 +138,9 @@ impl Isa {
     }
 }
 
-/// A `rows × cols` matrix of quantized weights, row-major, each row `cols / block_len` blocks
-/// (the 32-wide formats repacked into planes per row: see `formats`). Multiplying `x`
-/// (`m × cols`) gives `x · selfᵀ` (`m × rows`).
+/// A `rows × cols` matrix of quantized weights, each row `cols / block_len` blocks, stored
+/// in tiles of eight interleaved rows when the row count allows (`tiles`), row by row
+/// otherwise (`formats`). Multiplying `x` (`m × cols`) gives `x · selfᵀ` (`m × rows`).
 pub struct QMatrix {
     format: QFormat,
     rows: usize,

@@ -5,7 +5,7 @@
 //! multiple of [`TILE_ROWS`] are stored so; the portable kernels here compute what the row
 //! kernels of `formats` do, row by row of a tile.
 
-use crate::act::{Acts256, Acts32};
+use crate::act::{Act256, Acts256, Acts32};
 use crate::formats::{f16_at, planar, q4k_block_dot, q4k_unpack, q6k_block_dot, q6k_unpack, value};
 use crate::{Isa, QFormat};
 
@@ -191,12 +191,7 @@ unsafe fn tiles32(
 pub fn tile_dot32(format: QFormat, isa: Isa) -> Option<TileFn<Acts32>> {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
-        return match format {
-            QFormat::Q4_0 => Some(crate::x86::q4_0_tiles),
-            QFormat::Q4_1 => Some(crate::x86::q4_1_tiles),
-            QFormat::Q8_0 => Some(crate::x86::q8_0_tiles),
-            QFormat::Q4K | QFormat::Q6K => None,
-        };
+        return crate::x86::tiles32(format);
     }
     let _ = isa;
     match format {
@@ -282,8 +277,11 @@ fn q6k_tile_row(tb: &[u8], r: usize) -> ([i8; 256], [i8; 16], f32) {
     (q, sc, f16_at(tb, 2 * r))
 }
 
-/// Row `r` of a Q4_K tile block: its values, group scales and minimums, `d` and `dmin`.
-fn q4k_tile_row(tb: &[u8], r: usize) -> ([u8; 256], [u8; 8], [u8; 8], f32, f32) {
+/// A Q4_K row's block unpacked: values, group scales and minimums, `d` and `dmin`.
+type Q4kRow = ([u8; 256], [u8; 8], [u8; 8], f32, f32);
+
+/// Row `r` of a Q4_K tile block.
+fn q4k_tile_row(tb: &[u8], r: usize) -> Q4kRow {
     let mut q = [0u8; 256];
     let mut sc = [0u8; 8];
     let mut mn = [0u8; 8];
@@ -327,11 +325,16 @@ pub fn tile_dot256(format: QFormat, isa: Isa) -> Option<TileFn<Acts256>> {
     }
 }
 
-/// The portable Q6_K tile kernel: the row kernel's arithmetic, row by row of the tile.
+/// The portable kernel of 256-wide tiles: each row of the tile unpacked by `unpack` (tile
+/// block, row), then dotted block by block with `dot`, as the row kernels of `formats` do.
 ///
 /// # Safety
 /// See [`TileFn`].
-unsafe fn q6k_tiles(
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiles256<T>(
+    unpack: impl Fn(&[u8], usize) -> T,
+    dot: impl Fn(&T, &Act256) -> f32,
+    tb_len: usize,
     w: &[u8],
     a: &Acts256,
     first: usize,
@@ -341,47 +344,56 @@ unsafe fn q6k_tiles(
 ) {
     let blocks = a.blocks;
     for r in 0..TILE_ROWS {
-        let rows: Vec<_> = (0..blocks)
-            .map(|b| q6k_tile_row(&w[b * Q6K_TILE_BYTES..], r))
-            .collect();
+        let rows: Vec<T> = (0..blocks).map(|b| unpack(&w[b * tb_len..], r)).collect();
         for i in 0..count {
             let acts = &a.data[(first + i) * blocks..(first + i + 1) * blocks];
-            let mut acc = 0f32;
-            for ((q, sc, d), act) in rows.iter().zip(acts) {
-                acc += q6k_block_dot(q, sc, *d, act);
-            }
+            let acc: f32 = rows.iter().zip(acts).map(|(row, act)| dot(row, act)).sum();
             // SAFETY: the caller's contract.
             unsafe { *out.add(i * stride + r) = acc };
         }
     }
 }
 
-/// The portable Q4_K tile kernel: the row kernel's arithmetic, row by row of the tile.
+/// The portable Q6_K tile kernel.
 ///
 /// # Safety
 /// See [`TileFn`].
-unsafe fn q4k_tiles(
-    w: &[u8],
-    a: &Acts256,
-    first: usize,
-    count: usize,
-    out: *mut f32,
-    stride: usize,
-) {
-    let blocks = a.blocks;
-    for r in 0..TILE_ROWS {
-        let rows: Vec<_> = (0..blocks)
-            .map(|b| q4k_tile_row(&w[b * Q4K_TILE_BYTES..], r))
-            .collect();
-        for i in 0..count {
-            let acts = &a.data[(first + i) * blocks..(first + i + 1) * blocks];
-            let mut acc = 0f32;
-            for ((q, sc, mn, d, dmin), act) in rows.iter().zip(acts) {
-                acc += q4k_block_dot(q, sc, mn, *d, *dmin, act);
-            }
-            // SAFETY: the caller's contract.
-            unsafe { *out.add(i * stride + r) = acc };
-        }
+unsafe fn q6k_tiles(w: &[u8], a: &Acts256, first: usize, n: usize, out: *mut f32, stride: usize) {
+    let dot = |(q, sc, d): &([i8; 256], [i8; 16], f32), act: &Act256| q6k_block_dot(q, sc, *d, act);
+    unsafe {
+        tiles256(
+            q6k_tile_row,
+            dot,
+            Q6K_TILE_BYTES,
+            w,
+            a,
+            first,
+            n,
+            out,
+            stride,
+        )
+    }
+}
+
+/// The portable Q4_K tile kernel.
+///
+/// # Safety
+/// See [`TileFn`].
+unsafe fn q4k_tiles(w: &[u8], a: &Acts256, first: usize, n: usize, out: *mut f32, stride: usize) {
+    let dot =
+        |(q, sc, mn, d, dmin): &Q4kRow, act: &Act256| q4k_block_dot(q, sc, mn, *d, *dmin, act);
+    unsafe {
+        tiles256(
+            q4k_tile_row,
+            dot,
+            Q4K_TILE_BYTES,
+            w,
+            a,
+            first,
+            n,
+            out,
+            stride,
+        )
     }
 }
 

@@ -418,16 +418,16 @@ unsafe fn q6k_tile<const R: usize>(w: &[u8], a: &Acts256, first: usize, out: &mu
     }
 }
 
-/// A tile kernel over `R` activation rows.
-type Tile8Fn = unsafe fn(w: &[u8], a: &Acts256, first: usize, out: *mut f32, stride: usize);
+/// A tile kernel over a fixed number of activation rows.
+type RowsFn<A> = unsafe fn(w: &[u8], a: &A, first: usize, out: *mut f32, stride: usize);
 
-/// Runs a tile kernel over `count` activation rows, four at a time.
+/// Runs the tile kernels for 1..=4 activation rows over `count` rows, four at a time.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_rows(
-    kernels: [Tile8Fn; 4],
+unsafe fn tile_rows<A>(
+    kernels: [RowsFn<A>; 4],
     w: &[u8],
-    a: &Acts256,
+    a: &A,
     first: usize,
     count: usize,
     out: *mut f32,
@@ -452,7 +452,7 @@ pub unsafe fn q4k_tiles(
     out: *mut f32,
     stride: usize,
 ) {
-    let kernels: [Tile8Fn; 4] = [
+    let kernels: [RowsFn<Acts256>; 4] = [
         q4k_tile8::<1>,
         q4k_tile8::<2>,
         q4k_tile8::<3>,
@@ -471,7 +471,7 @@ pub unsafe fn q6k_tiles(
     out: *mut f32,
     stride: usize,
 ) {
-    let kernels: [Tile8Fn; 4] = [
+    let kernels: [RowsFn<Acts256>; 4] = [
         q6k_tile8::<1>,
         q6k_tile8::<2>,
         q6k_tile8::<3>,
@@ -655,14 +655,18 @@ unsafe fn q4k_tile8<const R: usize>(
     }
 }
 
-/// A 32-wide tile kernel over `R` activation rows.
-type Tile32Fn = unsafe fn(w: &[u8], a: &Acts32, first: usize, out: *mut f32, stride: usize);
+/// The tile kernel of a 32-wide format; see [`crate::tiles::TileFn`].
+pub fn tiles32(format: QFormat) -> Option<crate::tiles::TileFn<Acts32>> {
+    Some(match format {
+        QFormat::Q4_0 => tiles32_of::<Q4_0>,
+        QFormat::Q4_1 => tiles32_of::<Q4_1>,
+        QFormat::Q8_0 => tiles32_of::<Q8_0>,
+        QFormat::Q4K | QFormat::Q6K => return None,
+    })
+}
 
-/// Runs a 32-wide tile kernel over `count` activation rows, four at a time.
-#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile32_rows(
-    kernels: [Tile32Fn; 4],
+unsafe fn tiles32_of<B: Values32>(
     w: &[u8],
     a: &Acts32,
     first: usize,
@@ -670,70 +674,13 @@ unsafe fn tile32_rows(
     out: *mut f32,
     stride: usize,
 ) {
-    let mut done = 0;
-    while done < count {
-        let t = (count - done).min(4);
-        // SAFETY: the caller's contract, for rows `first + done..first + done + t`.
-        unsafe { kernels[t - 1](w, a, first + done, out.add(done * stride), stride) };
-        done += t;
-    }
-}
-
-/// Q4_0 tiles; see [`crate::tiles::TileFn`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4_0_tiles(
-    w: &[u8],
-    a: &Acts32,
-    first: usize,
-    n: usize,
-    out: *mut f32,
-    stride: usize,
-) {
-    let k: [Tile32Fn; 4] = [
-        tile32_8::<Q4_0, 1>,
-        tile32_8::<Q4_0, 2>,
-        tile32_8::<Q4_0, 3>,
-        tile32_8::<Q4_0, 4>,
+    let kernels: [RowsFn<Acts32>; 4] = [
+        tile32_8::<B, 1>,
+        tile32_8::<B, 2>,
+        tile32_8::<B, 3>,
+        tile32_8::<B, 4>,
     ];
-    unsafe { tile32_rows(k, w, a, first, n, out, stride) }
-}
-
-/// Q4_1 tiles; see [`crate::tiles::TileFn`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4_1_tiles(
-    w: &[u8],
-    a: &Acts32,
-    first: usize,
-    n: usize,
-    out: *mut f32,
-    stride: usize,
-) {
-    let k: [Tile32Fn; 4] = [
-        tile32_8::<Q4_1, 1>,
-        tile32_8::<Q4_1, 2>,
-        tile32_8::<Q4_1, 3>,
-        tile32_8::<Q4_1, 4>,
-    ];
-    unsafe { tile32_rows(k, w, a, first, n, out, stride) }
-}
-
-/// Q8_0 tiles; see [`crate::tiles::TileFn`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q8_0_tiles(
-    w: &[u8],
-    a: &Acts32,
-    first: usize,
-    n: usize,
-    out: *mut f32,
-    stride: usize,
-) {
-    let k: [Tile32Fn; 4] = [
-        tile32_8::<Q8_0, 1>,
-        tile32_8::<Q8_0, 2>,
-        tile32_8::<Q8_0, 3>,
-        tile32_8::<Q8_0, 4>,
-    ];
-    unsafe { tile32_rows(k, w, a, first, n, out, stride) }
+    unsafe { tile_rows(kernels, w, a, first, count, out, stride) }
 }
 
 /// One tile of a 32-wide format (eight weight rows, see [`crate::tiles::Q4_1_TILE_BYTES`])
