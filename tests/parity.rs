@@ -163,9 +163,9 @@ const TIE_NATS: f32 = 0.25;
 
 /// [`TIE_NATS`] for Gemma 3's Q4_K/Q6_K file: how its near-ties move with nothing but the
 /// order of float additions inside the quantized products (the integer block sums are exact
-/// either way). On the same file and vectors, three kernels that differ only in that order put
-/// row 0's near-tie (position 11) at 0.000 (portable), 0.200 (AVX2 rows) and 0.278 (AVX2
-/// tiles) nats, and row 2's at 0.156 / 0.059 / 0.215. A real difference is nats away.
+/// either way). On the same file and vectors, three builds of the kernels that differ only in
+/// that order put row 0's worst gap at 0.000 (portable), 0.200 (AVX2 row kernels) and 0.278
+/// (AVX2 tiles) nats, and row 2's at 0.156 / 0.059 / 0.215. A real difference is nats away.
 const GEMMA3_TIE_NATS: f32 = 0.35;
 
 /// Greedy decoding against llama.cpp's. Free-running, the sequences may part where two

@@ -145,8 +145,7 @@ pub struct QMatrix {
     format: QFormat,
     rows: usize,
     cols: usize,
-    /// Rows are interleaved in tiles of `tiles::TILE_ROWS` (see `tiles::Q4K_TILE_BYTES`
-    /// and `tiles::Q6K_TILE_BYTES`).
+    /// Rows are interleaved in tiles of `tiles::TILE_ROWS` (layouts in `tiles`).
     tiled: bool,
     data: Vec<u8>,
 }
