@@ -224,197 +224,117 @@ const SCALE_PAIRS: [[u8; 32]; 8] = {
 /// Q4_K rows (after llama.cpp's `ggml_vec_dot_q4_K_q8_K`); see [`crate::formats::DotFn`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4k(w: &[u8], a: &Acts256, first: usize, out: &mut [f32]) {
-    unsafe {
-        tiles256(
-            q4k_tile::<4>,
-            q4k_tile::<3>,
-            q4k_tile::<2>,
-            q4k_tile::<1>,
-            w,
-            a,
-            first,
-            out,
-        )
-    }
-}
-
-/// Runs a 256-wide kernel's tiles of four activation rows over `out`, the rest in one
-/// smaller tile.
-// A tile per width, so each is compiled with its accumulators in registers.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tiles256(
-    t4: crate::formats::DotFn<Acts256>,
-    t3: crate::formats::DotFn<Acts256>,
-    t2: crate::formats::DotFn<Acts256>,
-    t1: crate::formats::DotFn<Acts256>,
-    w: &[u8],
-    a: &Acts256,
-    first: usize,
-    out: &mut [f32],
-) {
-    let mut done = 0;
-    while done < out.len() {
-        let t = (out.len() - done).min(4);
-        let tile = match t {
-            4 => t4,
-            3 => t3,
-            2 => t2,
-            _ => t1,
-        };
-        unsafe { tile(w, a, first + done, &mut out[done..done + t]) };
-        done += t;
-    }
-}
-
-/// One Q4_K weight row against `R` activation rows: each block's scales are unpacked and its
-/// values split into nibbles once for all `R` rows.
-// Indices run over the tile's activation rows in several arrays at once.
-#[allow(clippy::needless_range_loop)]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_tile<const R: usize>(w: &[u8], a: &Acts256, first: usize, out: &mut [f32]) {
     const KMASK1: u32 = 0x3f3f_3f3f;
     const KMASK2: u32 = 0x0f0f_0f0f;
     const KMASK3: u32 = 0x0303_0303;
     let m4 = _mm256_set1_epi8(0x0f);
     let blocks = a.blocks;
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut acc_m = [_mm_setzero_ps(); R];
-    for b in 0..blocks {
-        let p = unsafe { w.as_ptr().add(b * 144) };
-        let d = unsafe { f16_at(p) };
-        let dmin = -unsafe { f16_at(p.add(2)) };
-        // The 12 bytes of packed 6-bit scales and minimums as 8 + 8 bytes.
-        let u = |i: usize| unsafe { std::ptr::read_unaligned(p.add(4 + 4 * i) as *const u32) };
-        let (u0, u1, u2) = (u(0), u(1), u(2));
-        let t3 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
-        let t2 = u1 & KMASK1;
-        let t1 = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
-        let t0 = u0 & KMASK1;
-        let mins_scales =
-            _mm256_cvtepu8_epi16(_mm_set_epi32(t3 as i32, t2 as i32, t1 as i32, t0 as i32));
-        let mins = _mm256_extracti128_si256(mins_scales, 1);
-        let sc = _mm256_castsi256_si128(mins_scales);
-        let scales = _mm256_set_m128i(sc, sc);
-        // The block's 256 values as 8 runs of 32 nibbles, each with its group's scale.
-        let mut vals = [_mm256_setzero_si256(); 8];
-        let mut scs = [_mm256_setzero_si256(); 8];
-        for j in 0..4 {
-            let bits = unsafe { _mm256_loadu_si256(p.add(16 + 32 * j) as *const __m256i) };
-            vals[2 * j] = _mm256_and_si256(bits, m4);
-            vals[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-            for h in 0..2 {
-                let shuf = unsafe {
-                    _mm256_loadu_si256(SCALE_PAIRS[2 * j + h].as_ptr() as *const __m256i)
-                };
-                scs[2 * j + h] = _mm256_shuffle_epi8(scales, shuf);
-            }
-        }
-        for r in 0..R {
-            let act = unsafe { a.data.get_unchecked((first + r) * blocks + b) };
+    for (r, o) in out.iter_mut().enumerate() {
+        let r = first + r;
+        let mut acc = _mm256_setzero_ps();
+        let mut acc_m = _mm_setzero_ps();
+        for b in 0..blocks {
+            let p = unsafe { w.as_ptr().add(b * 144) };
+            let act = &a.data[r * blocks + b];
+            let d = unsafe { f16_at(p) } * act.d;
+            let dmin = -unsafe { f16_at(p.add(2)) } * act.d;
+            // The 12 bytes of packed 6-bit scales and minimums as 8 + 8 bytes.
+            let u = |i: usize| unsafe { std::ptr::read_unaligned(p.add(4 + 4 * i) as *const u32) };
+            let (u0, u1, u2) = (u(0), u(1), u(2));
+            let t3 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+            let t2 = u1 & KMASK1;
+            let t1 = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+            let t0 = u0 & KMASK1;
+            let mins_scales =
+                _mm256_cvtepu8_epi16(_mm_set_epi32(t3 as i32, t2 as i32, t1 as i32, t0 as i32));
             // Minimums: Σ over groups of min · (sum of that group's 32 activations).
             let bsums = unsafe { _mm256_loadu_si256(act.bsums.as_ptr() as *const __m256i) };
             let sums32 = _mm_hadd_epi16(
                 _mm256_castsi256_si128(bsums),
                 _mm256_extracti128_si256(bsums, 1),
             );
-            let prod = _mm_madd_epi16(mins, sums32);
-            acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * act.d), _mm_cvtepi32_ps(prod), acc_m[r]);
-            let q8 = act.qs.as_ptr();
+            let prod = _mm_madd_epi16(_mm256_extracti128_si256(mins_scales, 1), sums32);
+            acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+            let sc = _mm256_castsi256_si128(mins_scales);
+            let scales = _mm256_set_m128i(sc, sc);
             let mut sumi = _mm256_setzero_si256();
-            for i in 0..8 {
-                let av = unsafe { _mm256_loadu_si256(q8.add(32 * i) as *const __m256i) };
-                let pi = _mm256_madd_epi16(scs[i], _mm256_maddubs_epi16(vals[i], av));
-                sumi = _mm256_add_epi32(sumi, pi);
+            let q4 = unsafe { p.add(16) };
+            let q8 = act.qs.as_ptr();
+            for j in 0..4 {
+                let shuf_l =
+                    unsafe { _mm256_loadu_si256(SCALE_PAIRS[2 * j].as_ptr() as *const __m256i) };
+                let shuf_h = unsafe {
+                    _mm256_loadu_si256(SCALE_PAIRS[2 * j + 1].as_ptr() as *const __m256i)
+                };
+                let scale_l = _mm256_shuffle_epi8(scales, shuf_l);
+                let scale_h = _mm256_shuffle_epi8(scales, shuf_h);
+                let bits = unsafe { _mm256_loadu_si256(q4.add(32 * j) as *const __m256i) };
+                let lo = _mm256_and_si256(bits, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                let al = unsafe { _mm256_loadu_si256(q8.add(64 * j) as *const __m256i) };
+                let ah = unsafe { _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i) };
+                let pl = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(lo, al));
+                let ph = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(hi, ah));
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
             }
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), _mm256_cvtepi32_ps(sumi), acc[r]);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
         }
-    }
-    for r in 0..R {
-        let m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r]));
+        let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
         let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        out[r] = hsum(acc[r]) + _mm_cvtss_f32(m);
+        *o = hsum(acc) + _mm_cvtss_f32(m);
     }
 }
 
 /// Q6_K rows (after llama.cpp's `ggml_vec_dot_q6_K_q8_K`); see [`crate::formats::DotFn`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q6k(w: &[u8], a: &Acts256, first: usize, out: &mut [f32]) {
-    unsafe {
-        tiles256(
-            q6k_tile::<4>,
-            q6k_tile::<3>,
-            q6k_tile::<2>,
-            q6k_tile::<1>,
-            w,
-            a,
-            first,
-            out,
-        )
-    }
-}
-
-/// One Q6_K weight row against `R` activation rows: each block's 6-bit values are assembled
-/// and its scales broadcast once for all `R` rows. The values' offset of 32 is applied
-/// through the activations' sums per 16 (`32 · Σ scale · bsum`), not per value.
-// Indices run over the tile's activation rows in several arrays at once.
-#[allow(clippy::needless_range_loop)]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_tile<const R: usize>(w: &[u8], a: &Acts256, first: usize, out: &mut [f32]) {
     let m4 = _mm256_set1_epi8(0x0f);
     let m2 = _mm256_set1_epi8(3);
+    let m32 = _mm256_set1_epi8(32);
     let blocks = a.blocks;
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..blocks {
-        let p = unsafe { w.as_ptr().add(b * 210) };
-        let d = unsafe { f16_at(p.add(208)) };
-        let scales = unsafe { p.add(192) } as *const i8;
-        let scales16 = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(scales as *const __m128i) });
-        // Values 0..64 as 8 runs of 32, each run's two halves with their own scale.
-        let mut vals = [_mm256_setzero_si256(); 8];
-        let mut scs = [_mm256_setzero_si256(); 8];
-        for half in 0..2 {
-            let ql = unsafe { p.add(64 * half) };
-            let qh = unsafe { p.add(128 + 32 * half) };
-            let bits1 = unsafe { _mm256_loadu_si256(ql as *const __m256i) };
-            let bits2 = unsafe { _mm256_loadu_si256(ql.add(32) as *const __m256i) };
-            let bh = unsafe { _mm256_loadu_si256(qh as *const __m256i) };
-            let h0 = _mm256_slli_epi16(_mm256_and_si256(bh, m2), 4);
-            let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 2), m2), 4);
-            let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 4), m2), 4);
-            let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 6), m2), 4);
-            vals[4 * half] = _mm256_or_si256(_mm256_and_si256(bits1, m4), h0);
-            vals[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(bits2, m4), h1);
-            vals[4 * half + 2] =
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4), h2);
-            vals[4 * half + 3] =
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4), h3);
-            for k in 0..4 {
-                // Weights 0..16 of these 32 use one scale, 16..32 the next.
-                let s0 = i16::from(unsafe { *scales.add(8 * half + 2 * k) });
-                let s1 = i16::from(unsafe { *scales.add(8 * half + 2 * k + 1) });
-                scs[4 * half + k] = _mm256_setr_m128i(_mm_set1_epi16(s0), _mm_set1_epi16(s1));
+    for (r, o) in out.iter_mut().enumerate() {
+        let r = first + r;
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..blocks {
+            let p = unsafe { w.as_ptr().add(b * 210) };
+            let act = &a.data[r * blocks + b];
+            let d = unsafe { f16_at(p.add(208)) } * act.d;
+            let scales = unsafe { p.add(192) } as *const i8;
+            let mut sumi = _mm256_setzero_si256();
+            for half in 0..2 {
+                let ql = unsafe { p.add(64 * half) };
+                let qh = unsafe { p.add(128 + 32 * half) };
+                let q8 = unsafe { act.qs.as_ptr().add(128 * half) };
+                let bits1 = unsafe { _mm256_loadu_si256(ql as *const __m256i) };
+                let bits2 = unsafe { _mm256_loadu_si256(ql.add(32) as *const __m256i) };
+                let bh = unsafe { _mm256_loadu_si256(qh as *const __m256i) };
+                let h0 = _mm256_slli_epi16(_mm256_and_si256(bh, m2), 4);
+                let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 2), m2), 4);
+                let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 4), m2), 4);
+                let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 6), m2), 4);
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(bits1, m4), h0),
+                    _mm256_or_si256(_mm256_and_si256(bits2, m4), h1),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4), h2),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4), h3),
+                ];
+                for (k, qk) in q.iter().enumerate() {
+                    let av = unsafe { _mm256_loadu_si256(q8.add(32 * k) as *const __m256i) };
+                    // (q - 32)·a = q·a - 32·a, both through vpmaddubsw.
+                    let p16 = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(*qk, av),
+                        _mm256_maddubs_epi16(m32, av),
+                    );
+                    // Weights 0..16 of these 32 use one scale, 16..32 the next.
+                    let s0 = i16::from(unsafe { *scales.add(8 * half + 2 * k) });
+                    let s1 = i16::from(unsafe { *scales.add(8 * half + 2 * k + 1) });
+                    let sc = _mm256_setr_m128i(_mm_set1_epi16(s0), _mm_set1_epi16(s1));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc, p16));
+                }
             }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
         }
-        for r in 0..R {
-            let act = unsafe { a.data.get_unchecked((first + r) * blocks + b) };
-            let q8 = act.qs.as_ptr();
-            let bsums = unsafe { _mm256_loadu_si256(act.bsums.as_ptr() as *const __m256i) };
-            let offset = _mm256_slli_epi32(_mm256_madd_epi16(scales16, bsums), 5);
-            let mut sumi = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
-            for i in 0..8 {
-                let av = unsafe { _mm256_loadu_si256(q8.add(32 * i) as *const __m256i) };
-                let pi = _mm256_madd_epi16(scs[i], _mm256_maddubs_epi16(vals[i], av));
-                sumi = _mm256_add_epi32(sumi, pi);
-            }
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), _mm256_cvtepi32_ps(sumi), acc[r]);
-        }
-    }
-    for r in 0..R {
-        out[r] = hsum(acc[r]);
+        *o = hsum(acc);
     }
 }
 
