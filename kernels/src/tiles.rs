@@ -21,15 +21,12 @@ pub const TILE_ROWS: usize = 8;
 /// | 32..160 | per group `g` of 32 weights, 16 bytes: row `r`'s 6-bit scale at `2r` and `2r + 1` |
 /// | 160..224 | per pair `p` of groups, 16 bytes: row `r`'s minimums of groups `2p`, `2p + 1` at `2r`, `2r + 1` |
 /// | 224..1248 | per run `k` of 8 weights, 32 bytes: row `r`'s weights `8k + j` (low nibble) and `8k + j + 4` (high) at `4r + j` |
-///
-/// One 32-byte load then holds four weights of each of the eight rows, and a kernel
-/// multiplies it by four broadcast activations: every lane works for its own row, with no
-/// shuffle per block and no horizontal sum per row (llama.cpp's `q4_K_8x8` repacking).
 pub const Q4K_TILE_BYTES: usize = 1248;
 
-const Q4K_SCALES: usize = 32;
-const Q4K_MINS: usize = 160;
-const Q4K_VALUES: usize = 224;
+/// Where a Q4_K tile block's scales, minimums and values start (see [`Q4K_TILE_BYTES`]).
+pub(crate) const Q4K_SCALES: usize = 32;
+pub(crate) const Q4K_MINS: usize = 160;
+pub(crate) const Q4K_VALUES: usize = 224;
 
 /// Bytes of one Q6_K tile block: [`TILE_ROWS`] rows × 256 weights, the values' low four
 /// bits and high two bits in separate planes as ggml keeps them, interleaved as in
@@ -43,9 +40,10 @@ const Q4K_VALUES: usize = 224;
 /// | 1296..1808 | per group `g`, 32 bytes: high 2 bits of row `r`'s weights `16g + j`, `+ 4`, `+ 8`, `+ 12` (bits 0-1, 2-3, 4-5, 6-7) at `4r + j` |
 pub const Q6K_TILE_BYTES: usize = 1808;
 
-const Q6K_SCALES: usize = 16;
-const Q6K_LOW: usize = 272;
-const Q6K_HIGH: usize = 1296;
+/// Where a Q6_K tile block's scales, low bits and high bits start (see [`Q6K_TILE_BYTES`]).
+pub(crate) const Q6K_SCALES: usize = 16;
+pub(crate) const Q6K_LOW: usize = 272;
+pub(crate) const Q6K_HIGH: usize = 1296;
 
 /// Bytes of one Q4_0 tile block, [`TILE_ROWS`] rows × 32 weights (as many as 8 blocks):
 /// `d` of each row (f16), then per run `k` of 8 weights 32 bytes: row `r`'s weights `8k + j`

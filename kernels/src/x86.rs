@@ -9,7 +9,10 @@ use std::arch::x86_64::*;
 
 use crate::act::{Acts256, Acts32};
 use crate::formats::{planar, planes};
-use crate::tiles::{tile_bytes, values32, Q4K_TILE_BYTES, Q6K_TILE_BYTES};
+use crate::tiles::{
+    tile_bytes, values32, Q4K_MINS, Q4K_SCALES, Q4K_TILE_BYTES, Q4K_VALUES, Q6K_HIGH, Q6K_LOW,
+    Q6K_SCALES, Q6K_TILE_BYTES,
+};
 use crate::QFormat;
 
 #[inline]
@@ -435,9 +438,9 @@ unsafe fn q6k_tile8<const R: usize>(
             std::array::from_fn(|r| unsafe { a.data.get_unchecked((first + r) * blocks + b) });
         let mut isum = [_mm256_setzero_si256(); R];
         for g in 0..16 {
-            let l0 = unsafe { _mm256_loadu_si256(tb.add(272 + 64 * g) as *const __m256i) };
-            let l1 = unsafe { _mm256_loadu_si256(tb.add(272 + 64 * g + 32) as *const __m256i) };
-            let h = unsafe { _mm256_loadu_si256(tb.add(1296 + 32 * g) as *const __m256i) };
+            let l0 = unsafe { _mm256_loadu_si256(tb.add(Q6K_LOW + 64 * g) as *const __m256i) };
+            let l1 = unsafe { _mm256_loadu_si256(tb.add(Q6K_LOW + 64 * g + 32) as *const __m256i) };
+            let h = unsafe { _mm256_loadu_si256(tb.add(Q6K_HIGH + 32 * g) as *const __m256i) };
             // Weights 16g + j, + 4, + 8, + 12 of each row, j = 0..4 per lane.
             let v = [
                 _mm256_or_si256(
@@ -455,7 +458,7 @@ unsafe fn q6k_tile8<const R: usize>(
                 ),
             ];
             let sc = _mm256_cvtepi8_epi16(unsafe {
-                _mm_loadu_si128(tb.add(16 + 16 * g) as *const __m128i)
+                _mm_loadu_si128(tb.add(Q6K_SCALES + 16 * g) as *const __m128i)
             });
             for r in 0..R {
                 let q8 = unsafe { acts[r].qs.as_ptr().add(16 * g) };
@@ -522,7 +525,8 @@ unsafe fn q4k_tile8<const R: usize>(
             let mut sum16 = [_mm256_setzero_si256(); R];
             for k in 0..4 {
                 let run = 4 * g + k;
-                let v = unsafe { _mm256_loadu_si256(tb.add(224 + 32 * run) as *const __m256i) };
+                let v =
+                    unsafe { _mm256_loadu_si256(tb.add(Q4K_VALUES + 32 * run) as *const __m256i) };
                 let lo = _mm256_and_si256(v, m4);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 for r in 0..R {
@@ -545,7 +549,7 @@ unsafe fn q4k_tile8<const R: usize>(
                 }
             }
             let sc = _mm256_cvtepu8_epi16(unsafe {
-                _mm_loadu_si128(tb.add(32 + 16 * g) as *const __m128i)
+                _mm_loadu_si128(tb.add(Q4K_SCALES + 16 * g) as *const __m128i)
             });
             for r in 0..R {
                 isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[r], sc));
@@ -561,7 +565,7 @@ unsafe fn q4k_tile8<const R: usize>(
                 let s1 = bs[4 * p + 2] + bs[4 * p + 3];
                 let pair = (i32::from(s1) << 16) | i32::from(s0 as u16);
                 let mn = _mm256_cvtepu8_epi16(unsafe {
-                    _mm_loadu_si128(tb.add(160 + 16 * p) as *const __m128i)
+                    _mm_loadu_si128(tb.add(Q4K_MINS + 16 * p) as *const __m128i)
                 });
                 msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mn, _mm256_set1_epi32(pair)));
             }
