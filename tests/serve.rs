@@ -38,7 +38,12 @@ fn expect_error(r: &common::node::Reply, status: u16) -> String {
 fn greedy_chat_over_http_matches_llama_cpp() {
     // One slot: the completion below must land where the chat left its cache.
     let node = Node::start(&["--slots", "1"]);
-    let row = &common::vectors("smollm2-greedy.jsonl")[1];
+    // The row whose free-running greedy path has no near-tie. tests/parity.rs holds every
+    // row to llama.cpp token by token (teacher-forced, within TIE_NATS); free-running, rows
+    // 0-2 part from llama.cpp at near-ties that the order of float additions decides (the
+    // tiled kernels moved row 1's: "add_two_numbers" for "add_numbers"), which says nothing
+    // about the HTTP path this test is for.
+    let row = &common::vectors("smollm2-greedy.jsonl")[3];
     let body = json!({
         "model": "smollm2",
         "messages": row["messages"],
