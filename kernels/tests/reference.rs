@@ -131,7 +131,7 @@ fn random_blocks_match_candle_dequantize_then_matmul() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     for (format, dtype) in FORMATS {
         let cols = format.block_len() * 3;
-        // Row counts of whole tiles of eight (Q4_K's tiled layout) and not; activation rows in
+        // Row counts of whole tiles of eight (the tiled layout) and not; activation rows in
         // tiles of four and remainders.
         for (rows, m) in [
             (7, 1),
