@@ -36,10 +36,6 @@ pub(crate) const fn planar(format: QFormat) -> (usize, bool) {
 
 /// `data` (ggml blocks, `blocks` per row) in this crate's row layout for `format`.
 pub fn repack(format: QFormat, data: Vec<u8>, blocks: usize) -> Vec<u8> {
-    let rows = data.len() / (blocks * format.block_bytes()).max(1);
-    if crate::tiles::tiled(format, rows) {
-        return crate::tiles::tile(format, &data, blocks);
-    }
     let (qs, mins) = planar(format);
     if qs == 0 {
         return data;
@@ -146,20 +142,75 @@ fn rows32(format: QFormat, w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) 
         let row = first + r;
         let mut acc = 0f32;
         for b in 0..nb {
-            let qs = &values[qs_bytes * b..];
-            let aq = &a.qs[(row * nb + b) * 32..][..32];
-            let dot: i32 = (0..32)
-                .map(|i| value(format, qs, i) * i32::from(aq[i]))
-                .sum();
-            let (d, ad, s) = (f16_at(scales, 2 * b), a.d[row * nb + b], a.s[row * nb + b]);
-            acc += d * ad * dot as f32;
-            acc += match format {
-                QFormat::Q4_0 => -8.0 * d * s,
-                QFormat::Q4_1 => f16_at(mins, 2 * b) * s,
-                _ => 0.0,
+            let m = if mins.is_empty() {
+                0.0
+            } else {
+                f16_at(mins, 2 * b)
             };
+            let block = unpack32(format, &values[qs_bytes * b..], f16_at(scales, 2 * b), m);
+            add_block32_dot(&mut acc, format, &block, a, row * nb + b);
         }
         *o = acc;
+    }
+}
+
+/// A block of a 32-wide format, unpacked: its integer values, scale and minimum (0 without).
+pub(crate) type Block32 = ([i32; 32], f32, f32);
+
+/// The block of `format` whose values are `qs` (as ggml stores them), with scale `d` and
+/// minimum `m`, unpacked.
+fn unpack32(format: QFormat, qs: &[u8], d: f32, m: f32) -> Block32 {
+    (std::array::from_fn(|i| value(format, qs, i)), d, m)
+}
+
+/// `acc +=` an unpacked 32-wide block dotted with activation block `at` of `a`.
+pub(crate) fn add_block32_dot(
+    acc: &mut f32,
+    format: QFormat,
+    block: &Block32,
+    a: &Acts32,
+    at: usize,
+) {
+    let (q, d, m) = block;
+    let aq = &a.qs[at * 32..][..32];
+    let dot: i32 = q.iter().zip(aq).map(|(&q, &x)| q * i32::from(x)).sum();
+    let (ad, s) = (a.d[at], a.s[at]);
+    *acc += d * ad * dot as f32;
+    *acc += match format {
+        QFormat::Q4_0 => -8.0 * d * s,
+        QFormat::Q4_1 => m * s,
+        _ => 0.0,
+    };
+}
+
+/// An unpacked 32-wide block's weights as f32 into `y`.
+pub(crate) fn dequantize32(format: QFormat, (q, d, m): &Block32, y: &mut [f32]) {
+    for (v, &q) in y.iter_mut().zip(q) {
+        *v = match format {
+            QFormat::Q4_0 => (q - 8) as f32 * d,
+            QFormat::Q4_1 => q as f32 * d + m,
+            _ => q as f32 * d,
+        };
+    }
+}
+
+/// An unpacked Q4_K block's weights as f32 into `y`.
+pub(crate) fn dequantize_q4k(
+    (q, sc, mn): (&[u8; 256], &[u8; 8], &[u8; 8]),
+    d: f32,
+    dmin: f32,
+    y: &mut [f32],
+) {
+    for (i, v) in y.iter_mut().enumerate() {
+        let g = i / 32;
+        *v = d * f32::from(sc[g]) * f32::from(q[i]) - dmin * f32::from(mn[g]);
+    }
+}
+
+/// An unpacked Q6_K block's weights as f32 into `y`.
+pub(crate) fn dequantize_q6k(q: &[i8; 256], sc: &[i8; 16], d: f32, y: &mut [f32]) {
+    for (i, v) in y.iter_mut().enumerate() {
+        *v = d * f32::from(sc[i / 16]) * f32::from(q[i]);
     }
 }
 
@@ -273,16 +324,13 @@ pub fn dequantize(format: QFormat, row: &[u8], out: &mut [f32]) {
         let nb = out.len() / 32;
         let (scales, mins, values) = planes(format, row, nb);
         for (b, y) in out.chunks_exact_mut(32).enumerate() {
-            let d = f16_at(scales, 2 * b);
-            let qs = &values[qs_bytes * b..];
-            for (i, v) in y.iter_mut().enumerate() {
-                let q = value(format, qs, i);
-                *v = match format {
-                    QFormat::Q4_0 => (q - 8) as f32 * d,
-                    QFormat::Q4_1 => q as f32 * d + f16_at(mins, 2 * b),
-                    _ => q as f32 * d,
-                };
-            }
+            let m = if mins.is_empty() {
+                0.0
+            } else {
+                f16_at(mins, 2 * b)
+            };
+            let block = unpack32(format, &values[qs_bytes * b..], f16_at(scales, 2 * b), m);
+            dequantize32(format, &block, y);
         }
         return;
     }
@@ -292,17 +340,10 @@ pub fn dequantize(format: QFormat, row: &[u8], out: &mut [f32]) {
     {
         if format == QFormat::Q4K {
             let (q, sc, mn) = q4k_unpack(b);
-            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-            for (i, v) in y.iter_mut().enumerate() {
-                let g = i / 32;
-                *v = d * f32::from(sc[g]) * f32::from(q[i]) - dmin * f32::from(mn[g]);
-            }
+            dequantize_q4k((&q, &sc, &mn), f16_at(b, 0), f16_at(b, 2), y);
         } else {
             let (q, sc) = q6k_unpack(b);
-            let d = f16_at(b, 208);
-            for (i, v) in y.iter_mut().enumerate() {
-                *v = d * f32::from(sc[i / 16]) * f32::from(q[i]);
-            }
+            dequantize_q6k(&q, &sc, f16_at(b, 208), y);
         }
     }
 }

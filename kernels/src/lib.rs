@@ -185,12 +185,17 @@ impl QMatrix {
                 expected,
             });
         }
-        let data = formats::repack(format, data, cols / block);
+        let tiled = tiles::tiled(rows);
+        let data = if tiled {
+            tiles::tile(format, &data, cols / block)
+        } else {
+            formats::repack(format, data, cols / block)
+        };
         Ok(Self {
             format,
             rows,
             cols,
-            tiled: tiles::tiled(format, rows),
+            tiled,
             data,
         })
     }

@@ -5,8 +5,11 @@
 //! multiple of [`TILE_ROWS`] are stored so; the portable kernels here compute what the row
 //! kernels of `formats` do, row by row of a tile.
 
-use crate::act::{Act256, Acts256, Acts32};
-use crate::formats::{f16_at, planar, q4k_block_dot, q4k_unpack, q6k_block_dot, q6k_unpack, value};
+use crate::act::{Acts256, Acts32};
+use crate::formats::{
+    add_block32_dot, dequantize32, dequantize_q4k, dequantize_q6k, f16_at, planar, q4k_block_dot,
+    q4k_unpack, q6k_block_dot, q6k_unpack, value, Block32,
+};
 use crate::{Isa, QFormat};
 
 /// Weight rows interleaved in one tile of the tiled layout.
@@ -65,12 +68,13 @@ pub(crate) const fn values32(format: QFormat) -> usize {
     }
 }
 
-/// Whether `rows` of `format` are stored in tiles of [`TILE_ROWS`] rows.
-pub(crate) fn tiled(format: QFormat, rows: usize) -> bool {
-    tile_bytes(format) > 0 && rows.is_multiple_of(TILE_ROWS)
+/// Whether a matrix of `rows` rows is stored in tiles of [`TILE_ROWS`] rows (every format
+/// has a tiled layout).
+pub(crate) fn tiled(rows: usize) -> bool {
+    rows.is_multiple_of(TILE_ROWS)
 }
 
-/// Bytes of one tile block of `format`; 0: the format is not tiled.
+/// Bytes of one tile block of `format`.
 pub(crate) const fn tile_bytes(format: QFormat) -> usize {
     match format {
         QFormat::Q4K => Q4K_TILE_BYTES,
@@ -128,8 +132,8 @@ fn tile32_row(format: QFormat, blk: &[u8], tb: &mut [u8], r: usize) {
     }
 }
 
-/// Row `r` of a 32-wide tile block: its integer values, scale and minimum (0 without).
-fn tile32_values(format: QFormat, tb: &[u8], r: usize) -> ([i32; 32], f32, f32) {
+/// Row `r` of a 32-wide tile block, unpacked.
+fn tile32_values(format: QFormat, tb: &[u8], r: usize) -> Block32 {
     let v = values32(format);
     let mut q = [0i32; 32];
     for (i, q) in q.iter_mut().enumerate() {
@@ -148,10 +152,43 @@ fn tile32_values(format: QFormat, tb: &[u8], r: usize) -> ([i32; 32], f32, f32) 
     (q, f16_at(tb, 2 * r), m)
 }
 
-/// The portable kernel of 32-wide tiles: the row kernel's arithmetic, row by row.
+/// The portable tile kernel: each row of the tile unpacked by `unpack` (tile block, row) once,
+/// then accumulated block by block with `add_dot` (unpacked block, index of the activation
+/// block), as the row kernels of `formats` do.
 ///
 /// # Safety
 /// See [`TileFn`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_tiles<T>(
+    unpack: impl Fn(&[u8], usize) -> T,
+    add_dot: impl Fn(&mut f32, &T, usize),
+    tb_len: usize,
+    blocks: usize,
+    w: &[u8],
+    first: usize,
+    count: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    for r in 0..TILE_ROWS {
+        let rows: Vec<T> = (0..blocks).map(|b| unpack(&w[b * tb_len..], r)).collect();
+        for i in 0..count {
+            let at = (first + i) * blocks;
+            let mut acc = 0f32;
+            for (b, row) in rows.iter().enumerate() {
+                add_dot(&mut acc, row, at + b);
+            }
+            // SAFETY: the caller's contract.
+            unsafe { *out.add(i * stride + r) = acc };
+        }
+    }
+}
+
+/// The portable kernel of 32-wide tiles.
+///
+/// # Safety
+/// See [`TileFn`].
+#[allow(clippy::too_many_arguments)]
 unsafe fn tiles32(
     format: QFormat,
     w: &[u8],
@@ -161,27 +198,14 @@ unsafe fn tiles32(
     out: *mut f32,
     stride: usize,
 ) {
-    let nb = a.blocks;
+    let unpack = |tb: &[u8], r: usize| tile32_values(format, tb, r);
+    let add_dot =
+        |acc: &mut f32, block: &Block32, at: usize| add_block32_dot(acc, format, block, a, at);
     let tb_len = tile_bytes(format);
-    for r in 0..TILE_ROWS {
-        for i in 0..count {
-            let row = first + i;
-            let mut acc = 0f32;
-            for b in 0..nb {
-                let (q, d, m) = tile32_values(format, &w[b * tb_len..], r);
-                let aq = &a.qs[(row * nb + b) * 32..][..32];
-                let dot: i32 = q.iter().zip(aq).map(|(&q, &a)| q * i32::from(a)).sum();
-                let (ad, s) = (a.d[row * nb + b], a.s[row * nb + b]);
-                acc += d * ad * dot as f32;
-                acc += match format {
-                    QFormat::Q4_0 => -8.0 * d * s,
-                    QFormat::Q4_1 => m * s,
-                    _ => 0.0,
-                };
-            }
-            // SAFETY: the caller's contract (see `TileFn`).
-            unsafe { *out.add(i * stride + r) = acc };
-        }
+    unsafe {
+        portable_tiles(
+            unpack, add_dot, tb_len, a.blocks, w, first, count, out, stride,
+        )
     }
 }
 
@@ -255,8 +279,11 @@ fn tile_q6k_row(blk: &[u8], tb: &mut [u8], r: usize) {
     }
 }
 
-/// Row `r` of a Q6_K tile block: its values (-32..32), group scales and `d`.
-fn q6k_tile_row(tb: &[u8], r: usize) -> ([i8; 256], [i8; 16], f32) {
+/// A Q6_K row's block unpacked: values (-32..32), group scales and `d`.
+type Q6kRow = ([i8; 256], [i8; 16], f32);
+
+/// Row `r` of a Q6_K tile block.
+fn q6k_tile_row(tb: &[u8], r: usize) -> Q6kRow {
     let mut q = [0i8; 256];
     let mut sc = [0i8; 16];
     for g in 0..16 {
@@ -323,54 +350,16 @@ pub fn tile_dot256(format: QFormat, isa: Isa) -> Option<TileFn<Acts256>> {
     }
 }
 
-/// The portable kernel of 256-wide tiles: each row of the tile unpacked by `unpack` (tile
-/// block, row), then dotted block by block with `dot`, as the row kernels of `formats` do.
-///
-/// # Safety
-/// See [`TileFn`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn tiles256<T>(
-    unpack: impl Fn(&[u8], usize) -> T,
-    dot: impl Fn(&T, &Act256) -> f32,
-    tb_len: usize,
-    w: &[u8],
-    a: &Acts256,
-    first: usize,
-    count: usize,
-    out: *mut f32,
-    stride: usize,
-) {
-    let blocks = a.blocks;
-    for r in 0..TILE_ROWS {
-        let rows: Vec<T> = (0..blocks).map(|b| unpack(&w[b * tb_len..], r)).collect();
-        for i in 0..count {
-            let acts = &a.data[(first + i) * blocks..(first + i + 1) * blocks];
-            let acc: f32 = rows.iter().zip(acts).map(|(row, act)| dot(row, act)).sum();
-            // SAFETY: the caller's contract.
-            unsafe { *out.add(i * stride + r) = acc };
-        }
-    }
-}
-
 /// The portable Q6_K tile kernel.
 ///
 /// # Safety
 /// See [`TileFn`].
 unsafe fn q6k_tiles(w: &[u8], a: &Acts256, first: usize, n: usize, out: *mut f32, stride: usize) {
-    let dot = |(q, sc, d): &([i8; 256], [i8; 16], f32), act: &Act256| q6k_block_dot(q, sc, *d, act);
-    unsafe {
-        tiles256(
-            q6k_tile_row,
-            dot,
-            Q6K_TILE_BYTES,
-            w,
-            a,
-            first,
-            n,
-            out,
-            stride,
-        )
-    }
+    let add_dot = |acc: &mut f32, (q, sc, d): &Q6kRow, at: usize| {
+        *acc += q6k_block_dot(q, sc, *d, &a.data[at]);
+    };
+    let (tb, blocks) = (Q6K_TILE_BYTES, a.blocks);
+    unsafe { portable_tiles(q6k_tile_row, add_dot, tb, blocks, w, first, n, out, stride) }
 }
 
 /// The portable Q4_K tile kernel.
@@ -378,21 +367,11 @@ unsafe fn q6k_tiles(w: &[u8], a: &Acts256, first: usize, n: usize, out: *mut f32
 /// # Safety
 /// See [`TileFn`].
 unsafe fn q4k_tiles(w: &[u8], a: &Acts256, first: usize, n: usize, out: *mut f32, stride: usize) {
-    let dot =
-        |(q, sc, mn, d, dmin): &Q4kRow, act: &Act256| q4k_block_dot(q, sc, mn, *d, *dmin, act);
-    unsafe {
-        tiles256(
-            q4k_tile_row,
-            dot,
-            Q4K_TILE_BYTES,
-            w,
-            a,
-            first,
-            n,
-            out,
-            stride,
-        )
-    }
+    let add_dot = |acc: &mut f32, (q, sc, mn, d, dmin): &Q4kRow, at: usize| {
+        *acc += q4k_block_dot(q, sc, mn, *d, *dmin, &a.data[at]);
+    };
+    let (tb, blocks) = (Q4K_TILE_BYTES, a.blocks);
+    unsafe { portable_tiles(q4k_tile_row, add_dot, tb, blocks, w, first, n, out, stride) }
 }
 
 /// Row `r` of a tiled matrix of `format` (`blocks` per row) as f32 into `out`.
@@ -405,32 +384,19 @@ pub(crate) fn dequantize_tiled(
 ) {
     let tb_len = tile_bytes(format);
     let tile = &data[r / TILE_ROWS * blocks * tb_len..];
-    if format.block_len() == 32 {
-        for (b, y) in out.chunks_exact_mut(32).enumerate() {
-            let (q, d, m) = tile32_values(format, &tile[b * tb_len..], r % TILE_ROWS);
-            for (v, q) in y.iter_mut().zip(q) {
-                *v = match format {
-                    QFormat::Q4_0 => (q - 8) as f32 * d,
-                    QFormat::Q4_1 => q as f32 * d + m,
-                    _ => q as f32 * d,
-                };
-            }
-        }
-        return;
-    }
-    for (b, y) in out.chunks_exact_mut(256).enumerate() {
+    let r = r % TILE_ROWS;
+    for (b, y) in out.chunks_exact_mut(format.block_len()).enumerate() {
         let tb = &tile[b * tb_len..];
-        if format == QFormat::Q4K {
-            let (q, sc, mn, d, dmin) = q4k_tile_row(tb, r % TILE_ROWS);
-            for (i, v) in y.iter_mut().enumerate() {
-                let g = i / 32;
-                *v = d * f32::from(sc[g]) * f32::from(q[i]) - dmin * f32::from(mn[g]);
+        match format {
+            QFormat::Q4K => {
+                let (q, sc, mn, d, dmin) = q4k_tile_row(tb, r);
+                dequantize_q4k((&q, &sc, &mn), d, dmin, y);
             }
-        } else {
-            let (q, sc, d) = q6k_tile_row(tb, r % TILE_ROWS);
-            for (i, v) in y.iter_mut().enumerate() {
-                *v = d * f32::from(sc[i / 16]) * f32::from(q[i]);
+            QFormat::Q6K => {
+                let (q, sc, d) = q6k_tile_row(tb, r);
+                dequantize_q6k(&q, &sc, d, y);
             }
+            _ => dequantize32(format, &tile32_values(format, tb, r), y),
         }
     }
 }
