@@ -1,11 +1,13 @@
 //! The decoder's other operations over plain f32 rows: norms, rotary embedding, gated
-//! activations and attention over a KV cache laid out `[position][kv_head][head_dim]`.
+//! activations and attention over an f16 KV cache laid out `[position][kv_head][head_dim]`.
 //!
 //! A decode step of a small model is ~25 such operations per layer between the products;
 //! through a tensor library each costs an allocation, a layout check and a dispatch (about
 //! a third of a SmolLM2 decode step). Here each is one loop over the row, in place.
 
-use crate::{pool, KernelError, SendPtr};
+pub use half::f16;
+
+use crate::{pool, Isa, KernelError, SendPtr};
 
 /// Σ a·b with eight independent partial sums (vectorizes without fast-math).
 #[inline]
@@ -23,14 +25,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += v;
     }
     s
-}
-
-/// `y += a · x`.
-#[inline]
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
 }
 
 /// Each `w.len()`-wide row of `x` scaled to unit RMS (with `eps`) and multiplied by `w`.
@@ -120,15 +114,80 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
+/// Σ a·b of f32 and f16 values, with eight partial sums.
+fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i].to_f32();
+        }
+    }
+    let mut s = ra.iter().zip(rb).map(|(x, y)| x * y.to_f32()).sum::<f32>();
+    for v in acc {
+        s += v;
+    }
+    s
+}
+
+/// `out[t] = scale · q·k_t` for the keys `k_t = k[t·stride..][..q.len()]`.
+fn key_scores(simd: bool, q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only set where `Isa::detect` found AVX2, FMA and F16C.
+        return unsafe { crate::x86::key_scores(q, k, stride, scale, out) };
+    }
+    let _ = simd;
+    for (t, o) in out.iter_mut().enumerate() {
+        *o = dot_f16(q, &k[t * stride..][..q.len()]) * scale;
+    }
+}
+
+/// `acc += Σ_t p[t] · v_t` for the values `v_t = v[t·stride..][..acc.len()]`.
+fn mix_values(simd: bool, p: &[f32], v: &[f16], stride: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: as in `key_scores`.
+        return unsafe { crate::x86::mix_values(p, v, stride, acc) };
+    }
+    let _ = simd;
+    let d = acc.len();
+    for (t, &pt) in p.iter().enumerate() {
+        for (a, x) in acc.iter_mut().zip(&v[t * stride..][..d]) {
+            *a += pt * x.to_f32();
+        }
+    }
+}
+
 /// Causal attention of `rows` queries (`q`, `rows × n_head·head_dim`) at positions
 /// `pos..pos + rows` over the keys and values of positions `0..pos + rows` (`k`, `v`:
-/// `[position][n_kv_head·head_dim]`), scores multiplied by `scale`; a query at `p` sees keys
-/// `t ≤ p` with `p - t < window`. Writes `out` (like `q`). Heads run across the pool.
+/// `[position][n_kv_head·head_dim]`, f16 as llama.cpp's cache holds them: half the bytes of
+/// f32, and a long context's decode step is bound by reading them), scores multiplied by
+/// `scale`; a query at `p` sees keys `t ≤ p` with `p - t < window`. Writes `out` (like `q`).
+/// Heads run across the pool, with the kernels of [`Isa::detect`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[f16],
+    v: &[f16],
+    h: Heads,
+    pos: usize,
+    window: Option<usize>,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    attention_with(Isa::detect(), q, k, v, h, pos, window, scale, out)
+}
+
+/// [`attention`] with the kernels of `isa` (one this CPU runs: a better one than
+/// [`Isa::best`] falls back to it).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    isa: Isa,
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
     h: Heads,
     pos: usize,
     window: Option<usize>,
@@ -153,36 +212,28 @@ pub fn attention(
         )));
     }
     let group = h.n_head / h.n_kv_head;
+    let simd = isa == Isa::Avx2 && Isa::best() == Isa::Avx2 && h.head_dim.is_multiple_of(8);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let head_task = |head: usize| {
         let out_ptr = &out_ptr;
         let g = head / group;
-        let mut scores = Vec::with_capacity(pos + rows);
+        let mut scores = vec![0f32; pos + rows];
         let mut acc = vec![0f32; h.head_dim];
         for i in 0..rows {
             let p = pos + i;
             let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
             let qh = &q[i * qw + head * h.head_dim..][..h.head_dim];
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for t in first..=p {
-                let s = dot(qh, &k[t * kw + g * h.head_dim..][..h.head_dim]) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
+            let scores = &mut scores[..p + 1 - first];
+            let at = first * kw + g * h.head_dim;
+            key_scores(simd, qh, &k[at..], kw, scale, scores);
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             let mut sum = 0f32;
             for s in scores.iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
             acc.fill(0.0);
-            for (j, s) in scores.iter().enumerate() {
-                axpy(
-                    *s,
-                    &v[(first + j) * kw + g * h.head_dim..][..h.head_dim],
-                    &mut acc,
-                );
-            }
+            mix_values(simd, scores, &v[at..], kw, &mut acc);
             let inv = 1.0 / sum;
             // SAFETY: `out` is `rows × qw` (the caller's slice); this task alone writes head
             // `head` of each row.

@@ -14,6 +14,7 @@ use crate::tiles::{
     Q6K_SCALES, Q6K_TILE_BYTES,
 };
 use crate::QFormat;
+use half::f16;
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -689,5 +690,76 @@ unsafe fn tile32_8<B: Values32, const R: usize>(
     }
     for r in 0..R {
         unsafe { _mm256_storeu_ps(out.add(r * stride), acc[r]) };
+    }
+}
+
+/// `out[t] = scale · q·k_t` for the keys `k_t = k[t·stride..][..q.len()]`, f16 widened on load.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn key_scores(q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    assert!(d.is_multiple_of(8) && (out.is_empty() || k.len() >= (out.len() - 1) * stride + d));
+    for (t, o) in out.iter_mut().enumerate() {
+        // SAFETY: key `t` is in bounds (asserted above); 8 f16 are one 16-byte load.
+        let kp = unsafe { k.as_ptr().add(t * stride) } as *const __m128i;
+        // Two chains, so the FMA latency of one hides behind the other.
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for c in 0..d / 8 {
+            let (kv, qv) = unsafe {
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(kp.add(c))),
+                    _mm256_loadu_ps(q.as_ptr().add(c * 8)),
+                )
+            };
+            acc[c & 1] = _mm256_fmadd_ps(qv, kv, acc[c & 1]);
+        }
+        *o = hsum(_mm256_add_ps(acc[0], acc[1])) * scale;
+    }
+}
+
+/// `acc += Σ_t p[t] · v_t` for the values `v_t = v[t·stride..][..acc.len()]` (f16).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn mix_values(p: &[f32], v: &[f16], stride: usize, acc: &mut [f32]) {
+    let d = acc.len();
+    assert!(d.is_multiple_of(8) && (p.is_empty() || v.len() >= (p.len() - 1) * stride + d));
+    let mut x = 0;
+    while x + 32 <= d {
+        // SAFETY: columns x..x + 32 of every value row are in bounds (asserted above).
+        unsafe { mix_columns::<4>(p, v, stride, x, acc) };
+        x += 32;
+    }
+    while x < d {
+        unsafe { mix_columns::<1>(p, v, stride, x, acc) };
+        x += 8;
+    }
+}
+
+/// Columns `x..x + 8·R` of [`mix_values`], held in registers across every position.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mix_columns<const R: usize>(
+    p: &[f32],
+    v: &[f16],
+    stride: usize,
+    x: usize,
+    acc: &mut [f32],
+) {
+    let a = unsafe { acc.as_mut_ptr().add(x) };
+    let mut r = [_mm256_setzero_ps(); R];
+    for (i, r) in r.iter_mut().enumerate() {
+        *r = unsafe { _mm256_loadu_ps(a.add(8 * i)) };
+    }
+    for (t, &pt) in p.iter().enumerate() {
+        let s = _mm256_set1_ps(pt);
+        let vp = unsafe { v.as_ptr().add(t * stride + x) } as *const __m128i;
+        for (i, r) in r.iter_mut().enumerate() {
+            *r = _mm256_fmadd_ps(
+                s,
+                _mm256_cvtph_ps(unsafe { _mm_loadu_si128(vp.add(i)) }),
+                *r,
+            );
+        }
+    }
+    for (i, r) in r.iter().enumerate() {
+        unsafe { _mm256_storeu_ps(a.add(8 * i), *r) };
     }
 }

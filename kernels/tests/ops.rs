@@ -1,6 +1,7 @@
 //! The row operations against their plain forms.
 
-use wasmlm_kernels::ops::{attention, Heads};
+use wasmlm_kernels::ops::{attention_with, f16, Heads};
+use wasmlm_kernels::Isa;
 
 /// xorshift64*: reproducible random numbers without a dependency.
 struct Rng(u64);
@@ -17,12 +18,12 @@ impl Rng {
     }
 }
 
-/// Attention in f64, the plain way.
+/// Attention in f64, the plain way, over the f16 keys and values widened exactly.
 #[allow(clippy::too_many_arguments)]
 fn reference(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[f16],
+    v: &[f16],
     h: Heads,
     pos: usize,
     window: Option<usize>,
@@ -43,7 +44,8 @@ fn reference(
                 .map(|&t| {
                     (0..d)
                         .map(|x| {
-                            f64::from(q[i * qw + head * d + x]) * f64::from(k[t * kw + g * d + x])
+                            f64::from(q[i * qw + head * d + x])
+                                * f64::from(k[t * kw + g * d + x].to_f32())
                         })
                         .sum::<f64>()
                         * f64::from(scale)
@@ -56,7 +58,7 @@ fn reference(
                 let y: f64 = keys
                     .iter()
                     .zip(&e)
-                    .map(|(&t, e)| e * f64::from(v[t * kw + g * d + x]))
+                    .map(|(&t, e)| e * f64::from(v[t * kw + g * d + x].to_f32()))
                     .sum();
                 out[i * qw + head * d + x] = (y / sum) as f32;
             }
@@ -68,9 +70,17 @@ fn reference(
 #[test]
 fn attention_matches_the_plain_computation() {
     let mut rng = Rng(11);
-    // Query heads alone, in pairs and in fours or sixes per KV head; with and without a
+    // Query heads alone, in pairs and in fours or sixes per KV head; head widths in whole and
+    // partial 32-column blocks and one no SIMD kernel takes (12); with and without a
     // window; small enough to run on the caller and large enough to run across the pool.
-    for (n_head, n_kv_head, head_dim) in [(4, 2, 24), (4, 4, 8), (8, 2, 64), (6, 1, 16)] {
+    for (n_head, n_kv_head, head_dim) in [
+        (4, 2, 24),
+        (4, 4, 8),
+        (8, 2, 64),
+        (6, 1, 16),
+        (4, 2, 40),
+        (2, 1, 12),
+    ] {
         let h = Heads {
             n_head,
             n_kv_head,
@@ -85,16 +95,20 @@ fn attention_matches_the_plain_computation() {
             (40, 9, Some(37)),
         ] {
             let q = rng.vec(rows * h.n_head * h.head_dim);
-            let k = rng.vec((pos + rows) * h.n_kv_head * h.head_dim);
-            let v = rng.vec((pos + rows) * h.n_kv_head * h.head_dim);
-            let mut out = vec![0f32; q.len()];
-            attention(&q, &k, &v, h, pos, window, 0.3, &mut out).expect("attention");
+            let mut halves =
+                |n| -> Vec<f16> { rng.vec(n).into_iter().map(f16::from_f32).collect() };
+            let k = halves((pos + rows) * h.n_kv_head * h.head_dim);
+            let v = halves((pos + rows) * h.n_kv_head * h.head_dim);
             let want = reference(&q, &k, &v, h, pos, window, 0.3);
-            for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - b).abs() < 1e-5,
-                    "{h:?} pos {pos} rows {rows} {window:?} at {i}: {a} vs {b}"
-                );
+            for isa in [Isa::Scalar, Isa::best()] {
+                let mut out = vec![0f32; q.len()];
+                attention_with(isa, &q, &k, &v, h, pos, window, 0.3, &mut out).expect("attention");
+                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{isa:?} {h:?} pos {pos} rows {rows} {window:?} at {i}: {a} vs {b}"
+                    );
+                }
             }
         }
     }

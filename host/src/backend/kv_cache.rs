@@ -1,14 +1,17 @@
 //! One sequence's KV cache: per-layer keys and values that grow in place, as candle tensors
-//! (the tensor forward pass) or as plain rows (the CPU forward pass).
+//! (the tensor forward pass) or as plain f16 rows (the CPU forward pass).
 
 use candle_core::{DType, Device, Result, Tensor};
+use half::slice::HalfFloatSliceExt;
+use wasmlm_kernels::ops::f16;
 
 /// Keys and values of one sequence for every layer.
 pub struct KvCache {
     /// `(1, n_kv_head, capacity, head_dim)` tensors, allocated on first use.
     layers: Vec<Option<(Tensor, Tensor)>>,
-    /// Or `[position][n_kv_head · head_dim]` rows, `row` values each.
-    rows: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Or `[position][n_kv_head · head_dim]` rows, `row` values each, in f16 as llama.cpp's
+    /// cache holds them (half the bytes that each decode step reads).
+    rows: Vec<(Vec<f16>, Vec<f16>)>,
     row: usize,
     capacity: usize,
     len: usize,
@@ -44,9 +47,9 @@ impl KvCache {
     }
 
     /// Writes the keys and values of `n` positions (`n × row` each) of `layer` after the held
-    /// positions and returns all of the layer's keys and values so far. Call
+    /// positions, rounded to f16, and returns all of the layer's keys and values so far. Call
     /// [`KvCache::advance`] once all layers have appended.
-    pub fn append_rows(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(&[f32], &[f32])> {
+    pub fn append_rows(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(&[f16], &[f16])> {
         let n = k.len() / self.row.max(1);
         let end = self.len + n;
         if end > self.max_len {
@@ -75,7 +78,8 @@ impl KvCache {
             if c.capacity() < cap * row {
                 c.reserve_exact(cap * row - c.len());
             }
-            c.extend_from_slice(new);
+            c.resize(held * row + new.len(), f16::ZERO);
+            c[held * row..].convert_from_f32_slice(new);
         }
         Ok((kc.as_slice(), vc.as_slice()))
     }
