@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Device;
-use wasmlm_host::backend::{DenseDType, LoadOptions, LoadedModel, Pass, Sequence};
+use wasmlm_host::backend::{DenseDType, KvDType, LoadOptions, LoadedModel, Pass, Sequence};
 
 fn fixture(arch: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -58,9 +58,12 @@ fn argmax(v: &[f32]) -> usize {
 /// Both forward passes: the CPU's own over rows, and candle's tensor pass that GPUs run.
 const PASSES: [Pass; 2] = [Pass::Auto, Pass::Tensors];
 
+/// `pass` with an f32 KV cache: the exact checks hold every other difference to float order.
+/// The default f16 cache has its own check ([`check_f16_kv_cache`]).
 fn options(pass: Pass) -> LoadOptions {
     LoadOptions {
         pass,
+        kv: KvDType::F32,
         ..LoadOptions::default()
     }
 }
@@ -95,6 +98,10 @@ const GGUF_VARIANTS: &[&str] = &["model-f32.gguf", "model-f16.gguf"];
 /// How far q8_0 may be from transformers: against the dequantized weights, and against f32.
 /// The error is activation rounding, which grows with depth.
 struct Q8Bounds(f32, f32);
+/// f16 KV cache against f32 transformers: measured 4.3e-4 (qwen2), 6.5e-4 (qwen3), 7.8e-4
+/// (gemma3, six layers), about one f16 rounding (2⁻¹¹ = 4.9e-4) per layer's attention
+/// carried to the logits; an f32 cache is ~7e-7.
+const F16_KV_BOUND: f32 = 2e-3;
 /// Two layers.
 const Q8_SHALLOW: Q8Bounds = Q8Bounds(4e-2, 6e-2);
 
@@ -139,6 +146,29 @@ fn check_arch(arch: &str, variants: &[&str], q8: Q8Bounds) {
     }
 }
 
+/// The CPU pass with its default f16 KV cache (as llama.cpp's): keys, values and attention
+/// probabilities rounded to f16 (2⁻¹¹ relative) on the f32 model.
+fn check_f16_kv_cache(arch: &str, variant: &str) {
+    let r = reference(arch);
+    let (err, mismatch) = run(
+        &fixture(arch).join(variant),
+        LoadOptions::default(),
+        &r.logits,
+        &r.ids,
+    );
+    eprintln!(
+        "{arch} {variant} f16 KV cache: relative error {err:.2e}, greedy differs at {mismatch:?}"
+    );
+    assert!(
+        err < F16_KV_BOUND,
+        "{arch} {variant} f16 KV cache: relative error {err:e}"
+    );
+    assert!(
+        mismatch.is_empty(),
+        "{arch} {variant} f16 KV cache: greedy differs at {mismatch:?}"
+    );
+}
+
 /// What a GPU runs on a bf16 folder: the weights stay bf16 and the activations are rounded to
 /// bf16 for each product (f32 in between). Checked here on the CPU, through both passes.
 fn check_bf16_as_stored(arch: &str) {
@@ -167,12 +197,14 @@ fn check_bf16_as_stored(arch: &str) {
 #[test]
 fn qwen3_matches_transformers() {
     check_arch("qwen3", ALL_VARIANTS, Q8_SHALLOW);
+    check_f16_kv_cache("qwen3", "hf-f32");
     check_bf16_as_stored("qwen3");
 }
 
 #[test]
 fn qwen2_matches_transformers() {
     check_arch("qwen2", ALL_VARIANTS, Q8_SHALLOW);
+    check_f16_kv_cache("qwen2", "hf-f32");
     check_bf16_as_stored("qwen2");
 }
 
@@ -184,6 +216,7 @@ fn gemma3_matches_transformers() {
     // from the dequantized reference (the file is read exactly); activation rounding
     // makes it ~4.3e-2.
     check_arch("gemma3", GGUF_VARIANTS, Q8Bounds(6e-2, 9e-2));
+    check_f16_kv_cache("gemma3", "model-f32.gguf");
 }
 
 #[test]

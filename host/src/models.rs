@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::backend::{BackendModelError, LoadOptions, LoadedModel};
+use crate::backend::{BackendModelError, KvDType, LoadOptions, LoadedModel};
 use crate::hub::{self, HubError, HubRef};
 
 /// The model served when none is named.
@@ -367,19 +367,23 @@ pub fn load_all(
         if out.contains_key(&spec.name) {
             return Err(ModelError::Duplicate(spec.name.clone()));
         }
-        out.insert(spec.name.clone(), load_one(spec, context, device)?);
+        out.insert(spec.name.clone(), load_one(spec, context, None, device)?);
     }
     Ok(out)
 }
 
-/// Loads one spec, fetching it first when it is a known model that is missing.
+/// Loads one spec, fetching it first when it is a known model that is missing; `kv`
+/// overrides the environment's KV cache type.
 pub fn load_one(
     spec: &ModelSpec,
     context: Option<usize>,
+    kv: Option<KvDType>,
     device: &candle_core::Device,
 ) -> Result<Arc<LoadedModel>, ModelError> {
     let path = spec.resolve()?;
-    let mut model = LoadedModel::from_path(&path, &LoadOptions::from_env(context), device)?;
+    let mut options = LoadOptions::from_env(context);
+    options.kv = kv.unwrap_or(options.kv);
+    let mut model = LoadedModel::from_path(&path, &options, device)?;
     if let Some(path) = &spec.chat_template {
         let text = fs::read_to_string(path).map_err(|source| ModelError::Template {
             path: path.clone(),

@@ -6,6 +6,7 @@
 //! a third of a SmolLM2 decode step). Here each is one loop over the row, in place.
 
 pub use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::{pool, Isa, KernelError, SendPtr};
 
@@ -114,17 +115,82 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// Σ a·b of f32 and f16 values, with eight partial sums.
-fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+/// An element type of the KV cache: f16 (llama.cpp's default, half the bytes a decode step
+/// reads) or f32 (exact, like llama.cpp's `--cache-type-k f32`).
+pub trait KvValue: Copy + Default + Send + Sync + sealed::Sealed + 'static {
+    /// The value as f32, exactly.
+    fn widen(self) -> f32;
+    /// Rounds `src` into `dst` (same length).
+    fn narrow_slice(src: &[f32], dst: &mut [Self]);
+    /// Rounds attention probabilities to what the values are multiplied by: f16 for an f16
+    /// cache, as llama.cpp's CPU attention does (its product with f16 values takes f16
+    /// operands), so our near-ties break as the reference's do; unchanged for f32.
+    fn round_probabilities(p: &mut [f32], scratch: &mut Vec<Self>);
+    /// Eight values from `p`, widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point to eight values; the CPU must have AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+impl KvValue for f32 {
+    #[inline]
+    fn widen(self) -> f32 {
+        self
+    }
+    fn narrow_slice(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn round_probabilities(_: &mut [f32], _: &mut Vec<f32>) {}
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl KvValue for f16 {
+    #[inline]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn narrow_slice(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+    fn round_probabilities(p: &mut [f32], scratch: &mut Vec<f16>) {
+        scratch.resize(p.len(), f16::ZERO);
+        scratch.convert_from_f32_slice(p);
+        scratch.convert_to_f32_slice(p);
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::{_mm256_cvtph_ps, _mm_loadu_si128};
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
+/// Σ a·b of f32 and cached values, with eight partial sums.
+fn dot_kv<T: KvValue>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i].to_f32();
+            acc[i] += x[i] * y[i].widen();
         }
     }
-    let mut s = ra.iter().zip(rb).map(|(x, y)| x * y.to_f32()).sum::<f32>();
+    let mut s = ra.iter().zip(rb).map(|(x, y)| x * y.widen()).sum::<f32>();
     for v in acc {
         s += v;
     }
@@ -132,7 +198,14 @@ fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
 }
 
 /// `out[t] = scale · q·k_t` for the keys `k_t = k[t·stride..][..q.len()]`.
-fn key_scores(simd: bool, q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+fn key_scores<T: KvValue>(
+    simd: bool,
+    q: &[f32],
+    k: &[T],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is only set where `Isa::detect` found AVX2, FMA and F16C.
@@ -140,12 +213,12 @@ fn key_scores(simd: bool, q: &[f32], k: &[f16], stride: usize, scale: f32, out: 
     }
     let _ = simd;
     for (t, o) in out.iter_mut().enumerate() {
-        *o = dot_f16(q, &k[t * stride..][..q.len()]) * scale;
+        *o = dot_kv(q, &k[t * stride..][..q.len()]) * scale;
     }
 }
 
 /// `acc += Σ_t p[t] · v_t` for the values `v_t = v[t·stride..][..acc.len()]`.
-fn mix_values(simd: bool, p: &[f32], v: &[f16], stride: usize, acc: &mut [f32]) {
+fn mix_values<T: KvValue>(simd: bool, p: &[f32], v: &[T], stride: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: as in `key_scores`.
@@ -155,22 +228,21 @@ fn mix_values(simd: bool, p: &[f32], v: &[f16], stride: usize, acc: &mut [f32]) 
     let d = acc.len();
     for (t, &pt) in p.iter().enumerate() {
         for (a, x) in acc.iter_mut().zip(&v[t * stride..][..d]) {
-            *a += pt * x.to_f32();
+            *a += pt * x.widen();
         }
     }
 }
 
 /// Causal attention of `rows` queries (`q`, `rows × n_head·head_dim`) at positions
 /// `pos..pos + rows` over the keys and values of positions `0..pos + rows` (`k`, `v`:
-/// `[position][n_kv_head·head_dim]`, f16 as llama.cpp's cache holds them: half the bytes of
-/// f32, and a long context's decode step is bound by reading them), scores multiplied by
+/// `[position][n_kv_head·head_dim]`, f16 or f32), scores multiplied by
 /// `scale`; a query at `p` sees keys `t ≤ p` with `p - t < window`. Writes `out` (like `q`).
 /// Heads run across the pool, with the kernels of [`Isa::detect`].
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention<T: KvValue>(
     q: &[f32],
-    k: &[f16],
-    v: &[f16],
+    k: &[T],
+    v: &[T],
     h: Heads,
     pos: usize,
     window: Option<usize>,
@@ -183,11 +255,11 @@ pub fn attention(
 /// [`attention`] with the kernels of `isa` (one this CPU runs: a better one than
 /// [`Isa::best`] falls back to it).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_with(
+pub fn attention_with<T: KvValue>(
     isa: Isa,
     q: &[f32],
-    k: &[f16],
-    v: &[f16],
+    k: &[T],
+    v: &[T],
     h: Heads,
     pos: usize,
     window: Option<usize>,
@@ -219,6 +291,7 @@ pub fn attention_with(
         let g = head / group;
         let mut scores = vec![0f32; pos + rows];
         let mut acc = vec![0f32; h.head_dim];
+        let mut rounded = Vec::new();
         for i in 0..rows {
             let p = pos + i;
             let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
@@ -232,9 +305,11 @@ pub fn attention_with(
                 *s = (*s - max).exp();
                 sum += *s;
             }
+            let inv = 1.0 / sum;
+            scores.iter_mut().for_each(|s| *s *= inv);
+            T::round_probabilities(scores, &mut rounded);
             acc.fill(0.0);
             mix_values(simd, scores, &v[at..], kw, &mut acc);
-            let inv = 1.0 / sum;
             // SAFETY: `out` is `rows × qw` (the caller's slice); this task alone writes head
             // `head` of each row.
             let dst = unsafe {
@@ -243,9 +318,7 @@ pub fn attention_with(
                     h.head_dim,
                 )
             };
-            for (d, a) in dst.iter_mut().zip(&acc) {
-                *d = a * inv;
-            }
+            dst.copy_from_slice(&acc);
         }
     };
     // Small attention (short contexts, one row) is not worth the hand-off.

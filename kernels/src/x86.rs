@@ -9,12 +9,12 @@ use std::arch::x86_64::*;
 
 use crate::act::{Acts256, Acts32};
 use crate::formats::{planar, planes};
+use crate::ops::KvValue;
 use crate::tiles::{
     tile_bytes, values32, Q4K_MINS, Q4K_SCALES, Q4K_TILE_BYTES, Q4K_VALUES, Q6K_HIGH, Q6K_LOW,
     Q6K_SCALES, Q6K_TILE_BYTES,
 };
 use crate::QFormat;
-use half::f16;
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -693,20 +693,26 @@ unsafe fn tile32_8<B: Values32, const R: usize>(
     }
 }
 
-/// `out[t] = scale · q·k_t` for the keys `k_t = k[t·stride..][..q.len()]`, f16 widened on load.
+/// `out[t] = scale · q·k_t` for the keys `k_t = k[t·stride..][..q.len()]`, widened on load.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn key_scores(q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+pub(crate) fn key_scores<T: KvValue>(
+    q: &[f32],
+    k: &[T],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let d = q.len();
     assert!(d.is_multiple_of(8) && (out.is_empty() || k.len() >= (out.len() - 1) * stride + d));
     for (t, o) in out.iter_mut().enumerate() {
-        // SAFETY: key `t` is in bounds (asserted above); 8 f16 are one 16-byte load.
-        let kp = unsafe { k.as_ptr().add(t * stride) } as *const __m128i;
+        // SAFETY: key `t` is in bounds (asserted above).
+        let kp = unsafe { k.as_ptr().add(t * stride) };
         // Two chains, so the FMA latency of one hides behind the other.
         let mut acc = [_mm256_setzero_ps(); 2];
         for c in 0..d / 8 {
             let (kv, qv) = unsafe {
                 (
-                    _mm256_cvtph_ps(_mm_loadu_si128(kp.add(c))),
+                    T::load8(kp.add(c * 8)),
                     _mm256_loadu_ps(q.as_ptr().add(c * 8)),
                 )
             };
@@ -716,19 +722,19 @@ pub(crate) fn key_scores(q: &[f32], k: &[f16], stride: usize, scale: f32, out: &
     }
 }
 
-/// `acc += Σ_t p[t] · v_t` for the values `v_t = v[t·stride..][..acc.len()]` (f16).
+/// `acc += Σ_t p[t] · v_t` for the values `v_t = v[t·stride..][..acc.len()]`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn mix_values(p: &[f32], v: &[f16], stride: usize, acc: &mut [f32]) {
+pub(crate) fn mix_values<T: KvValue>(p: &[f32], v: &[T], stride: usize, acc: &mut [f32]) {
     let d = acc.len();
     assert!(d.is_multiple_of(8) && (p.is_empty() || v.len() >= (p.len() - 1) * stride + d));
     let mut x = 0;
     while x + 32 <= d {
         // SAFETY: columns x..x + 32 of every value row are in bounds (asserted above).
-        unsafe { mix_columns::<4>(p, v, stride, x, acc) };
+        unsafe { mix_columns::<T, 4>(p, v, stride, x, acc) };
         x += 32;
     }
     while x < d {
-        unsafe { mix_columns::<1>(p, v, stride, x, acc) };
+        unsafe { mix_columns::<T, 1>(p, v, stride, x, acc) };
         x += 8;
     }
 }
@@ -736,9 +742,9 @@ pub(crate) fn mix_values(p: &[f32], v: &[f16], stride: usize, acc: &mut [f32]) {
 /// Columns `x..x + 8·R` of [`mix_values`], held in registers across every position.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn mix_columns<const R: usize>(
+unsafe fn mix_columns<T: KvValue, const R: usize>(
     p: &[f32],
-    v: &[f16],
+    v: &[T],
     stride: usize,
     x: usize,
     acc: &mut [f32],
@@ -750,13 +756,9 @@ unsafe fn mix_columns<const R: usize>(
     }
     for (t, &pt) in p.iter().enumerate() {
         let s = _mm256_set1_ps(pt);
-        let vp = unsafe { v.as_ptr().add(t * stride + x) } as *const __m128i;
+        let vp = unsafe { v.as_ptr().add(t * stride + x) };
         for (i, r) in r.iter_mut().enumerate() {
-            *r = _mm256_fmadd_ps(
-                s,
-                _mm256_cvtph_ps(unsafe { _mm_loadu_si128(vp.add(i)) }),
-                *r,
-            );
+            *r = _mm256_fmadd_ps(s, unsafe { T::load8(vp.add(8 * i)) }, *r);
         }
     }
     for (i, r) in r.iter().enumerate() {

@@ -1,6 +1,6 @@
 //! The row operations against their plain forms.
 
-use wasmlm_kernels::ops::{attention_with, f16, Heads};
+use wasmlm_kernels::ops::{attention_with, f16, Heads, KvValue};
 use wasmlm_kernels::Isa;
 
 /// xorshift64*: reproducible random numbers without a dependency.
@@ -18,12 +18,14 @@ impl Rng {
     }
 }
 
-/// Attention in f64, the plain way, over the f16 keys and values widened exactly.
+/// Attention in f64, the plain way; with `f16_probabilities`, the probabilities rounded to f16
+/// as an f16 cache's attention rounds them.
 #[allow(clippy::too_many_arguments)]
 fn reference(
+    f16_probabilities: bool,
     q: &[f32],
-    k: &[f16],
-    v: &[f16],
+    k: &[f32],
+    v: &[f32],
     h: Heads,
     pos: usize,
     window: Option<usize>,
@@ -44,8 +46,7 @@ fn reference(
                 .map(|&t| {
                     (0..d)
                         .map(|x| {
-                            f64::from(q[i * qw + head * d + x])
-                                * f64::from(k[t * kw + g * d + x].to_f32())
+                            f64::from(q[i * qw + head * d + x]) * f64::from(k[t * kw + g * d + x])
                         })
                         .sum::<f64>()
                         * f64::from(scale)
@@ -54,13 +55,20 @@ fn reference(
             let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
             let sum: f64 = e.iter().sum();
+            let probabilities: Vec<f64> = e
+                .iter()
+                .map(|e| match f16_probabilities {
+                    true => f64::from(f16::from_f64(e / sum)),
+                    false => e / sum,
+                })
+                .collect();
             for x in 0..d {
                 let y: f64 = keys
                     .iter()
-                    .zip(&e)
-                    .map(|(&t, e)| e * f64::from(v[t * kw + g * d + x].to_f32()))
+                    .zip(&probabilities)
+                    .map(|(&t, p)| p * f64::from(v[t * kw + g * d + x]))
                     .sum();
-                out[i * qw + head * d + x] = (y / sum) as f32;
+                out[i * qw + head * d + x] = y as f32;
             }
         }
     }
@@ -95,21 +103,55 @@ fn attention_matches_the_plain_computation() {
             (40, 9, Some(37)),
         ] {
             let q = rng.vec(rows * h.n_head * h.head_dim);
-            let mut halves =
-                |n| -> Vec<f16> { rng.vec(n).into_iter().map(f16::from_f32).collect() };
-            let k = halves((pos + rows) * h.n_kv_head * h.head_dim);
-            let v = halves((pos + rows) * h.n_kv_head * h.head_dim);
-            let want = reference(&q, &k, &v, h, pos, window, 0.3);
-            for isa in [Isa::Scalar, Isa::best()] {
-                let mut out = vec![0f32; q.len()];
-                attention_with(isa, &q, &k, &v, h, pos, window, 0.3, &mut out).expect("attention");
-                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - b).abs() < 1e-5,
-                        "{isa:?} {h:?} pos {pos} rows {rows} {window:?} at {i}: {a} vs {b}"
-                    );
-                }
-            }
+            let k = rng.vec((pos + rows) * h.n_kv_head * h.head_dim);
+            let v = rng.vec((pos + rows) * h.n_kv_head * h.head_dim);
+            let case = format!("{h:?} pos {pos} rows {rows} {window:?}");
+            let want = reference(false, &q, &k, &v, h, pos, window, 0.3);
+            check::<f32>(&case, &q, &k, &v, h, pos, window, &want, 1e-5);
+            // The f16 cache against the same plain computation on its (exactly widened)
+            // values. A probability whose f32 and f64 forms round to neighbouring f16 values
+            // moves an output by up to 2⁻¹¹ of that probability's share: hence 1e-4.
+            let (k16, v16) = (round_f16(&k), round_f16(&v));
+            let want = reference(true, &q, &k16, &v16, h, pos, window, 0.3);
+            check::<f16>(&case, &q, &k16, &v16, h, pos, window, &want, 1e-4);
+        }
+    }
+}
+
+/// The values rounded to f16 and widened back.
+fn round_f16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|v| f16::from_f32(*v).to_f32()).collect()
+}
+
+/// Attention over a `T` cache holding `k` and `v` (exact in `T`) against `want`, on every
+/// instruction set this CPU runs.
+#[allow(clippy::too_many_arguments)]
+fn check<T: KvValue>(
+    case: &str,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    h: Heads,
+    pos: usize,
+    window: Option<usize>,
+    want: &[f32],
+    tolerance: f32,
+) {
+    let cache = |x: &[f32]| {
+        let mut c = vec![T::default(); x.len()];
+        T::narrow_slice(x, &mut c);
+        c
+    };
+    let (k, v) = (cache(k), cache(v));
+    for isa in [Isa::Scalar, Isa::best()] {
+        let mut out = vec![0f32; q.len()];
+        attention_with(isa, q, &k, &v, h, pos, window, 0.3, &mut out).expect("attention");
+        for (i, (a, b)) in out.iter().zip(want).enumerate() {
+            assert!(
+                (a - b).abs() < tolerance,
+                "{} {isa:?} {case} at {i}: {a} vs {b}",
+                std::any::type_name::<T>()
+            );
         }
     }
 }

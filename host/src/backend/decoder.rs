@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 mod rows;
 
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvDType};
 use super::linear::{Linear, Stacked};
 use super::weights::{Embedding, HParams, WeightSource};
 use super::{BackendModelError, CausalLm, LoadOptions, Pass};
@@ -110,6 +110,8 @@ pub struct Decoder {
     device: Device,
     /// The CPU pass over plain rows; `None`: the tensor pass.
     rows: Option<rows::RowWeights>,
+    /// The element type of the CPU pass's KV cache.
+    kv_dtype: KvDType,
 }
 
 /// Loads `arch`'s hyper-parameters and a decoder of `family` over them; the context is the
@@ -127,7 +129,7 @@ pub fn load_family(
         .map_or(hp.context_length, |c| c.min(hp.context_length))
         .max(1);
     Ok((
-        Decoder::load(src, arch, family, &hp, context, options.pass, device)?,
+        Decoder::load(src, arch, family, &hp, context, options, device)?,
         context,
     ))
 }
@@ -140,7 +142,7 @@ impl Decoder {
         family: Family,
         hp: &HParams,
         context: usize,
-        pass: Pass,
+        options: &LoadOptions,
         device: &Device,
     ) -> Result<Self, BackendModelError> {
         let mut ropes = vec![rope_tables(
@@ -257,8 +259,9 @@ impl Decoder {
             vocab,
             device: device.clone(),
             rows: None,
+            kv_dtype: options.kv,
         };
-        if device.is_cpu() && pass == Pass::Auto {
+        if device.is_cpu() && options.pass == Pass::Auto {
             decoder.rows = Some(rows::RowWeights::of(&decoder)?);
         }
         Ok(decoder)
@@ -452,7 +455,8 @@ impl CausalLm for Decoder {
         let max_len = max_len.min(self.context);
         match self.rows {
             Some(_) => {
-                KvCache::new_rows(self.layers.len(), max_len, self.n_kv_head * self.head_dim)
+                let row = self.n_kv_head * self.head_dim;
+                KvCache::new_rows(self.layers.len(), max_len, row, self.kv_dtype)
             }
             None => KvCache::new(self.layers.len(), max_len),
         }

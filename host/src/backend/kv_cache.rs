@@ -1,17 +1,42 @@
 //! One sequence's KV cache: per-layer keys and values that grow in place, as candle tensors
-//! (the tensor forward pass) or as plain f16 rows (the CPU forward pass).
+//! (the tensor forward pass) or as plain rows of f16 or f32 (the CPU forward pass).
 
 use candle_core::{DType, Device, Result, Tensor};
-use half::slice::HalfFloatSliceExt;
-use wasmlm_kernels::ops::f16;
+use wasmlm_kernels::ops::{f16, KvValue};
+
+/// The element type of the CPU pass's KV rows (a model's `kv_cache` in the node config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDType {
+    /// f16, llama.cpp's default: half the bytes that each decode step reads.
+    #[default]
+    F16,
+    /// f32: exact (like llama.cpp's `--cache-type-k f32 --cache-type-v f32`).
+    F32,
+}
+
+/// Per-layer key and value rows of one element type.
+type Rows<T> = Vec<(Vec<T>, Vec<T>)>;
+
+enum RowStore {
+    F16(Rows<f16>),
+    F32(Rows<f32>),
+}
+
+/// One layer's keys and values so far, as [`KvCache::append_rows`] returns them.
+pub enum KvRows<'a> {
+    /// From an f16 cache.
+    F16(&'a [f16], &'a [f16]),
+    /// From an f32 cache.
+    F32(&'a [f32], &'a [f32]),
+}
 
 /// Keys and values of one sequence for every layer.
 pub struct KvCache {
     /// `(1, n_kv_head, capacity, head_dim)` tensors, allocated on first use.
     layers: Vec<Option<(Tensor, Tensor)>>,
-    /// Or `[position][n_kv_head · head_dim]` rows, `row` values each, in f16 as llama.cpp's
-    /// cache holds them (half the bytes that each decode step reads).
-    rows: Vec<(Vec<f16>, Vec<f16>)>,
+    /// Or `[position][n_kv_head · head_dim]` rows, `row` values each.
+    rows: RowStore,
     row: usize,
     capacity: usize,
     len: usize,
@@ -26,7 +51,7 @@ impl KvCache {
     pub fn new(n_layers: usize, max_len: usize) -> Self {
         Self {
             layers: vec![None; n_layers],
-            rows: Vec::new(),
+            rows: RowStore::F32(Vec::new()),
             row: 0,
             capacity: 0,
             len: 0,
@@ -35,10 +60,13 @@ impl KvCache {
     }
 
     /// An empty cache of plain rows (`row` values of keys, and of values, per position).
-    pub fn new_rows(n_layers: usize, max_len: usize, row: usize) -> Self {
+    pub fn new_rows(n_layers: usize, max_len: usize, row: usize, dtype: KvDType) -> Self {
         Self {
             layers: Vec::new(),
-            rows: vec![(Vec::new(), Vec::new()); n_layers],
+            rows: match dtype {
+                KvDType::F16 => RowStore::F16(vec![(Vec::new(), Vec::new()); n_layers]),
+                KvDType::F32 => RowStore::F32(vec![(Vec::new(), Vec::new()); n_layers]),
+            },
             row,
             capacity: 0,
             len: 0,
@@ -47,9 +75,9 @@ impl KvCache {
     }
 
     /// Writes the keys and values of `n` positions (`n × row` each) of `layer` after the held
-    /// positions, rounded to f16, and returns all of the layer's keys and values so far. Call
-    /// [`KvCache::advance`] once all layers have appended.
-    pub fn append_rows(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(&[f16], &[f16])> {
+    /// positions (rounded to the cache's type) and returns all of the layer's keys and values
+    /// so far. Call [`KvCache::advance`] once all layers have appended.
+    pub fn append_rows(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<KvRows<'_>> {
         let n = k.len() / self.row.max(1);
         let end = self.len + n;
         if end > self.max_len {
@@ -68,20 +96,17 @@ impl KvCache {
             // cache to 4k, past the context.
             self.capacity = self.next_capacity(end);
         }
-        let (row, held, cap) = (self.row, self.len, self.capacity);
-        let (kc, vc) = self
-            .rows
-            .get_mut(layer)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no KV cache for layer {layer}")))?;
-        for (c, new) in [(&mut *kc, k), (&mut *vc, v)] {
-            c.truncate(held * row);
-            if c.capacity() < cap * row {
-                c.reserve_exact(cap * row - c.len());
+        let (held, cap) = (self.len * self.row, self.capacity * self.row);
+        Ok(match &mut self.rows {
+            RowStore::F16(rows) => {
+                let (k, v) = append(rows, layer, held, cap, k, v)?;
+                KvRows::F16(k, v)
             }
-            c.resize(held * row + new.len(), f16::ZERO);
-            c[held * row..].convert_from_f32_slice(new);
-        }
-        Ok((kc.as_slice(), vc.as_slice()))
+            RowStore::F32(rows) => {
+                let (k, v) = append(rows, layer, held, cap, k, v)?;
+                KvRows::F32(k, v)
+            }
+        })
     }
 
     /// Positions held.
@@ -157,4 +182,28 @@ impl KvCache {
         self.capacity = new_cap;
         Ok(())
     }
+}
+
+/// Writes `k` and `v` into `layer`'s rows after their first `held` values, reserving exactly
+/// `cap` values, and returns the rows so far.
+fn append<'a, T: KvValue>(
+    rows: &'a mut Rows<T>,
+    layer: usize,
+    held: usize,
+    cap: usize,
+    k: &[f32],
+    v: &[f32],
+) -> Result<(&'a [T], &'a [T])> {
+    let (kc, vc) = rows
+        .get_mut(layer)
+        .ok_or_else(|| candle_core::Error::Msg(format!("no KV cache for layer {layer}")))?;
+    for (c, new) in [(&mut *kc, k), (&mut *vc, v)] {
+        c.truncate(held);
+        if c.capacity() < cap {
+            c.reserve_exact(cap - c.len());
+        }
+        c.resize(held + new.len(), T::default());
+        T::narrow_slice(new, &mut c[held..]);
+    }
+    Ok((kc.as_slice(), vc.as_slice()))
 }

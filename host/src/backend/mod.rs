@@ -29,6 +29,7 @@ use wasmtime_wasi_nn::{ExecutionContext, Graph, Tensor};
 
 use crate::gguf::GgufError;
 use kv_cache::KvCache;
+pub use kv_cache::KvDType;
 use weights::WeightSource;
 
 /// Version of the tensor protocol the backend speaks.
@@ -177,11 +178,13 @@ pub struct LoadOptions {
     pub context: Option<usize>,
     pub pass: Pass,
     pub dense: DenseDType,
+    /// The CPU pass's KV cache type.
+    pub kv: KvDType,
 }
 
 impl LoadOptions {
     /// The defaults, with a context cap, and the developers' overrides from the environment:
-    /// `WASMLM_FORWARD=tensors` and `WASMLM_DENSE_DTYPE=f32|stored`.
+    /// `WASMLM_FORWARD=tensors`, `WASMLM_DENSE_DTYPE=f32|stored` and `WASMLM_KV_DTYPE=f32`.
     pub fn from_env(context: Option<usize>) -> Self {
         let var = |k: &str| std::env::var(k).unwrap_or_default();
         Self {
@@ -194,6 +197,10 @@ impl LoadOptions {
                 "f32" => DenseDType::F32,
                 "stored" => DenseDType::Stored,
                 _ => DenseDType::Auto,
+            },
+            kv: match var("WASMLM_KV_DTYPE").as_str() {
+                "f32" => KvDType::F32,
+                _ => KvDType::F16,
             },
         }
     }

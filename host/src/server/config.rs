@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::backend::KvDType;
 use crate::device::{DeviceError, DeviceSpec};
 use crate::models::{ModelError, ModelSpec};
 
@@ -105,6 +106,9 @@ pub struct ModelFile {
     pub slots: Option<usize>,
     /// Context length in tokens (default: the model's own; larger is capped to it).
     pub context_length: Option<usize>,
+    /// KV cache type on the CPU: `f16` (default, as llama.cpp) or `f32` (exact, twice the
+    /// bytes per decode step).
+    pub kv_cache: Option<KvDType>,
     /// Other names clients may use for this model.
     #[serde(default)]
     pub aliases: Vec<String>,
@@ -121,6 +125,8 @@ pub struct ModelConfig {
     pub device: DeviceSpec,
     pub slots: usize,
     pub context_length: Option<usize>,
+    /// `None`: `WASMLM_KV_DTYPE` or the default.
+    pub kv_cache: Option<KvDType>,
     pub aliases: Vec<String>,
     pub preload: bool,
 }
@@ -235,6 +241,7 @@ impl NodeConfig {
                 device,
                 slots: cli.slots.or(m.slots).unwrap_or(default_slots),
                 context_length: cli.context_length.or(m.context_length),
+                kv_cache: m.kv_cache,
                 aliases: m.aliases,
                 preload: m.preload.unwrap_or(true),
             });
@@ -249,6 +256,7 @@ impl NodeConfig {
                 device: cli.device.unwrap_or_default(),
                 slots: default_slots,
                 context_length: cli.context_length,
+                kv_cache: None,
                 aliases: Vec::new(),
                 preload: true,
             };
@@ -263,6 +271,7 @@ impl NodeConfig {
                 device: cli.device.unwrap_or_default(),
                 slots: default_slots,
                 context_length: cli.context_length,
+                kv_cache: None,
                 aliases: Vec::new(),
                 preload: true,
             });
@@ -433,6 +442,7 @@ name = "small"
 path = "m/small.gguf"
 slots = 3
 aliases = ["gpt-4o-mini"]
+kv_cache = "f32"
 "#,
         )
         .unwrap();
@@ -451,6 +461,10 @@ aliases = ["gpt-4o-mini"]
         assert_eq!(c.models[0].slots, 3);
         assert_eq!(c.models[0].spec.path, dir.join("m/small.gguf"));
         assert_eq!(c.models[0].aliases, ["gpt-4o-mini"]);
+        assert_eq!(c.models[0].kv_cache, Some(KvDType::F32));
+        std::fs::write(&path, "[[models]]\nname = \"x\"\nkv_cache = \"q4\"\n").unwrap();
+        let e = NodeConfig::load(Some(&path), Overrides::default(), &dir).unwrap_err();
+        assert!(e.to_string().contains("expected `f16` or `f32`"), "{e}");
         std::fs::write(
             &path,
             "[[models]]\nname = \"x\"\npath = \"x\"\ndevice = \"cuda:7\"\n",

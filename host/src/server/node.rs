@@ -236,8 +236,13 @@ impl Node {
     fn load_inner(&self, m: &ServedModel) -> Result<(), String> {
         let name = m.name();
         let device = m.config.device.open().map_err(|e| e.to_string())?;
-        let loaded = models::load_one(&m.config.spec, m.config.context_length, &device)
-            .map_err(|e| e.to_string())?;
+        let loaded = models::load_one(
+            &m.config.spec,
+            m.config.context_length,
+            m.config.kv_cache,
+            &device,
+        )
+        .map_err(|e| e.to_string())?;
         let kind = loaded.weights.kind();
         if let Ok(mut k) = m.kind.lock() {
             *k = Some(kind);

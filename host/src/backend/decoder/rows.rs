@@ -1,13 +1,13 @@
 //! The decoder's forward pass on the CPU over plain f32 rows, for every family the tensor
 //! pass serves: products through `Linear::rows`, everything else through
-//! `wasmlm_kernels::ops`, the KV cache as rows ([`KvCache::new_rows`]). The tensor pass
+//! `wasmlm_kernels::ops`, the KV cache as f16 or f32 rows ([`KvCache::new_rows`]). The tensor pass
 //! stays for other devices (and `WASMLM_FORWARD=tensors`, to compare).
 
 use candle_core::{Device, Tensor};
 use wasmlm_kernels::ops::{self, Heads};
 
 use super::{Activation, Decoder};
-use crate::backend::kv_cache::KvCache;
+use crate::backend::kv_cache::{KvCache, KvRows};
 
 /// Per-layer vectors of the row pass (the products are the decoder's own).
 pub(super) struct RowLayer {
@@ -134,18 +134,16 @@ impl Decoder {
                 ops::rope(qs, qw, self.head_dim, pos, cos, sin, self.interleaved);
                 ops::rope(ks, kw, self.head_dim, pos, cos, sin, self.interleaved);
                 let vs = &v[s * per_seq * kw..][..per_seq * kw];
-                let (kc, vc) = cache.append_rows(i, ks, vs)?;
                 let out = &mut att[s * per_seq * qw..][..per_seq * qw];
-                ops::attention(
-                    qs,
-                    kc,
-                    vc,
-                    heads,
-                    pos,
-                    l.window,
-                    self.attn_scale as f32,
-                    out,
-                )
+                let scale = self.attn_scale as f32;
+                match cache.append_rows(i, ks, vs)? {
+                    KvRows::F16(kc, vc) => {
+                        ops::attention(qs, kc, vc, heads, pos, l.window, scale, out)
+                    }
+                    KvRows::F32(kc, vc) => {
+                        ops::attention(qs, kc, vc, heads, pos, l.window, scale, out)
+                    }
+                }
                 .map_err(err)?;
             }
             let mut o = l.attn_output.rows(&att, n)?;
