@@ -1,5 +1,6 @@
 //! The decoder's other operations over plain f32 rows: norms, rotary embedding, gated
-//! activations and attention over an f16 KV cache laid out `[position][kv_head][head_dim]`.
+//! activations and attention over an f16 or f32 KV cache laid out
+//! `[position][kv_head][head_dim]`.
 //!
 //! A decode step of a small model is ~25 such operations per layer between the products;
 //! through a tensor library each costs an allocation, a layout check and a dispatch (about
@@ -10,18 +11,18 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::{pool, Isa, KernelError, SendPtr};
 
-/// Σ a·b with eight independent partial sums (vectorizes without fast-math).
+/// Σ a·b with eight independent partial sums (vectorizes without fast-math); `b` f32 or f16.
 #[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<T: KvValue>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].widen();
         }
     }
-    let mut s = ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>();
+    let mut s = ra.iter().zip(rb).map(|(x, y)| x * y.widen()).sum::<f32>();
     for v in acc {
         s += v;
     }
@@ -180,23 +181,6 @@ impl KvValue for f16 {
     }
 }
 
-/// Σ a·b of f32 and cached values, with eight partial sums.
-fn dot_kv<T: KvValue>(a: &[f32], b: &[T]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i].widen();
-        }
-    }
-    let mut s = ra.iter().zip(rb).map(|(x, y)| x * y.widen()).sum::<f32>();
-    for v in acc {
-        s += v;
-    }
-    s
-}
-
 /// `out[t] = scale · q·k_t` for the keys `k_t = k[t·stride..][..q.len()]`.
 fn key_scores<T: KvValue>(
     simd: bool,
@@ -208,12 +192,12 @@ fn key_scores<T: KvValue>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: `simd` is only set where `Isa::detect` found AVX2, FMA and F16C.
+        // SAFETY: `simd` is only set where `Isa::best` found AVX2, FMA and F16C.
         return unsafe { crate::x86::key_scores(q, k, stride, scale, out) };
     }
     let _ = simd;
     for (t, o) in out.iter_mut().enumerate() {
-        *o = dot_kv(q, &k[t * stride..][..q.len()]) * scale;
+        *o = dot(q, &k[t * stride..][..q.len()]) * scale;
     }
 }
 
