@@ -219,9 +219,9 @@ fn mix_values<T: KvValue>(simd: bool, p: &[f32], v: &[T], stride: usize, acc: &m
 
 /// Causal attention of `rows` queries (`q`, `rows × n_head·head_dim`) at positions
 /// `pos..pos + rows` over the keys and values of positions `0..pos + rows` (`k`, `v`:
-/// `[position][n_kv_head·head_dim]`, f16 or f32), scores multiplied by
-/// `scale`; a query at `p` sees keys `t ≤ p` with `p - t < window`. Writes `out` (like `q`).
-/// Heads run across the pool, with the kernels of [`Isa::detect`].
+/// `[position][n_kv_head·head_dim]`, f16 or f32), scores multiplied by `scale`; a query at
+/// `p` sees keys `t ≤ p` with `p - t < window`. Writes `out` (like `q`). Heads run across the
+/// pool, with the kernels of [`Isa::detect`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention<T: KvValue>(
     q: &[f32],
