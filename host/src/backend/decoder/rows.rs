@@ -1,7 +1,7 @@
 //! The decoder's forward pass on the CPU over plain f32 rows, for every family the tensor
 //! pass serves: products through `Linear::rows`, everything else through
-//! `wasmlm_kernels::ops`, the KV cache as f16 or f32 rows ([`KvCache::new_rows`]). The tensor pass
-//! stays for other devices (and `WASMLM_FORWARD=tensors`, to compare).
+//! `wasmlm_kernels::ops`, the KV cache as f16 or f32 rows ([`KvCache::new_rows`]). The
+//! tensor pass stays for other devices (and `WASMLM_FORWARD=tensors`, to compare).
 
 use candle_core::{Device, Tensor};
 use wasmlm_kernels::ops::{self, Heads};
