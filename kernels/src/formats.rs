@@ -81,7 +81,10 @@ pub(crate) fn q4k_block_dot(
 }
 
 /// A repacked row's planes: scales, minimums (empty without), values.
-pub(crate) fn planes(format: QFormat, row: &[u8], blocks: usize) -> (&[u8], &[u8], &[u8]) {
+pub(crate) type Planes<'a> = (&'a [u8], &'a [u8], &'a [u8]);
+
+/// The [`Planes`] of a repacked row of `blocks` blocks.
+pub(crate) fn planes(format: QFormat, row: &[u8], blocks: usize) -> Planes<'_> {
     let (_, mins) = planar(format);
     let (scales, rest) = row.split_at(2 * blocks);
     let (m, values) = rest.split_at(if mins { 2 * blocks } else { 0 });
@@ -136,18 +139,12 @@ pub(crate) fn value(format: QFormat, qs: &[u8], i: usize) -> i32 {
 
 fn rows32(format: QFormat, w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) {
     let nb = a.blocks;
-    let (qs_bytes, _) = planar(format);
-    let (scales, mins, values) = planes(format, w, nb);
+    let planes = planes(format, w, nb);
     for (r, o) in out.iter_mut().enumerate() {
         let row = first + r;
         let mut acc = 0f32;
         for b in 0..nb {
-            let m = if mins.is_empty() {
-                0.0
-            } else {
-                f16_at(mins, 2 * b)
-            };
-            let block = unpack32(format, &values[qs_bytes * b..], f16_at(scales, 2 * b), m);
+            let block = planar_block(format, planes, b);
             add_block32_dot(&mut acc, format, &block, a, row * nb + b);
         }
         *o = acc;
@@ -157,10 +154,16 @@ fn rows32(format: QFormat, w: &[u8], a: &Acts32, first: usize, out: &mut [f32]) 
 /// A block of a 32-wide format, unpacked: its integer values, scale and minimum (0 without).
 pub(crate) type Block32 = ([i32; 32], f32, f32);
 
-/// The block of `format` whose values are `qs` (as ggml stores them), with scale `d` and
-/// minimum `m`, unpacked.
-fn unpack32(format: QFormat, qs: &[u8], d: f32, m: f32) -> Block32 {
-    (std::array::from_fn(|i| value(format, qs, i)), d, m)
+/// Block `b` of a 32-wide row in this crate's row layout (its [`planes`]), unpacked.
+fn planar_block(format: QFormat, (scales, mins, values): Planes<'_>, b: usize) -> Block32 {
+    let qs = &values[planar(format).0 * b..];
+    let m = if mins.is_empty() {
+        0.0
+    } else {
+        f16_at(mins, 2 * b)
+    };
+    let q = std::array::from_fn(|i| value(format, qs, i));
+    (q, f16_at(scales, 2 * b), m)
 }
 
 /// `acc +=` an unpacked 32-wide block dotted with activation block `at` of `a`.
@@ -321,16 +324,9 @@ pub fn dequantize(format: QFormat, row: &[u8], out: &mut [f32]) {
     let n = format.block_len();
     let (qs_bytes, _) = planar(format);
     if qs_bytes > 0 {
-        let nb = out.len() / 32;
-        let (scales, mins, values) = planes(format, row, nb);
+        let planes = planes(format, row, out.len() / 32);
         for (b, y) in out.chunks_exact_mut(32).enumerate() {
-            let m = if mins.is_empty() {
-                0.0
-            } else {
-                f16_at(mins, 2 * b)
-            };
-            let block = unpack32(format, &values[qs_bytes * b..], f16_at(scales, 2 * b), m);
-            dequantize32(format, &block, y);
+            dequantize32(format, &planar_block(format, planes, b), y);
         }
         return;
     }
