@@ -402,7 +402,12 @@ impl BackendGraph for CandleGraph {
 pub struct Sequence {
     model: Arc<LoadedModel>,
     cache: KvCache,
+    /// Tells this sequence's steps apart in the model's batcher.
+    id: u64,
 }
+
+/// The next [`Sequence::id`].
+static NEXT_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Sequence {
     /// An empty sequence on `model`.
@@ -411,7 +416,8 @@ impl Sequence {
             Weights::Causal(m) => m.new_cache(model.context_length),
             Weights::Encoder(_) => KvCache::new(0, 0),
         };
-        Self { model, cache }
+        let id = NEXT_SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self { model, cache, id }
     }
 
     /// The hidden states of several whole sequences, `tokens` holding them one after another
@@ -487,7 +493,10 @@ impl Sequence {
         let mut logits = Vec::new();
         for chunk in tokens.chunks(MAX_TOKENS_PER_PASS) {
             let cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
-            let (cache, out) = self.model.batcher.forward(&**weights, chunk, cache);
+            let (cache, out) = self
+                .model
+                .batcher
+                .forward(&**weights, self.id, chunk, cache);
             self.cache = cache;
             logits = out?;
         }
