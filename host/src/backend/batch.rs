@@ -27,7 +27,7 @@ const MAX_BATCH: usize = 16;
 const GATHER_WAIT: Duration = Duration::from_millis(2);
 /// A sequence counts as live (worth waiting for) this many passes after its last decode
 /// step: two, so that two sequences taking turns see each other. A finished sequence costs
-/// at most this many waits.
+/// one wait at most (for the pass after its last).
 const LIVE_PASSES: u64 = 2;
 
 struct Request {
