@@ -94,7 +94,7 @@ pub(crate) fn planes(format: QFormat, row: &[u8], blocks: usize) -> Planes<'_> {
 /// The kernel for a 32-wide format on `isa`.
 pub fn dot32(format: QFormat, isa: Isa) -> Option<DotFn<Acts32>> {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa >= Isa::Avx2 {
         return Some(match format {
             QFormat::Q4_0 => crate::x86::q4_0,
             QFormat::Q4_1 => crate::x86::q4_1,
@@ -114,7 +114,7 @@ pub fn dot32(format: QFormat, isa: Isa) -> Option<DotFn<Acts32>> {
 /// The kernel for a 256-wide format on `isa`.
 pub fn dot256(format: QFormat, isa: Isa) -> Option<DotFn<Acts256>> {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa >= Isa::Avx2 {
         return Some(match format {
             QFormat::Q4K => crate::x86::q4k,
             QFormat::Q6K => crate::x86::q6k,

@@ -9,7 +9,8 @@
 //! threads of [`pool`].
 //!
 //! Kernels exist per weight format ([`QFormat`]) and per instruction set, picked at run time
-//! ([`Isa::detect`]), so one binary runs on any x86-64 and uses AVX2 where the CPU has it.
+//! ([`Isa::detect`]), so one binary runs on any x86-64 and uses AVX2 where the CPU has it (and
+//! AVX-VNNI's one-instruction byte dot product in the tile kernels where it has that too).
 //! Every kernel is tested against candle's reference (dequantize, then multiply).
 
 pub mod act;
@@ -103,25 +104,27 @@ pub enum KernelError {
     Shape(String),
 }
 
-/// The instruction set the kernels use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The instruction set the kernels use; each level includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Portable Rust.
     Scalar,
     /// AVX2 with FMA and F16C (x86-64-v3).
     Avx2,
+    /// AVX2 with AVX-VNNI's `vpdpbusd` (Alder Lake, Sapphire Rapids, Zen 5 on): one
+    /// instruction for the quantized products' `vpmaddubsw` + `vpmaddwd` + add.
+    AvxVnni,
 }
 
 impl Isa {
     /// The best instruction set this CPU runs; `WASMLM_KERNELS=scalar` forces the portable
-    /// kernels (to compare, or to rule the SIMD ones out).
+    /// kernels and `WASMLM_KERNELS=avx2` stops at AVX2 (to compare, or to rule the others out).
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            if std::env::var("WASMLM_KERNELS").is_ok_and(|v| v == "scalar") {
-                return Isa::Scalar;
-            }
-            Isa::best()
+        *ISA.get_or_init(|| match std::env::var("WASMLM_KERNELS").as_deref() {
+            Ok("scalar") => Isa::Scalar,
+            Ok("avx2") => Isa::best().min(Isa::Avx2),
+            _ => Isa::best(),
         })
     }
 
@@ -132,9 +135,20 @@ impl Isa {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
+            if is_x86_feature_detected!("avxvnni") {
+                return Isa::AvxVnni;
+            }
             return Isa::Avx2;
         }
         Isa::Scalar
+    }
+
+    /// Every level this CPU runs, from [`Isa::Scalar`] up to [`Isa::best`].
+    pub fn supported() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::AvxVnni]
+            .into_iter()
+            .filter(|&i| i <= Isa::best())
+            .collect()
     }
 }
 
@@ -270,7 +284,7 @@ impl QMatrix {
                 self.cols
             )));
         }
-        let isa = if isa == Isa::Avx2 { Isa::best() } else { isa };
+        let isa = isa.min(Isa::best());
         if self.tiled {
             if let Some(dot) = tiles::tile_dot32(self.format, isa) {
                 self.run_tiles(dot, &act::quantize_32(x, self.cols), m, out);

@@ -212,8 +212,8 @@ unsafe fn tiles32(
 /// The kernel for tiles of a 32-wide format on `isa`.
 pub fn tile_dot32(format: QFormat, isa: Isa) -> Option<TileFn<Acts32>> {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        return crate::x86::tiles32(format);
+    if isa >= Isa::Avx2 {
+        return crate::x86::tiles32(format, isa);
     }
     let _ = isa;
     match format {
@@ -335,12 +335,8 @@ pub type TileFn<A> =
 /// The kernel for tiles of a 256-wide format on `isa`.
 pub fn tile_dot256(format: QFormat, isa: Isa) -> Option<TileFn<Acts256>> {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        return match format {
-            QFormat::Q4K => Some(crate::x86::q4k_tiles),
-            QFormat::Q6K => Some(crate::x86::q6k_tiles),
-            QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0 => None,
-        };
+    if isa >= Isa::Avx2 {
+        return crate::x86::tiles256(format, isa);
     }
     let _ = isa;
     match format {

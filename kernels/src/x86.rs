@@ -4,6 +4,12 @@
 //! The integer core is llama.cpp's: unsigned 4-bit (or absolute 8-bit) weights times signed
 //! 8-bit activations with `vpmaddubsw`, pairs summed to i32 with `vpmaddwd`, scaled to f32
 //! once per block. No sum can saturate: |w| ≤ 128 and |a| ≤ 127 give pairs ≤ 32,512.
+//!
+//! The tile kernels are written once over [`Dot`], the byte dot product, and compiled twice:
+//! with AVX2's `vpmaddubsw` + `vpmaddwd` ([`Maddubs`]) and with AVX-VNNI's `vpdpbusd`
+//! ([`Vnni`]), which does both and the add in one instruction, into 32-bit sums. A kernel's
+//! body is `#[inline(always)]` without target features of its own; the small entry points
+//! that enable each instruction set compile it with theirs.
 
 use std::arch::x86_64::*;
 
@@ -14,7 +20,7 @@ use crate::tiles::{
     tile_bytes, values32, Q4K_MINS, Q4K_SCALES, Q4K_TILE_BYTES, Q4K_VALUES, Q6K_HIGH, Q6K_LOW,
     Q6K_SCALES, Q6K_TILE_BYTES,
 };
-use crate::QFormat;
+use crate::{Isa, QFormat};
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -49,6 +55,99 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
 fn dot_u8_i8(w: __m256i, a: __m256i) -> __m256 {
     let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
     _mm256_cvtepi32_ps(p)
+}
+
+/// The byte dot product of the tile kernels: unsigned weight bytes times signed activation
+/// bytes, four per 32-bit lane (one weight row per lane).
+trait Dot {
+    /// Running sums as the instruction set keeps them: 16-bit pairs ([`Maddubs`], which the
+    /// caller must keep from saturating) or 32-bit lanes ([`Vnni`]).
+    type Acc: Copy;
+    /// Whether `Acc` holds 32-bit sums, so any number of products can go into one.
+    const WIDE: bool;
+    unsafe fn zero() -> Self::Acc;
+    /// `acc + u1·s1 + u2·s2`.
+    unsafe fn add2(acc: Self::Acc, u1: __m256i, s1: __m256i, u2: __m256i, s2: __m256i)
+        -> Self::Acc;
+    /// `acc` as 32-bit lanes.
+    unsafe fn sum(acc: Self::Acc) -> __m256i;
+    /// `isum + u·s` in 32-bit lanes.
+    unsafe fn add_i32(isum: __m256i, u: __m256i, s: __m256i) -> __m256i;
+    /// `isum + acc · scale`, the scale of each lane given twice as 16-bit values (as the
+    /// K-format tiles store it, ready for `vpmaddwd`).
+    unsafe fn add_scaled(isum: __m256i, acc: Self::Acc, scale16: __m256i) -> __m256i;
+}
+
+/// AVX2: `vpmaddubsw` into 16-bit pairs, `vpmaddwd` to 32 bits.
+struct Maddubs;
+
+impl Dot for Maddubs {
+    type Acc = __m256i;
+    const WIDE: bool = false;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn zero() -> __m256i {
+        _mm256_setzero_si256()
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add2(acc: __m256i, u1: __m256i, s1: __m256i, u2: __m256i, s2: __m256i) -> __m256i {
+        let p = _mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2));
+        _mm256_add_epi16(acc, p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sum(acc: __m256i) -> __m256i {
+        _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add_i32(isum: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+        _mm256_add_epi32(isum, p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add_scaled(isum: __m256i, acc: __m256i, scale16: __m256i) -> __m256i {
+        _mm256_add_epi32(isum, _mm256_madd_epi16(acc, scale16))
+    }
+}
+
+/// AVX-VNNI: `vpdpbusd` straight into 32-bit lanes (no saturation, no 16-bit step).
+struct Vnni;
+
+impl Dot for Vnni {
+    type Acc = __m256i;
+    const WIDE: bool = true;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn zero() -> __m256i {
+        _mm256_setzero_si256()
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn add2(acc: __m256i, u1: __m256i, s1: __m256i, u2: __m256i, s2: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, u1, s1), u2, s2)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn sum(acc: __m256i) -> __m256i {
+        acc
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn add_i32(isum: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(isum, u, s)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn add_scaled(isum: __m256i, acc: __m256i, scale16: __m256i) -> __m256i {
+        // Each lane holds its scale in both 16-bit halves; the high one, sign-extended.
+        _mm256_add_epi32(
+            isum,
+            _mm256_mullo_epi32(acc, _mm256_srai_epi32(scale16, 16)),
+        )
+    }
 }
 
 /// How a 32-wide format's values become 32 bytes.
@@ -366,44 +465,6 @@ unsafe fn tile_rows<A>(
     }
 }
 
-/// Q4_K tiles (llama.cpp's `ggml_gemv_q4_K_8x8_q8_K` idea); see [`crate::tiles::TileFn`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4k_tiles(
-    w: &[u8],
-    a: &Acts256,
-    first: usize,
-    count: usize,
-    out: *mut f32,
-    stride: usize,
-) {
-    let kernels: [RowsFn<Acts256>; 4] = [
-        q4k_tile8::<1>,
-        q4k_tile8::<2>,
-        q4k_tile8::<3>,
-        q4k_tile8::<4>,
-    ];
-    unsafe { tile_rows(kernels, w, a, first, count, out, stride) }
-}
-
-/// Q6_K tiles; see [`crate::tiles::TileFn`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q6k_tiles(
-    w: &[u8],
-    a: &Acts256,
-    first: usize,
-    count: usize,
-    out: *mut f32,
-    stride: usize,
-) {
-    let kernels: [RowsFn<Acts256>; 4] = [
-        q6k_tile8::<1>,
-        q6k_tile8::<2>,
-        q6k_tile8::<3>,
-        q6k_tile8::<4>,
-    ];
-    unsafe { tile_rows(kernels, w, a, first, count, out, stride) }
-}
-
 /// Four activations from `p` in every 32-bit lane.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -418,82 +479,79 @@ unsafe fn broadcast4(p: *const i8) -> __m256i {
 /// Two runs of 8 weights sum in 16 bits (at most 4 · 63 · 127 = 32,004) before their scale.
 // Indices run over the tile's activation rows in several arrays at once.
 #[allow(clippy::needless_range_loop)]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_tile8<const R: usize>(
+#[inline(always)]
+unsafe fn q6k_tile8<D: Dot, const R: usize>(
     w: &[u8],
     a: &Acts256,
     first: usize,
     out: *mut f32,
     stride: usize,
 ) {
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m2 = _mm256_set1_epi8(3);
-    let m2_4 = _mm256_set1_epi8(0x30);
-    let blocks = a.blocks;
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..blocks {
-        let tb = unsafe { w.as_ptr().add(b * Q6K_TILE_BYTES) };
-        let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(tb as *const __m128i) });
-        let acts: [&crate::act::Act256; R] =
-            std::array::from_fn(|r| unsafe { a.data.get_unchecked((first + r) * blocks + b) });
-        let mut isum = [_mm256_setzero_si256(); R];
-        for g in 0..16 {
-            let l0 = unsafe { _mm256_loadu_si256(tb.add(Q6K_LOW + 64 * g) as *const __m256i) };
-            let l1 = unsafe { _mm256_loadu_si256(tb.add(Q6K_LOW + 64 * g + 32) as *const __m256i) };
-            let h = unsafe { _mm256_loadu_si256(tb.add(Q6K_HIGH + 32 * g) as *const __m256i) };
-            // Weights 16g + j, + 4, + 8, + 12 of each row, j = 0..4 per lane.
-            let v = [
-                _mm256_or_si256(
-                    _mm256_and_si256(l0, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(h, m2), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                    _mm256_and_si256(_mm256_slli_epi16(h, 2), m2_4),
-                ),
-                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(h, m2_4)),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                    _mm256_and_si256(_mm256_srli_epi16(h, 2), m2_4),
-                ),
-            ];
-            let sc = _mm256_cvtepi8_epi16(unsafe {
-                _mm_loadu_si128(tb.add(Q6K_SCALES + 16 * g) as *const __m128i)
-            });
-            for r in 0..R {
-                let q8 = unsafe { acts[r].qs.as_ptr().add(16 * g) };
-                let (a0, a1, a2, a3) = unsafe {
-                    (
+    // SAFETY: compiled only into the entry points, which enable the features; the caller's
+    // contract for the memory.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0f);
+        let m2 = _mm256_set1_epi8(3);
+        let m2_4 = _mm256_set1_epi8(0x30);
+        let blocks = a.blocks;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let tb = w.as_ptr().add(b * Q6K_TILE_BYTES);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(tb as *const __m128i));
+            let acts: [&crate::act::Act256; R] =
+                std::array::from_fn(|r| a.data.get_unchecked((first + r) * blocks + b));
+            let mut isum = [_mm256_setzero_si256(); R];
+            for g in 0..16 {
+                let l0 = _mm256_loadu_si256(tb.add(Q6K_LOW + 64 * g) as *const __m256i);
+                let l1 = _mm256_loadu_si256(tb.add(Q6K_LOW + 64 * g + 32) as *const __m256i);
+                let h = _mm256_loadu_si256(tb.add(Q6K_HIGH + 32 * g) as *const __m256i);
+                // Weights 16g + j, + 4, + 8, + 12 of each row, j = 0..4 per lane.
+                let v = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(l0, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(h, m2), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                        _mm256_and_si256(_mm256_slli_epi16(h, 2), m2_4),
+                    ),
+                    _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(h, m2_4)),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(h, 2), m2_4),
+                    ),
+                ];
+                let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                    tb.add(Q6K_SCALES + 16 * g) as *const __m128i
+                ));
+                for r in 0..R {
+                    let q8 = acts[r].qs.as_ptr().add(16 * g);
+                    let (a0, a1, a2, a3) = (
                         broadcast4(q8),
                         broadcast4(q8.add(4)),
                         broadcast4(q8.add(8)),
                         broadcast4(q8.add(12)),
-                    )
-                };
-                let x = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(v[0], a0),
-                    _mm256_maddubs_epi16(v[1], a1),
-                );
-                let y = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(v[2], a2),
-                    _mm256_maddubs_epi16(v[3], a3),
-                );
-                let offset = _mm256_set1_epi16(-16 * acts[r].bsums[g]);
-                let s = _mm256_add_epi32(
-                    _mm256_add_epi32(_mm256_madd_epi16(x, sc), _mm256_madd_epi16(y, sc)),
-                    _mm256_madd_epi16(offset, sc),
-                );
-                isum[r] = _mm256_add_epi32(isum[r], s);
+                    );
+                    let offset = _mm256_set1_epi16(-16 * acts[r].bsums[g]);
+                    let s = _mm256_add_epi32(isum[r], _mm256_madd_epi16(offset, sc));
+                    let x = D::add2(D::zero(), v[0], a0, v[1], a1);
+                    isum[r] = if D::WIDE {
+                        // All 16 products in one sum, scaled once.
+                        D::add_scaled(s, D::add2(x, v[2], a2, v[3], a3), sc)
+                    } else {
+                        let y = D::add2(D::zero(), v[2], a2, v[3], a3);
+                        D::add_scaled(D::add_scaled(s, x, sc), y, sc)
+                    };
+                }
+            }
+            for r in 0..R {
+                let dd = _mm256_mul_ps(d, _mm256_set1_ps(acts[r].d));
+                acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum[r]), acc[r]);
             }
         }
         for r in 0..R {
-            let dd = _mm256_mul_ps(d, _mm256_set1_ps(acts[r].d));
-            acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum[r]), acc[r]);
+            _mm256_storeu_ps(out.add(r * stride), acc[r]);
         }
-    }
-    for r in 0..R {
-        unsafe { _mm256_storeu_ps(out.add(r * stride), acc[r]) };
     }
 }
 
@@ -503,110 +561,172 @@ unsafe fn q6k_tile8<const R: usize>(
 /// 16 bits (at most 8 · 2 · 15 · 127 = 30,480) before their scale is applied.
 // Indices run over the tile's activation rows in several arrays at once.
 #[allow(clippy::needless_range_loop)]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_tile8<const R: usize>(
+#[inline(always)]
+unsafe fn q4k_tile8<D: Dot, const R: usize>(
     w: &[u8],
     a: &Acts256,
     first: usize,
     out: *mut f32,
     stride: usize,
 ) {
-    let m4 = _mm256_set1_epi8(0x0f);
-    let blocks = a.blocks;
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..blocks {
-        let tb = unsafe { w.as_ptr().add(b * Q4K_TILE_BYTES) };
-        let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(tb as *const __m128i) });
-        let dmin = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(tb.add(16) as *const __m128i) });
-        let acts: [&crate::act::Act256; R] =
-            std::array::from_fn(|r| unsafe { a.data.get_unchecked((first + r) * blocks + b) });
-        let mut isum = [_mm256_setzero_si256(); R];
-        for g in 0..8 {
-            let mut sum16 = [_mm256_setzero_si256(); R];
-            for k in 0..4 {
-                let run = 4 * g + k;
-                let v =
-                    unsafe { _mm256_loadu_si256(tb.add(Q4K_VALUES + 32 * run) as *const __m256i) };
-                let lo = _mm256_and_si256(v, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    // SAFETY: compiled only into the entry points, which enable the features; the caller's
+    // contract for the memory.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0f);
+        let blocks = a.blocks;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let tb = w.as_ptr().add(b * Q4K_TILE_BYTES);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(tb as *const __m128i));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(tb.add(16) as *const __m128i));
+            let acts: [&crate::act::Act256; R] =
+                std::array::from_fn(|r| a.data.get_unchecked((first + r) * blocks + b));
+            let mut isum = [_mm256_setzero_si256(); R];
+            for g in 0..8 {
+                let mut part = [D::zero(); R];
+                for k in 0..4 {
+                    let run = 4 * g + k;
+                    let v = _mm256_loadu_si256(tb.add(Q4K_VALUES + 32 * run) as *const __m256i);
+                    let lo = _mm256_and_si256(v, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    for r in 0..R {
+                        let q8 = acts[r].qs.as_ptr();
+                        let (alo, ahi) =
+                            (broadcast4(q8.add(8 * run)), broadcast4(q8.add(8 * run + 4)));
+                        part[r] = D::add2(part[r], lo, alo, hi, ahi);
+                    }
+                }
+                let sc = _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                    tb.add(Q4K_SCALES + 16 * g) as *const __m128i
+                ));
                 for r in 0..R {
-                    let q8 = acts[r].qs.as_ptr();
-                    let (alo, ahi) = unsafe {
-                        (
-                            _mm256_set1_epi32(std::ptr::read_unaligned(
-                                q8.add(8 * run) as *const i32
-                            )),
-                            _mm256_set1_epi32(std::ptr::read_unaligned(
-                                q8.add(8 * run + 4) as *const i32
-                            )),
-                        )
-                    };
-                    let p = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo, alo),
-                        _mm256_maddubs_epi16(hi, ahi),
-                    );
-                    sum16[r] = _mm256_add_epi16(sum16[r], p);
+                    isum[r] = D::add_scaled(isum[r], part[r], sc);
                 }
             }
-            let sc = _mm256_cvtepu8_epi16(unsafe {
-                _mm_loadu_si128(tb.add(Q4K_SCALES + 16 * g) as *const __m128i)
-            });
             for r in 0..R {
-                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[r], sc));
+                // Minimums: per row, Σ over groups of min · (sum of that group's activations),
+                // two groups per 32-bit lane pair.
+                let bs = &acts[r].bsums;
+                let mut msum = _mm256_setzero_si256();
+                for p in 0..4 {
+                    let s0 = bs[4 * p] + bs[4 * p + 1];
+                    let s1 = bs[4 * p + 2] + bs[4 * p + 3];
+                    let pair = (i32::from(s1) << 16) | i32::from(s0 as u16);
+                    let mn = _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                        tb.add(Q4K_MINS + 16 * p) as *const __m128i
+                    ));
+                    msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mn, _mm256_set1_epi32(pair)));
+                }
+                let ad = _mm256_set1_ps(acts[r].d);
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, ad), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+                acc[r] =
+                    _mm256_fnmadd_ps(_mm256_mul_ps(dmin, ad), _mm256_cvtepi32_ps(msum), acc[r]);
             }
         }
         for r in 0..R {
-            // Minimums: per row, Σ over groups of min · (sum of that group's activations),
-            // two groups per 32-bit lane pair.
-            let bs = &acts[r].bsums;
-            let mut msum = _mm256_setzero_si256();
-            for p in 0..4 {
-                let s0 = bs[4 * p] + bs[4 * p + 1];
-                let s1 = bs[4 * p + 2] + bs[4 * p + 3];
-                let pair = (i32::from(s1) << 16) | i32::from(s0 as u16);
-                let mn = _mm256_cvtepu8_epi16(unsafe {
-                    _mm_loadu_si128(tb.add(Q4K_MINS + 16 * p) as *const __m128i)
-                });
-                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mn, _mm256_set1_epi32(pair)));
-            }
-            let ad = _mm256_set1_ps(acts[r].d);
-            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, ad), _mm256_cvtepi32_ps(isum[r]), acc[r]);
-            acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, ad), _mm256_cvtepi32_ps(msum), acc[r]);
+            _mm256_storeu_ps(out.add(r * stride), acc[r]);
         }
-    }
-    for r in 0..R {
-        unsafe { _mm256_storeu_ps(out.add(r * stride), acc[r]) };
     }
 }
 
-/// The tile kernel of a 32-wide format; see [`crate::tiles::TileFn`].
-pub fn tiles32(format: QFormat) -> Option<crate::tiles::TileFn<Acts32>> {
-    Some(match format {
-        QFormat::Q4_0 => tiles32_of::<Q4_0>,
-        QFormat::Q4_1 => tiles32_of::<Q4_1>,
-        QFormat::Q8_0 => tiles32_of::<Q8_0>,
-        QFormat::Q4K | QFormat::Q6K => return None,
+/// The tile kernel of a 32-wide format on `isa` (AVX2 or better); see
+/// [`crate::tiles::TileFn`].
+pub fn tiles32(format: QFormat, isa: Isa) -> Option<crate::tiles::TileFn<Acts32>> {
+    let vnni = isa >= Isa::AvxVnni;
+    Some(match (format, vnni) {
+        (QFormat::Q4_0, false) => tiles32_avx2::<Q4_0>,
+        (QFormat::Q4_1, false) => tiles32_avx2::<Q4_1>,
+        (QFormat::Q8_0, false) => tiles32_avx2::<Q8_0>,
+        (QFormat::Q4_0, true) => tiles32_vnni::<Q4_0>,
+        (QFormat::Q4_1, true) => tiles32_vnni::<Q4_1>,
+        (QFormat::Q8_0, true) => tiles32_vnni::<Q8_0>,
+        (QFormat::Q4K | QFormat::Q6K, _) => return None,
     })
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tiles32_of<B: Values32>(
-    w: &[u8],
-    a: &Acts32,
-    first: usize,
-    count: usize,
-    out: *mut f32,
-    stride: usize,
-) {
-    let kernels: [RowsFn<Acts32>; 4] = [
-        tile32_8::<B, 1>,
-        tile32_8::<B, 2>,
-        tile32_8::<B, 3>,
-        tile32_8::<B, 4>,
-    ];
-    unsafe { tile_rows(kernels, w, a, first, count, out, stride) }
+/// The tile kernel of a 256-wide format on `isa` (AVX2 or better); see
+/// [`crate::tiles::TileFn`]. Q4_K's is llama.cpp's `ggml_gemv_q4_K_8x8_q8_K` idea.
+pub fn tiles256(format: QFormat, isa: Isa) -> Option<crate::tiles::TileFn<Acts256>> {
+    let vnni = isa >= Isa::AvxVnni;
+    Some(match (format, vnni) {
+        (QFormat::Q4K, false) => q4k_tiles_avx2,
+        (QFormat::Q6K, false) => q6k_tiles_avx2,
+        (QFormat::Q4K, true) => q4k_tiles_vnni,
+        (QFormat::Q6K, true) => q6k_tiles_vnni,
+        (QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0, _) => return None,
+    })
 }
+
+/// A tile body compiled with one instruction set's features: `$rows::<R>` for `R` activation
+/// rows, and the [`crate::tiles::TileFn`] entry `$entry` that runs them over any count.
+macro_rules! tile_kernels {
+    ($entry:ident, $rows:ident $(<$b:ident: $bound:ident>)?, $features:literal, $acts:ty,
+     $body:ident, $dot:ty) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $rows<$($b: $bound,)? const R: usize>(
+            w: &[u8],
+            a: &$acts,
+            first: usize,
+            out: *mut f32,
+            stride: usize,
+        ) {
+            unsafe { $body::<$($b,)? $dot, R>(w, a, first, out, stride) }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn $entry$(<$b: $bound>)?(
+            w: &[u8],
+            a: &$acts,
+            first: usize,
+            count: usize,
+            out: *mut f32,
+            stride: usize,
+        ) {
+            let kernels: [RowsFn<$acts>; 4] = [
+                $rows::<$($b,)? 1>,
+                $rows::<$($b,)? 2>,
+                $rows::<$($b,)? 3>,
+                $rows::<$($b,)? 4>,
+            ];
+            unsafe { tile_rows(kernels, w, a, first, count, out, stride) }
+        }
+    };
+}
+
+tile_kernels!(tiles32_avx2, tile32_avx2<B: Values32>, "avx2,fma,f16c", Acts32, tile32_8, Maddubs);
+tile_kernels!(tiles32_vnni, tile32_vnni<B: Values32>, "avx2,fma,f16c,avxvnni", Acts32, tile32_8, Vnni);
+tile_kernels!(
+    q4k_tiles_avx2,
+    q4k_avx2,
+    "avx2,fma,f16c",
+    Acts256,
+    q4k_tile8,
+    Maddubs
+);
+tile_kernels!(
+    q4k_tiles_vnni,
+    q4k_vnni,
+    "avx2,fma,f16c,avxvnni",
+    Acts256,
+    q4k_tile8,
+    Vnni
+);
+tile_kernels!(
+    q6k_tiles_avx2,
+    q6k_avx2,
+    "avx2,fma,f16c",
+    Acts256,
+    q6k_tile8,
+    Maddubs
+);
+tile_kernels!(
+    q6k_tiles_vnni,
+    q6k_vnni,
+    "avx2,fma,f16c,avxvnni",
+    Acts256,
+    q6k_tile8,
+    Vnni
+);
 
 /// One tile of a 32-wide format (eight weight rows, see [`crate::tiles::Q4_1_TILE_BYTES`])
 /// against `R` activation rows, lanes as in [`q4k_tile8`]. 4-bit weights: a block's 32 sum in
@@ -614,82 +734,75 @@ unsafe fn tiles32_of<B: Values32>(
 /// and each run of four widens to 32 bits at once (two would overflow 16).
 // Indices run over the tile's activation rows in several arrays at once.
 #[allow(clippy::needless_range_loop)]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile32_8<B: Values32, const R: usize>(
+#[inline(always)]
+unsafe fn tile32_8<B: Values32, D: Dot, const R: usize>(
     w: &[u8],
     a: &Acts32,
     first: usize,
     out: *mut f32,
     stride: usize,
 ) {
-    let m4 = _mm256_set1_epi8(0x0f);
-    let ones = _mm256_set1_epi16(1);
-    let nb = a.blocks;
-    let cols = nb * 32;
-    let tb_len = tile_bytes(B::FORMAT);
-    let vals = values32(B::FORMAT);
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..nb {
-        let tb = unsafe { w.as_ptr().add(b * tb_len) };
-        let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(tb as *const __m128i) });
-        let q8: [*const i8; R] =
-            std::array::from_fn(|r| unsafe { a.qs.as_ptr().add((first + r) * cols + 32 * b) });
-        let mut isum = [_mm256_setzero_si256(); R];
-        if B::SIGNED {
-            for k in 0..8 {
-                let v = unsafe { _mm256_loadu_si256(tb.add(vals + 32 * k) as *const __m256i) };
-                let vabs = _mm256_sign_epi8(v, v);
-                for r in 0..R {
-                    let av = _mm256_sign_epi8(unsafe { broadcast4(q8[r].add(4 * k)) }, v);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(vabs, av), ones);
-                    isum[r] = _mm256_add_epi32(isum[r], p);
+    // SAFETY: compiled only into the entry points, which enable the features; the caller's
+    // contract for the memory.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0f);
+        let nb = a.blocks;
+        let cols = nb * 32;
+        let tb_len = tile_bytes(B::FORMAT);
+        let vals = values32(B::FORMAT);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let tb = w.as_ptr().add(b * tb_len);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(tb as *const __m128i));
+            let q8: [*const i8; R] =
+                std::array::from_fn(|r| a.qs.as_ptr().add((first + r) * cols + 32 * b));
+            let mut isum = [_mm256_setzero_si256(); R];
+            if B::SIGNED {
+                for k in 0..8 {
+                    let v = _mm256_loadu_si256(tb.add(vals + 32 * k) as *const __m256i);
+                    let vabs = _mm256_sign_epi8(v, v);
+                    for r in 0..R {
+                        let av = _mm256_sign_epi8(broadcast4(q8[r].add(4 * k)), v);
+                        isum[r] = D::add_i32(isum[r], vabs, av);
+                    }
                 }
-            }
-        } else {
-            let mut sum16 = [_mm256_setzero_si256(); R];
-            for k in 0..4 {
-                let v = unsafe { _mm256_loadu_si256(tb.add(vals + 32 * k) as *const __m256i) };
-                let lo = _mm256_and_si256(v, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                for r in 0..R {
-                    let (alo, ahi) = unsafe {
-                        (
+            } else {
+                let mut part = [D::zero(); R];
+                for k in 0..4 {
+                    let v = _mm256_loadu_si256(tb.add(vals + 32 * k) as *const __m256i);
+                    let lo = _mm256_and_si256(v, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    for r in 0..R {
+                        let (alo, ahi) = (
                             broadcast4(q8[r].add(8 * k)),
                             broadcast4(q8[r].add(8 * k + 4)),
-                        )
-                    };
-                    let p = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo, alo),
-                        _mm256_maddubs_epi16(hi, ahi),
-                    );
-                    sum16[r] = _mm256_add_epi16(sum16[r], p);
+                        );
+                        part[r] = D::add2(part[r], lo, alo, hi, ahi);
+                    }
+                }
+                for r in 0..R {
+                    isum[r] = D::sum(part[r]);
                 }
             }
+            // Minimums (Q4_1) or the offset of 8 (Q4_0) ride on each activation block's sum.
+            let off = match B::FORMAT {
+                QFormat::Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(tb.add(16) as *const __m128i)),
+                QFormat::Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+                _ => _mm256_setzero_ps(),
+            };
             for r in 0..R {
-                isum[r] = _mm256_madd_epi16(sum16[r], ones);
+                let at = (first + r) * nb + b;
+                let ad = _mm256_set1_ps(*a.d.get_unchecked(at));
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, ad), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+                if B::FORMAT != QFormat::Q8_0 {
+                    let s = _mm256_set1_ps(*a.s.get_unchecked(at));
+                    acc[r] = _mm256_fmadd_ps(off, s, acc[r]);
+                }
             }
         }
-        // Minimums (Q4_1) or the offset of 8 (Q4_0) ride on each activation block's sum.
-        let off = match B::FORMAT {
-            QFormat::Q4_1 => {
-                _mm256_cvtph_ps(unsafe { _mm_loadu_si128(tb.add(16) as *const __m128i) })
-            }
-            QFormat::Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
-            _ => _mm256_setzero_ps(),
-        };
         for r in 0..R {
-            let at = (first + r) * nb + b;
-            let ad = _mm256_set1_ps(unsafe { *a.d.get_unchecked(at) });
-            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, ad), _mm256_cvtepi32_ps(isum[r]), acc[r]);
-            if B::FORMAT != QFormat::Q8_0 {
-                let s = _mm256_set1_ps(unsafe { *a.s.get_unchecked(at) });
-                acc[r] = _mm256_fmadd_ps(off, s, acc[r]);
-            }
+            _mm256_storeu_ps(out.add(r * stride), acc[r]);
         }
-    }
-    for r in 0..R {
-        unsafe { _mm256_storeu_ps(out.add(r * stride), acc[r]) };
     }
 }
 

@@ -72,11 +72,7 @@ fn used_activations(format: QFormat, x: &[f32]) -> Vec<f32> {
 }
 
 fn isas() -> Vec<Isa> {
-    let mut v = vec![Isa::Scalar];
-    if Isa::best() != Isa::Scalar {
-        v.push(Isa::best());
-    }
-    v
+    Isa::supported()
 }
 
 fn check(
