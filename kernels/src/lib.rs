@@ -104,15 +104,20 @@ pub enum KernelError {
     Shape(String),
 }
 
-/// The instruction set the kernels use; each level includes the ones before it.
+/// The instruction set the kernels use, in order of preference. Every level past `Scalar`
+/// includes AVX2; the two VNNI levels add the same 256-bit `vpdpbusd` (one instruction for
+/// the quantized products' `vpmaddubsw` + `vpmaddwd` + add) in its two encodings, which
+/// different CPUs have: neither includes the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Portable Rust.
     Scalar,
     /// AVX2 with FMA and F16C (x86-64-v3).
     Avx2,
-    /// AVX2 with AVX-VNNI's `vpdpbusd` (Alder Lake, Sapphire Rapids, Zen 5 on): one
-    /// instruction for the quantized products' `vpmaddubsw` + `vpmaddwd` + add.
+    /// AVX2 with AVX-512 VNNI and VL, for `vpdpbusd` on 256 bits (Ice Lake, Zen 4 on).
+    Avx512Vnni,
+    /// AVX2 with AVX-VNNI, the same instruction VEX-encoded (Alder Lake, Sapphire Rapids,
+    /// Zen 5 on).
     AvxVnni,
 }
 
@@ -123,32 +128,46 @@ impl Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| match std::env::var("WASMLM_KERNELS").as_deref() {
             Ok("scalar") => Isa::Scalar,
-            Ok("avx2") => Isa::best().min(Isa::Avx2),
+            Ok("avx2") if Isa::Avx2.runs_here() => Isa::Avx2,
+            Ok("avx2") => Isa::Scalar,
             _ => Isa::best(),
         })
     }
 
     /// The best instruction set of this CPU, whatever the environment says.
     pub fn best() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            if is_x86_feature_detected!("avxvnni") {
-                return Isa::AvxVnni;
-            }
-            return Isa::Avx2;
-        }
-        Isa::Scalar
+        Isa::supported().pop().unwrap_or(Isa::Scalar)
     }
 
-    /// Every level this CPU runs, from [`Isa::Scalar`] up to [`Isa::best`].
+    /// Every instruction set this CPU runs, in order of preference.
     pub fn supported() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::AvxVnni]
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::AvxVnni]
             .into_iter()
-            .filter(|&i| i <= Isa::best())
+            .filter(|i| i.runs_here())
             .collect()
+    }
+
+    /// Whether this CPU runs `self`.
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            match self {
+                Isa::Scalar => true,
+                Isa::Avx2 => avx2,
+                Isa::Avx512Vnni => {
+                    avx2 && is_x86_feature_detected!("avx512vnni")
+                        && is_x86_feature_detected!("avx512vl")
+                }
+                Isa::AvxVnni => avx2 && is_x86_feature_detected!("avxvnni"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Scalar
+        }
     }
 }
 
@@ -264,8 +283,8 @@ impl QMatrix {
         self.matmul_with(Isa::detect(), x, m, out)
     }
 
-    /// [`QMatrix::matmul`] with the kernels of `isa` (which must be supported by this CPU:
-    /// a better one than [`Isa::best`] falls back to it).
+    /// [`QMatrix::matmul`] with the kernels of `isa` (one this CPU does not run falls back
+    /// to [`Isa::best`]).
     pub fn matmul_with(
         &self,
         isa: Isa,
@@ -284,7 +303,7 @@ impl QMatrix {
                 self.cols
             )));
         }
-        let isa = isa.min(Isa::best());
+        let isa = if isa.runs_here() { isa } else { Isa::best() };
         if self.tiled {
             if let Some(dot) = tiles::tile_dot32(self.format, isa) {
                 self.run_tiles(dot, &act::quantize_32(x, self.cols), m, out);

@@ -268,7 +268,7 @@ pub fn attention_with<T: KvValue>(
         )));
     }
     let group = h.n_head / h.n_kv_head;
-    let simd = isa.min(Isa::best()) >= Isa::Avx2 && h.head_dim.is_multiple_of(8);
+    let simd = isa >= Isa::Avx2 && isa.runs_here() && h.head_dim.is_multiple_of(8);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let head_task = |head: usize| {
         let out_ptr = &out_ptr;

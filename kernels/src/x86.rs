@@ -5,9 +5,10 @@
 //! 8-bit activations with `vpmaddubsw`, pairs summed to i32 with `vpmaddwd`, scaled to f32
 //! once per block. No sum can saturate: |w| ≤ 128 and |a| ≤ 127 give pairs ≤ 32,512.
 //!
-//! The tile kernels are written once over [`Dot`], the byte dot product, and compiled twice:
-//! with AVX2's `vpmaddubsw` + `vpmaddwd` ([`Maddubs`]) and with AVX-VNNI's `vpdpbusd`
-//! ([`Vnni`]), which does both and the add in one instruction, into 32-bit sums. A kernel's
+//! The tile kernels are written once over [`Dot`], the byte dot product, and compiled three
+//! times: with AVX2's `vpmaddubsw` + `vpmaddwd` ([`Maddubs`]) and with `vpdpbusd`, which does
+//! both and the add in one instruction into 32-bit sums, in AVX-VNNI's encoding ([`Vnni`])
+//! and in AVX-512 VNNI's ([`Vnni512`]). A kernel's
 //! body is `#[inline(always)]` without target features of its own; the small entry points
 //! that enable each instruction set compile it with theirs.
 
@@ -115,6 +116,42 @@ impl Dot for Maddubs {
 
 /// AVX-VNNI: `vpdpbusd` straight into 32-bit lanes (no saturation, no 16-bit step).
 struct Vnni;
+
+/// The same with AVX-512 VNNI's encoding of `vpdpbusd` on 256 bits.
+struct Vnni512;
+
+impl Dot for Vnni512 {
+    type Acc = __m256i;
+    const WIDE: bool = true;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn zero() -> __m256i {
+        _mm256_setzero_si256()
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn add2(acc: __m256i, u1: __m256i, s1: __m256i, u2: __m256i, s2: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, u1, s1), u2, s2)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn sum(acc: __m256i) -> __m256i {
+        acc
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn add_i32(isum: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(isum, u, s)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn add_scaled(isum: __m256i, acc: __m256i, scale16: __m256i) -> __m256i {
+        _mm256_add_epi32(
+            isum,
+            _mm256_mullo_epi32(acc, _mm256_srai_epi32(scale16, 16)),
+        )
+    }
+}
 
 impl Dot for Vnni {
     type Acc = __m256i;
@@ -632,28 +669,31 @@ unsafe fn q4k_tile8<D: Dot, const R: usize>(
 /// The tile kernel of a 32-wide format on `isa` (AVX2 or better); see
 /// [`crate::tiles::TileFn`].
 pub fn tiles32(format: QFormat, isa: Isa) -> Option<crate::tiles::TileFn<Acts32>> {
-    let vnni = isa >= Isa::AvxVnni;
-    Some(match (format, vnni) {
-        (QFormat::Q4_0, false) => tiles32_avx2::<Q4_0>,
-        (QFormat::Q4_1, false) => tiles32_avx2::<Q4_1>,
-        (QFormat::Q8_0, false) => tiles32_avx2::<Q8_0>,
-        (QFormat::Q4_0, true) => tiles32_vnni::<Q4_0>,
-        (QFormat::Q4_1, true) => tiles32_vnni::<Q4_1>,
-        (QFormat::Q8_0, true) => tiles32_vnni::<Q8_0>,
+    Some(match (format, isa) {
         (QFormat::Q4K | QFormat::Q6K, _) => return None,
+        (QFormat::Q4_0, Isa::AvxVnni) => tiles32_vnni::<Q4_0>,
+        (QFormat::Q4_1, Isa::AvxVnni) => tiles32_vnni::<Q4_1>,
+        (QFormat::Q8_0, Isa::AvxVnni) => tiles32_vnni::<Q8_0>,
+        (QFormat::Q4_0, Isa::Avx512Vnni) => tiles32_vnni512::<Q4_0>,
+        (QFormat::Q4_1, Isa::Avx512Vnni) => tiles32_vnni512::<Q4_1>,
+        (QFormat::Q8_0, Isa::Avx512Vnni) => tiles32_vnni512::<Q8_0>,
+        (QFormat::Q4_0, _) => tiles32_avx2::<Q4_0>,
+        (QFormat::Q4_1, _) => tiles32_avx2::<Q4_1>,
+        (QFormat::Q8_0, _) => tiles32_avx2::<Q8_0>,
     })
 }
 
 /// The tile kernel of a 256-wide format on `isa` (AVX2 or better); see
 /// [`crate::tiles::TileFn`]. Q4_K's is llama.cpp's `ggml_gemv_q4_K_8x8_q8_K` idea.
 pub fn tiles256(format: QFormat, isa: Isa) -> Option<crate::tiles::TileFn<Acts256>> {
-    let vnni = isa >= Isa::AvxVnni;
-    Some(match (format, vnni) {
-        (QFormat::Q4K, false) => q4k_tiles_avx2,
-        (QFormat::Q6K, false) => q6k_tiles_avx2,
-        (QFormat::Q4K, true) => q4k_tiles_vnni,
-        (QFormat::Q6K, true) => q6k_tiles_vnni,
+    Some(match (format, isa) {
         (QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0, _) => return None,
+        (QFormat::Q4K, Isa::AvxVnni) => q4k_tiles_vnni,
+        (QFormat::Q6K, Isa::AvxVnni) => q6k_tiles_vnni,
+        (QFormat::Q4K, Isa::Avx512Vnni) => q4k_tiles_vnni512,
+        (QFormat::Q6K, Isa::Avx512Vnni) => q6k_tiles_vnni512,
+        (QFormat::Q4K, _) => q4k_tiles_avx2,
+        (QFormat::Q6K, _) => q6k_tiles_avx2,
     })
 }
 
@@ -726,6 +766,30 @@ tile_kernels!(
     Acts256,
     q6k_tile8,
     Vnni
+);
+tile_kernels!(
+    tiles32_vnni512,
+    tile32_vnni512<B: Values32>,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    Acts32,
+    tile32_8,
+    Vnni512
+);
+tile_kernels!(
+    q4k_tiles_vnni512,
+    q4k_vnni512,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    Acts256,
+    q4k_tile8,
+    Vnni512
+);
+tile_kernels!(
+    q6k_tiles_vnni512,
+    q6k_vnni512,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    Acts256,
+    q6k_tile8,
+    Vnni512
 );
 
 /// One tile of a 32-wide format (eight weight rows, see [`crate::tiles::Q4_1_TILE_BYTES`])
