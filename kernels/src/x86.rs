@@ -114,78 +114,64 @@ impl Dot for Maddubs {
     }
 }
 
-/// AVX-VNNI: `vpdpbusd` straight into 32-bit lanes (no saturation, no 16-bit step).
-struct Vnni;
+/// The [`Dot`] of one encoding of `vpdpbusd`: straight into 32-bit lanes (no saturation,
+/// no 16-bit step), with the target features it needs.
+macro_rules! vnni_dot {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $dpbusd:ident) => {
+        $(#[$doc])*
+        struct $name;
 
-/// The same with AVX-512 VNNI's encoding of `vpdpbusd` on 256 bits.
-struct Vnni512;
-
-impl Dot for Vnni512 {
-    type Acc = __m256i;
-    const WIDE: bool = true;
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn zero() -> __m256i {
-        _mm256_setzero_si256()
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn add2(acc: __m256i, u1: __m256i, s1: __m256i, u2: __m256i, s2: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, u1, s1), u2, s2)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn sum(acc: __m256i) -> __m256i {
-        acc
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn add_i32(isum: __m256i, u: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(isum, u, s)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn add_scaled(isum: __m256i, acc: __m256i, scale16: __m256i) -> __m256i {
-        _mm256_add_epi32(
-            isum,
-            _mm256_mullo_epi32(acc, _mm256_srai_epi32(scale16, 16)),
-        )
-    }
+        impl Dot for $name {
+            type Acc = __m256i;
+            const WIDE: bool = true;
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn zero() -> __m256i {
+                _mm256_setzero_si256()
+            }
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn add2(
+                acc: __m256i,
+                u1: __m256i,
+                s1: __m256i,
+                u2: __m256i,
+                s2: __m256i,
+            ) -> __m256i {
+                $dpbusd($dpbusd(acc, u1, s1), u2, s2)
+            }
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn sum(acc: __m256i) -> __m256i {
+                acc
+            }
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn add_i32(isum: __m256i, u: __m256i, s: __m256i) -> __m256i {
+                $dpbusd(isum, u, s)
+            }
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn add_scaled(isum: __m256i, acc: __m256i, scale16: __m256i) -> __m256i {
+                // Each lane holds its scale in both 16-bit halves; the high one, sign-extended.
+                _mm256_add_epi32(isum, _mm256_mullo_epi32(acc, _mm256_srai_epi32(scale16, 16)))
+            }
+        }
+    };
 }
 
-impl Dot for Vnni {
-    type Acc = __m256i;
-    const WIDE: bool = true;
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    unsafe fn zero() -> __m256i {
-        _mm256_setzero_si256()
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    unsafe fn add2(acc: __m256i, u1: __m256i, s1: __m256i, u2: __m256i, s2: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, u1, s1), u2, s2)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    unsafe fn sum(acc: __m256i) -> __m256i {
-        acc
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    unsafe fn add_i32(isum: __m256i, u: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(isum, u, s)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    unsafe fn add_scaled(isum: __m256i, acc: __m256i, scale16: __m256i) -> __m256i {
-        // Each lane holds its scale in both 16-bit halves; the high one, sign-extended.
-        _mm256_add_epi32(
-            isum,
-            _mm256_mullo_epi32(acc, _mm256_srai_epi32(scale16, 16)),
-        )
-    }
-}
+vnni_dot!(
+    /// AVX-VNNI's `vpdpbusd` (VEX).
+    Vnni,
+    "avx2,fma,f16c,avxvnni",
+    _mm256_dpbusd_avx_epi32
+);
+vnni_dot!(
+    /// AVX-512 VNNI's `vpdpbusd` on 256 bits (EVEX).
+    Vnni512,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    _mm256_dpbusd_epi32
+);
 
 /// How a 32-wide format's values become 32 bytes.
 trait Values32 {
