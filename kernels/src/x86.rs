@@ -1,5 +1,6 @@
-//! AVX2 kernels (x86-64-v3: AVX2, FMA, F16C). Each is compiled for those features whatever the
-//! build's baseline and is only called after [`crate::Isa::best`] found them.
+//! AVX2 kernels (x86-64-v3: AVX2, FMA, F16C), and VNNI versions of the tile kernels. Each is
+//! compiled for its features whatever the build's baseline and is only called for an
+//! [`crate::Isa`] that [`crate::Isa::runs_here`].
 //!
 //! The integer core is llama.cpp's: unsigned 4-bit (or absolute 8-bit) weights times signed
 //! 8-bit activations with `vpmaddubsw`, pairs summed to i32 with `vpmaddwd`, scaled to f32
@@ -8,9 +9,9 @@
 //! The tile kernels are written once over [`Dot`], the byte dot product, and compiled three
 //! times: with AVX2's `vpmaddubsw` + `vpmaddwd` ([`Maddubs`]) and with `vpdpbusd`, which does
 //! both and the add in one instruction into 32-bit sums, in AVX-VNNI's encoding ([`Vnni`])
-//! and in AVX-512 VNNI's ([`Vnni512`]). A kernel's
-//! body is `#[inline(always)]` without target features of its own; the small entry points
-//! that enable each instruction set compile it with theirs.
+//! and in AVX-512 VNNI's ([`Vnni512`]). A kernel's body is `#[inline(always)]` without target
+//! features of its own; the small entry points that enable each instruction set compile it
+//! with theirs (checked in the disassembly: no calls left inside them).
 
 use std::arch::x86_64::*;
 
