@@ -4,7 +4,7 @@
 //! them. Waking sleeping threads for each (rayon: a futex wake and a steal per product)
 //! cost more than a third of the step on this 2-core machine. So, as llama.cpp does, the
 //! workers spin between products (yielding the core to anyone who needs it) and only park
-//! after [`SPIN`] without work. The calling thread always takes its share of the tasks.
+//! after `SPIN` without work. The calling thread always takes its share of the tasks.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
