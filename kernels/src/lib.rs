@@ -10,7 +10,8 @@
 //!
 //! Kernels exist per weight format ([`QFormat`]) and per instruction set, picked at run time
 //! ([`Isa::detect`]), so one binary runs on any x86-64 and uses AVX2 where the CPU has it (and
-//! AVX-VNNI's one-instruction byte dot product in the tile kernels where it has that too).
+//! VNNI's one-instruction byte dot product, AVX-VNNI or AVX-512 VNNI, in the tile kernels
+//! where it has that too).
 //! Every kernel is tested against candle's reference (dequantize, then multiply).
 
 pub mod act;

@@ -656,32 +656,21 @@ unsafe fn q4k_tile8<D: Dot, const R: usize>(
 /// The tile kernel of a 32-wide format on `isa` (AVX2 or better); see
 /// [`crate::tiles::TileFn`].
 pub fn tiles32(format: QFormat, isa: Isa) -> Option<crate::tiles::TileFn<Acts32>> {
-    Some(match (format, isa) {
-        (QFormat::Q4K | QFormat::Q6K, _) => return None,
-        (QFormat::Q4_0, Isa::AvxVnni) => tiles32_vnni::<Q4_0>,
-        (QFormat::Q4_1, Isa::AvxVnni) => tiles32_vnni::<Q4_1>,
-        (QFormat::Q8_0, Isa::AvxVnni) => tiles32_vnni::<Q8_0>,
-        (QFormat::Q4_0, Isa::Avx512Vnni) => tiles32_vnni512::<Q4_0>,
-        (QFormat::Q4_1, Isa::Avx512Vnni) => tiles32_vnni512::<Q4_1>,
-        (QFormat::Q8_0, Isa::Avx512Vnni) => tiles32_vnni512::<Q8_0>,
-        (QFormat::Q4_0, _) => tiles32_avx2::<Q4_0>,
-        (QFormat::Q4_1, _) => tiles32_avx2::<Q4_1>,
-        (QFormat::Q8_0, _) => tiles32_avx2::<Q8_0>,
-    })
+    match isa {
+        Isa::AvxVnni => vnni::tiles32(format),
+        Isa::Avx512Vnni => vnni512::tiles32(format),
+        Isa::Scalar | Isa::Avx2 => avx2::tiles32(format),
+    }
 }
 
 /// The tile kernel of a 256-wide format on `isa` (AVX2 or better); see
 /// [`crate::tiles::TileFn`]. Q4_K's is llama.cpp's `ggml_gemv_q4_K_8x8_q8_K` idea.
 pub fn tiles256(format: QFormat, isa: Isa) -> Option<crate::tiles::TileFn<Acts256>> {
-    Some(match (format, isa) {
-        (QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0, _) => return None,
-        (QFormat::Q4K, Isa::AvxVnni) => q4k_tiles_vnni,
-        (QFormat::Q6K, Isa::AvxVnni) => q6k_tiles_vnni,
-        (QFormat::Q4K, Isa::Avx512Vnni) => q4k_tiles_vnni512,
-        (QFormat::Q6K, Isa::Avx512Vnni) => q6k_tiles_vnni512,
-        (QFormat::Q4K, _) => q4k_tiles_avx2,
-        (QFormat::Q6K, _) => q6k_tiles_avx2,
-    })
+    match isa {
+        Isa::AvxVnni => vnni::tiles256(format),
+        Isa::Avx512Vnni => vnni512::tiles256(format),
+        Isa::Scalar | Isa::Avx2 => avx2::tiles256(format),
+    }
 }
 
 /// A tile body compiled with one instruction set's features: `$rows::<R>` for `R` activation
@@ -720,62 +709,54 @@ macro_rules! tile_kernels {
     };
 }
 
-tile_kernels!(tiles32_avx2, tile32_avx2<B: Values32>, "avx2,fma,f16c", Acts32, tile32_8, Maddubs);
-tile_kernels!(tiles32_vnni, tile32_vnni<B: Values32>, "avx2,fma,f16c,avxvnni", Acts32, tile32_8, Vnni);
-tile_kernels!(
-    q4k_tiles_avx2,
-    q4k_avx2,
+/// Every tile kernel compiled with one instruction set's `$features` and [`Dot`], in module
+/// `$m` with its own `tiles32` / `tiles256` lookup by format.
+macro_rules! isa_tiles {
+    ($(#[$doc:meta])* $m:ident, $features:literal, $dot:ty) => {
+        $(#[$doc])*
+        mod $m {
+            use super::*;
+
+            tile_kernels!(tiles32_of, tile32_rows<B: Values32>, $features, Acts32, tile32_8, $dot);
+            tile_kernels!(q4k_tiles, q4k_rows, $features, Acts256, q4k_tile8, $dot);
+            tile_kernels!(q6k_tiles, q6k_rows, $features, Acts256, q6k_tile8, $dot);
+
+            pub(super) fn tiles32(format: QFormat) -> Option<crate::tiles::TileFn<Acts32>> {
+                Some(match format {
+                    QFormat::Q4_0 => tiles32_of::<Q4_0>,
+                    QFormat::Q4_1 => tiles32_of::<Q4_1>,
+                    QFormat::Q8_0 => tiles32_of::<Q8_0>,
+                    QFormat::Q4K | QFormat::Q6K => return None,
+                })
+            }
+
+            pub(super) fn tiles256(format: QFormat) -> Option<crate::tiles::TileFn<Acts256>> {
+                Some(match format {
+                    QFormat::Q4K => q4k_tiles,
+                    QFormat::Q6K => q6k_tiles,
+                    QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0 => return None,
+                })
+            }
+        }
+    };
+}
+
+isa_tiles!(
+    /// The tile kernels on AVX2.
+    avx2,
     "avx2,fma,f16c",
-    Acts256,
-    q4k_tile8,
     Maddubs
 );
-tile_kernels!(
-    q4k_tiles_vnni,
-    q4k_vnni,
+isa_tiles!(
+    /// The tile kernels with AVX-VNNI.
+    vnni,
     "avx2,fma,f16c,avxvnni",
-    Acts256,
-    q4k_tile8,
     Vnni
 );
-tile_kernels!(
-    q6k_tiles_avx2,
-    q6k_avx2,
-    "avx2,fma,f16c",
-    Acts256,
-    q6k_tile8,
-    Maddubs
-);
-tile_kernels!(
-    q6k_tiles_vnni,
-    q6k_vnni,
-    "avx2,fma,f16c,avxvnni",
-    Acts256,
-    q6k_tile8,
-    Vnni
-);
-tile_kernels!(
-    tiles32_vnni512,
-    tile32_vnni512<B: Values32>,
+isa_tiles!(
+    /// The tile kernels with AVX-512 VNNI (256 bits).
+    vnni512,
     "avx2,fma,f16c,avx512vnni,avx512vl",
-    Acts32,
-    tile32_8,
-    Vnni512
-);
-tile_kernels!(
-    q4k_tiles_vnni512,
-    q4k_vnni512,
-    "avx2,fma,f16c,avx512vnni,avx512vl",
-    Acts256,
-    q4k_tile8,
-    Vnni512
-);
-tile_kernels!(
-    q6k_tiles_vnni512,
-    q6k_vnni512,
-    "avx2,fma,f16c,avx512vnni,avx512vl",
-    Acts256,
-    q6k_tile8,
     Vnni512
 );
 
