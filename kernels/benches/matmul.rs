@@ -6,9 +6,9 @@
 //!     cargo bench -p wasmlm-kernels [-- FILTER]
 //!
 //! Prints `format shape m=.. ours_us=.. candle_us=.. speedup=.. ours_gb_s=..` per case
-//! (median of repeated runs; GB/s counts weight bytes read once per product), and on a CPU
-//! with an instruction set past AVX2 also `avx2_us=.. over_avx2=..`: our own kernels held to
-//! AVX2, in the same run.
+//! (median of repeated runs; GB/s counts weight bytes read once per product), and for every
+//! other instruction set past scalar that the CPU runs, `<level>_us=.. over_<level>=..`: our
+//! own kernels held to that level, in the same run.
 
 use std::time::Instant;
 
@@ -66,20 +66,20 @@ fn main() {
             let budget = 1.0;
             let ours_us = median_us(|| ours.matmul(&x, m, &mut out).expect("matmul"), budget);
             let candle_us = median_us(|| drop(theirs.forward(&xt).expect("forward")), budget);
-            let past_avx2 = if Isa::detect() > Isa::Avx2 {
-                let avx2_us = median_us(
-                    || {
-                        ours.matmul_with(Isa::Avx2, &x, m, &mut out)
-                            .expect("matmul")
-                    },
+            let mut levels = String::new();
+            for isa in Isa::supported() {
+                if isa == Isa::Scalar || isa == Isa::detect() {
+                    continue;
+                }
+                let us = median_us(
+                    || ours.matmul_with(isa, &x, m, &mut out).expect("matmul"),
                     budget,
                 );
-                format!(" avx2_us={avx2_us:.1} over_avx2={:.2}", avx2_us / ours_us)
-            } else {
-                String::new()
-            };
+                let name = isa.name();
+                levels += &format!(" {name}_us={us:.1} over_{name}={:.2}", us / ours_us);
+            }
             println!(
-                "{name} m={m} ours_us={ours_us:.1} candle_us={candle_us:.1} speedup={:.2} ours_gb_s={:.2}{past_avx2}",
+                "{name} m={m} ours_us={ours_us:.1} candle_us={candle_us:.1} speedup={:.2} ours_gb_s={:.2}{levels}",
                 candle_us / ours_us,
                 ours.size_bytes() as f64 / ours_us / 1e3
             );

@@ -108,7 +108,8 @@ pub enum KernelError {
 /// The instruction set the kernels use, in order of preference. Every level past `Scalar`
 /// includes AVX2; the two VNNI levels add the same 256-bit `vpdpbusd` (one instruction for
 /// the quantized products' `vpmaddubsw` + `vpmaddwd` + add) in its two encodings, which
-/// different CPUs have: neither includes the other.
+/// different CPUs have: neither includes the other. `Avx512` widens the tile kernels to
+/// 512 bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Portable Rust.
@@ -120,19 +121,49 @@ pub enum Isa {
     /// AVX2 with AVX-VNNI, the same instruction VEX-encoded (Alder Lake, Sapphire Rapids,
     /// Zen 5 on).
     AvxVnni,
+    /// AVX-512 F, BW, VL and VNNI on 512 bits: the tile kernels take two tiles (sixteen
+    /// weight rows) per instruction; the rest is `Avx512Vnni`'s (Ice Lake, Zen 4 on).
+    Avx512,
 }
 
 impl Isa {
-    /// The best instruction set this CPU runs; `WASMLM_KERNELS=scalar` forces the portable
-    /// kernels and `WASMLM_KERNELS=avx2` stops at AVX2 (to compare, or to rule the others out).
+    /// Every level, in order of preference.
+    pub const ALL: [Isa; 5] = [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::Avx512Vnni,
+        Isa::AvxVnni,
+        Isa::Avx512,
+    ];
+
+    /// The best instruction set this CPU runs. `WASMLM_KERNELS` set to a level's
+    /// [`Isa::name`] holds the kernels at or below it (to compare, or to rule the others
+    /// out): at the best level this CPU runs that is not preferred to it.
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| match std::env::var("WASMLM_KERNELS").as_deref() {
-            Ok("scalar") => Isa::Scalar,
-            Ok("avx2") if Isa::Avx2.runs_here() => Isa::Avx2,
-            Ok("avx2") => Isa::Scalar,
-            _ => Isa::best(),
+        *ISA.get_or_init(|| {
+            let cap = std::env::var("WASMLM_KERNELS")
+                .ok()
+                .and_then(|name| Isa::ALL.into_iter().find(|i| i.name() == name));
+            match cap {
+                Some(cap) => Isa::supported()
+                    .into_iter()
+                    .rfind(|i| *i <= cap)
+                    .unwrap_or(Isa::Scalar),
+                None => Isa::best(),
+            }
         })
+    }
+
+    /// The level's name, as `WASMLM_KERNELS` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
+            Isa::AvxVnni => "avxvnni",
+            Isa::Avx512 => "avx512",
+        }
     }
 
     /// The best instruction set of this CPU, whatever the environment says.
@@ -142,10 +173,7 @@ impl Isa {
 
     /// Every instruction set this CPU runs, in order of preference.
     pub fn supported() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::AvxVnni]
-            .into_iter()
-            .filter(|i| i.runs_here())
-            .collect()
+        Isa::ALL.into_iter().filter(|i| i.runs_here()).collect()
     }
 
     /// Whether this CPU runs `self`.
@@ -163,6 +191,11 @@ impl Isa {
                         && is_x86_feature_detected!("avx512vl")
                 }
                 Isa::AvxVnni => avx2 && is_x86_feature_detected!("avxvnni"),
+                Isa::Avx512 => {
+                    Isa::Avx512Vnni.runs_here()
+                        && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -345,24 +378,36 @@ impl QMatrix {
                 }
             }
         };
-        split(n, rb, &work);
+        split(n, rb, 1, &work);
     }
 
-    /// [`QMatrix::run`] for the tiled layout: tasks own whole tiles, and each tile's eight
-    /// outputs of an activation row are adjacent.
-    fn run_tiles<A: Sync>(&self, dot: tiles::TileFn<A>, acts: &A, m: usize, out: &mut [f32]) {
+    /// [`QMatrix::run`] for the tiled layout: tasks own whole tiles (pairs of them, where
+    /// the kernels take two at once), and each tile's eight outputs of an activation row
+    /// are adjacent.
+    fn run_tiles<A: Sync>(
+        &self,
+        kernels: tiles::TileKernels<A>,
+        acts: &A,
+        m: usize,
+        out: &mut [f32],
+    ) {
         let n = self.rows;
         let tb = self.cols / self.format.block_len() * tiles::tile_bytes(self.format);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let work = |tiles: std::ops::Range<usize>| {
             let out_ptr = &out_ptr;
-            for t in tiles {
-                // SAFETY: `dot` was picked for a CPU that has its instruction set; the tile
-                // holds `TILE_ROWS` rows of as many blocks as the activations' rows; `out`
-                // has `m × n` values and this task alone writes the tile's columns.
+            let mut t = tiles.start;
+            while t < tiles.end {
+                let (dot, count) = match kernels.two {
+                    Some(two) if t + 1 < tiles.end => (two, 2),
+                    _ => (kernels.one, 1),
+                };
+                // SAFETY: `dot` was picked for a CPU that has its instruction set; the tiles
+                // hold `TILE_ROWS` rows each of as many blocks as the activations' rows;
+                // `out` has `m × n` values and this task alone writes the tiles' columns.
                 unsafe {
                     dot(
-                        &self.data[t * tb..(t + 1) * tb],
+                        &self.data[t * tb..(t + count) * tb],
                         acts,
                         0,
                         m,
@@ -370,19 +415,30 @@ impl QMatrix {
                         n,
                     )
                 };
+                t += count;
             }
         };
-        split(n / tiles::TILE_ROWS, tb, &work);
+        let align = if kernels.two.is_some() { 2 } else { 1 };
+        split(n / tiles::TILE_ROWS, tb, align, &work);
     }
 }
 
-/// Runs `work` over `0..units` (units of `unit_bytes` of weights) on the pool.
-fn split(units: usize, unit_bytes: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+/// Runs `work` over `0..units` (units of `unit_bytes` of weights) on the pool, in tasks of a
+/// multiple of `align` units but for the last.
+fn split(
+    units: usize,
+    unit_bytes: usize,
+    align: usize,
+    work: &(dyn Fn(std::ops::Range<usize>) + Sync),
+) {
     let threads = pool::threads();
     // Tasks of at least ~64 KiB of weights, several per thread so a thread slowed by the
     // other tenants of a shared machine does not hold the product back.
     let min_units = (65536 / unit_bytes.max(1)).max(1);
-    let per_task = units.div_ceil(threads * 4).max(min_units);
+    let per_task = units
+        .div_ceil(threads * 4)
+        .max(min_units)
+        .next_multiple_of(align);
     if threads == 1 || per_task >= units {
         work(0..units);
     } else {

@@ -209,19 +209,20 @@ unsafe fn tiles32(
     }
 }
 
-/// The kernel for tiles of a 32-wide format on `isa`.
-pub fn tile_dot32(format: QFormat, isa: Isa) -> Option<TileFn<Acts32>> {
+/// The kernels for tiles of a 32-wide format on `isa`.
+pub fn tile_dot32(format: QFormat, isa: Isa) -> Option<TileKernels<Acts32>> {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         return crate::x86::tiles32(format, isa);
     }
     let _ = isa;
-    match format {
-        QFormat::Q4_0 => Some(q4_0_tiles),
-        QFormat::Q4_1 => Some(q4_1_tiles),
-        QFormat::Q8_0 => Some(q8_0_tiles),
-        QFormat::Q4K | QFormat::Q6K => None,
-    }
+    let one: TileFn<Acts32> = match format {
+        QFormat::Q4_0 => q4_0_tiles,
+        QFormat::Q4_1 => q4_1_tiles,
+        QFormat::Q8_0 => q8_0_tiles,
+        QFormat::Q4K | QFormat::Q6K => return None,
+    };
+    Some(TileKernels { one, two: None })
 }
 
 unsafe fn q4_0_tiles(w: &[u8], a: &Acts32, first: usize, n: usize, out: *mut f32, stride: usize) {
@@ -332,18 +333,36 @@ fn q4k_tile_row(tb: &[u8], r: usize) -> Q4kRow {
 pub type TileFn<A> =
     unsafe fn(w: &[u8], a: &A, first: usize, count: usize, out: *mut f32, stride: usize);
 
-/// The kernel for tiles of a 256-wide format on `isa`.
-pub fn tile_dot256(format: QFormat, isa: Isa) -> Option<TileFn<Acts256>> {
+/// A format's tile kernels on one instruction set.
+pub struct TileKernels<A> {
+    /// The kernel of one tile.
+    pub one: TileFn<A>,
+    /// Where vectors are wide enough, the kernel of two adjacent tiles at once: given both
+    /// tiles' bytes, it writes `2 · TILE_ROWS` outputs per activation row.
+    pub two: Option<TileFn<A>>,
+}
+
+// Function pointers copy whatever `A` is; a derive would ask `A: Copy`.
+impl<A> Clone for TileKernels<A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<A> Copy for TileKernels<A> {}
+
+/// The kernels for tiles of a 256-wide format on `isa`.
+pub fn tile_dot256(format: QFormat, isa: Isa) -> Option<TileKernels<Acts256>> {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         return crate::x86::tiles256(format, isa);
     }
     let _ = isa;
-    match format {
-        QFormat::Q4K => Some(q4k_tiles),
-        QFormat::Q6K => Some(q6k_tiles),
-        QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0 => None,
-    }
+    let one: TileFn<Acts256> = match format {
+        QFormat::Q4K => q4k_tiles,
+        QFormat::Q6K => q6k_tiles,
+        QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0 => return None,
+    };
+    Some(TileKernels { one, two: None })
 }
 
 /// The portable Q6_K tile kernel.

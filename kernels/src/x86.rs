@@ -1,4 +1,5 @@
-//! AVX2 kernels (x86-64-v3: AVX2, FMA, F16C), and VNNI versions of the tile kernels. Each is
+//! AVX2 kernels (x86-64-v3: AVX2, FMA, F16C), and VNNI and 512-bit versions of the tile
+//! kernels. Each is
 //! compiled for its features whatever the build's baseline and is only called for an
 //! [`crate::Isa`] that [`crate::Isa::runs_here`].
 //!
@@ -12,6 +13,10 @@
 //! and in AVX-512 VNNI's ([`Vnni512`]). A kernel's body is `#[inline(always)]` without target
 //! features of its own; the small entry points that enable each instruction set compile it
 //! with theirs (checked in the disassembly: no calls left inside them).
+//!
+//! With AVX-512 (F, BW, VL, VNNI) the tile kernels also come in 512 bits ([`avx512`]): one
+//! instruction works on two adjacent tiles, the same layout loaded half from each, so every
+//! level reads the same matrix.
 
 use std::arch::x86_64::*;
 
@@ -19,8 +24,8 @@ use crate::act::{Acts256, Acts32};
 use crate::formats::{planar, planes};
 use crate::ops::KvValue;
 use crate::tiles::{
-    tile_bytes, values32, Q4K_MINS, Q4K_SCALES, Q4K_TILE_BYTES, Q4K_VALUES, Q6K_HIGH, Q6K_LOW,
-    Q6K_SCALES, Q6K_TILE_BYTES,
+    tile_bytes, values32, TileKernels, Q4K_MINS, Q4K_SCALES, Q4K_TILE_BYTES, Q4K_VALUES, Q6K_HIGH,
+    Q6K_LOW, Q6K_SCALES, Q6K_TILE_BYTES,
 };
 use crate::{Isa, QFormat};
 
@@ -653,31 +658,38 @@ unsafe fn q4k_tile8<D: Dot, const R: usize>(
     }
 }
 
-/// The tile kernel of a 32-wide format on `isa` (AVX2 or better); see
+/// The tile kernels of a 32-wide format on `isa` (AVX2 or better); see
 /// [`crate::tiles::TileFn`].
-pub fn tiles32(format: QFormat, isa: Isa) -> Option<crate::tiles::TileFn<Acts32>> {
-    match isa {
-        Isa::AvxVnni => vnni::tiles32(format),
-        Isa::Avx512Vnni => vnni512::tiles32(format),
-        Isa::Scalar | Isa::Avx2 => avx2::tiles32(format),
-    }
+pub fn tiles32(format: QFormat, isa: Isa) -> Option<TileKernels<Acts32>> {
+    let (one, two) = match isa {
+        Isa::AvxVnni => (vnni::tiles32(format), None),
+        Isa::Avx512Vnni => (vnni512::tiles32(format), None),
+        // An odd tile left over takes the 256-bit kernel of the same instructions.
+        Isa::Avx512 => (vnni512::tiles32(format), avx512::pairs32(format)),
+        Isa::Scalar | Isa::Avx2 => (avx2::tiles32(format), None),
+    };
+    Some(TileKernels { one: one?, two })
 }
 
-/// The tile kernel of a 256-wide format on `isa` (AVX2 or better); see
+/// The tile kernels of a 256-wide format on `isa` (AVX2 or better); see
 /// [`crate::tiles::TileFn`]. Q4_K's is llama.cpp's `ggml_gemv_q4_K_8x8_q8_K` idea.
-pub fn tiles256(format: QFormat, isa: Isa) -> Option<crate::tiles::TileFn<Acts256>> {
-    match isa {
-        Isa::AvxVnni => vnni::tiles256(format),
-        Isa::Avx512Vnni => vnni512::tiles256(format),
-        Isa::Scalar | Isa::Avx2 => avx2::tiles256(format),
-    }
+pub fn tiles256(format: QFormat, isa: Isa) -> Option<TileKernels<Acts256>> {
+    let (one, two) = match isa {
+        Isa::AvxVnni => (vnni::tiles256(format), None),
+        Isa::Avx512Vnni => (vnni512::tiles256(format), None),
+        // An odd tile left over takes the 256-bit kernel of the same instructions.
+        Isa::Avx512 => (vnni512::tiles256(format), avx512::pairs256(format)),
+        Isa::Scalar | Isa::Avx2 => (avx2::tiles256(format), None),
+    };
+    Some(TileKernels { one: one?, two })
 }
 
-/// A tile body compiled with one instruction set's features: `$rows::<R>` for `R` activation
-/// rows, and the [`crate::tiles::TileFn`] entry `$entry` that runs them over any count.
+/// A tile body compiled with one instruction set's features (and [`Dot`], where the body is
+/// written over one): `$rows::<R>` for `R` activation rows, and the
+/// [`crate::tiles::TileFn`] entry `$entry` that runs them over any count.
 macro_rules! tile_kernels {
     ($entry:ident, $rows:ident $(<$b:ident: $bound:ident>)?, $features:literal, $acts:ty,
-     $body:ident, $dot:ty) => {
+     $body:ident $(, $dot:ty)?) => {
         #[target_feature(enable = $features)]
         unsafe fn $rows<$($b: $bound,)? const R: usize>(
             w: &[u8],
@@ -686,7 +698,7 @@ macro_rules! tile_kernels {
             out: *mut f32,
             stride: usize,
         ) {
-            unsafe { $body::<$($b,)? $dot, R>(w, a, first, out, stride) }
+            unsafe { $body::<$($b,)? $($dot,)? R>(w, a, first, out, stride) }
         }
 
         #[target_feature(enable = $features)]
@@ -759,6 +771,295 @@ isa_tiles!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     Vnni512
 );
+
+/// The 512-bit tile kernels: two adjacent tiles at once, the first tile's lanes in the low
+/// half of every vector. Compiled with AVX-512 F, BW, VL and VNNI.
+mod avx512 {
+    use super::*;
+
+    tile_kernels!(
+        pairs32_of,
+        tile32_pair_rows<B: Values32>,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        Acts32,
+        tile32_pair16
+    );
+    tile_kernels!(
+        q4k_pairs,
+        q4k_pair_rows,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        Acts256,
+        q4k_pair16
+    );
+    tile_kernels!(
+        q6k_pairs,
+        q6k_pair_rows,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        Acts256,
+        q6k_pair16
+    );
+
+    /// The kernel of two tiles of a 32-wide format.
+    pub(super) fn pairs32(format: QFormat) -> Option<crate::tiles::TileFn<Acts32>> {
+        Some(match format {
+            QFormat::Q4_0 => pairs32_of::<Q4_0>,
+            QFormat::Q4_1 => pairs32_of::<Q4_1>,
+            QFormat::Q8_0 => pairs32_of::<Q8_0>,
+            QFormat::Q4K | QFormat::Q6K => return None,
+        })
+    }
+
+    /// The kernel of two tiles of a 256-wide format.
+    pub(super) fn pairs256(format: QFormat) -> Option<crate::tiles::TileFn<Acts256>> {
+        Some(match format {
+            QFormat::Q4K => q4k_pairs,
+            QFormat::Q6K => q6k_pairs,
+            QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0 => return None,
+        })
+    }
+}
+
+/// 32 bytes at `p` and at `p + second` (the same place in the next tile) as one vector.
+#[inline(always)]
+unsafe fn load_pair(p: *const u8, second: usize) -> __m512i {
+    // SAFETY: the callers' (features enabled, both tiles in bounds).
+    unsafe {
+        let lo = _mm256_loadu_si256(p as *const __m256i);
+        let hi = _mm256_loadu_si256(p.add(second) as *const __m256i);
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+}
+
+/// 16 bytes at `p` and at `p + second` as one vector.
+#[inline(always)]
+unsafe fn load_pair16(p: *const u8, second: usize) -> __m256i {
+    // SAFETY: as `load_pair`.
+    unsafe {
+        let lo = _mm_loadu_si128(p as *const __m128i);
+        let hi = _mm_loadu_si128(p.add(second) as *const __m128i);
+        _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+    }
+}
+
+/// Four activations from `p` in every 32-bit lane of 512 bits.
+#[inline(always)]
+unsafe fn broadcast4_512(p: *const i8) -> __m512i {
+    // SAFETY: as `load_pair`.
+    unsafe { _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32)) }
+}
+
+/// [`tile32_8`] on two tiles at once, lanes as in [`q4k_pair16`]. 8-bit weights are made
+/// unsigned by adding 128 (flipping the sign bit), which `vpdpbusd`'s 32-bit sums hold, and
+/// the 128 · Σa that adds is taken off with the block's activation sum, as Q4_0's offset of
+/// 8 is.
+// Indices run over the tile's activation rows in several arrays at once.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn tile32_pair16<B: Values32, const R: usize>(
+    w: &[u8],
+    a: &Acts32,
+    first: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    // SAFETY: as `q4k_pair16`.
+    unsafe {
+        let m4 = _mm512_set1_epi8(0x0f);
+        let flip = _mm512_set1_epi8(i8::MIN);
+        let nb = a.blocks;
+        let cols = nb * 32;
+        let tb_len = tile_bytes(B::FORMAT);
+        let second = nb * tb_len;
+        let vals = values32(B::FORMAT);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let tb = w.as_ptr().add(b * tb_len);
+            let d = _mm512_cvtph_ps(load_pair16(tb, second));
+            let q8: [*const i8; R] =
+                std::array::from_fn(|r| a.qs.as_ptr().add((first + r) * cols + 32 * b));
+            let mut isum = [_mm512_setzero_si512(); R];
+            if B::SIGNED {
+                for k in 0..8 {
+                    let u = _mm512_xor_si512(load_pair(tb.add(vals + 32 * k), second), flip);
+                    for r in 0..R {
+                        isum[r] = _mm512_dpbusd_epi32(isum[r], u, broadcast4_512(q8[r].add(4 * k)));
+                    }
+                }
+            } else {
+                for k in 0..4 {
+                    let v = load_pair(tb.add(vals + 32 * k), second);
+                    let lo = _mm512_and_si512(v, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                    for r in 0..R {
+                        let q = q8[r].add(8 * k);
+                        isum[r] = _mm512_dpbusd_epi32(isum[r], lo, broadcast4_512(q));
+                        isum[r] = _mm512_dpbusd_epi32(isum[r], hi, broadcast4_512(q.add(4)));
+                    }
+                }
+            }
+            let off = match B::FORMAT {
+                QFormat::Q4_1 => _mm512_cvtph_ps(load_pair16(tb.add(16), second)),
+                QFormat::Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+                _ => _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
+            };
+            for r in 0..R {
+                let at = (first + r) * nb + b;
+                let ad = _mm512_set1_ps(*a.d.get_unchecked(at));
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, ad), _mm512_cvtepi32_ps(isum[r]), acc[r]);
+                let s = _mm512_set1_ps(*a.s.get_unchecked(at));
+                acc[r] = _mm512_fmadd_ps(off, s, acc[r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out.add(r * stride), acc[r]);
+        }
+    }
+}
+
+/// [`q4k_tile8`] on two tiles at once (sixteen weight rows, `w` holding both tiles' blocks),
+/// with 512-bit `vpdpbusd`. Lanes 0..8 belong to the first tile's rows, 8..16 to the
+/// second's; the activations are the same for both.
+// Indices run over the tile's activation rows in several arrays at once.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn q4k_pair16<const R: usize>(
+    w: &[u8],
+    a: &Acts256,
+    first: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    // SAFETY: compiled only into the entry points, which enable the features; the caller's
+    // contract for the memory (`w` holds two tiles of `a.blocks` blocks).
+    unsafe {
+        let m4 = _mm512_set1_epi8(0x0f);
+        let blocks = a.blocks;
+        let second = blocks * Q4K_TILE_BYTES;
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..blocks {
+            let tb = w.as_ptr().add(b * Q4K_TILE_BYTES);
+            let d = _mm512_cvtph_ps(load_pair16(tb, second));
+            let dmin = _mm512_cvtph_ps(load_pair16(tb.add(16), second));
+            let acts: [&crate::act::Act256; R] =
+                std::array::from_fn(|r| a.data.get_unchecked((first + r) * blocks + b));
+            let mut isum = [_mm512_setzero_si512(); R];
+            for g in 0..8 {
+                let mut part = [_mm512_setzero_si512(); R];
+                for k in 0..4 {
+                    let run = 4 * g + k;
+                    let v = load_pair(tb.add(Q4K_VALUES + 32 * run), second);
+                    let lo = _mm512_and_si512(v, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                    for r in 0..R {
+                        let q8 = acts[r].qs.as_ptr().add(8 * run);
+                        part[r] = _mm512_dpbusd_epi32(part[r], lo, broadcast4_512(q8));
+                        part[r] = _mm512_dpbusd_epi32(part[r], hi, broadcast4_512(q8.add(4)));
+                    }
+                }
+                // Each lane's scale is in both its 16-bit halves.
+                let sc = _mm512_srli_epi32(
+                    _mm512_cvtepu8_epi16(load_pair16(tb.add(Q4K_SCALES + 16 * g), second)),
+                    16,
+                );
+                for r in 0..R {
+                    isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(part[r], sc));
+                }
+            }
+            let mins: [__m512i; 4] = std::array::from_fn(|p| {
+                _mm512_cvtepu8_epi16(load_pair16(tb.add(Q4K_MINS + 16 * p), second))
+            });
+            for r in 0..R {
+                // As in `q4k_tile8`: two groups' minimums per 32-bit lane pair.
+                let bs = &acts[r].bsums;
+                let mut msum = _mm512_setzero_si512();
+                for (p, mn) in mins.iter().enumerate() {
+                    let s0 = bs[4 * p] + bs[4 * p + 1];
+                    let s1 = bs[4 * p + 2] + bs[4 * p + 3];
+                    let pair = (i32::from(s1) << 16) | i32::from(s0 as u16);
+                    msum = _mm512_add_epi32(msum, _mm512_madd_epi16(*mn, _mm512_set1_epi32(pair)));
+                }
+                let ad = _mm512_set1_ps(acts[r].d);
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, ad), _mm512_cvtepi32_ps(isum[r]), acc[r]);
+                acc[r] =
+                    _mm512_fnmadd_ps(_mm512_mul_ps(dmin, ad), _mm512_cvtepi32_ps(msum), acc[r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out.add(r * stride), acc[r]);
+        }
+    }
+}
+
+/// [`q6k_tile8`] on two tiles at once, lanes as in [`q4k_pair16`]. The offset of 32 enters
+/// each group's sum as its starting value, `-32 · bsum`, so one multiply scales both.
+// Indices run over the tile's activation rows in several arrays at once.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn q6k_pair16<const R: usize>(
+    w: &[u8],
+    a: &Acts256,
+    first: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    // SAFETY: as `q4k_pair16`.
+    unsafe {
+        let m4 = _mm512_set1_epi8(0x0f);
+        let m2 = _mm512_set1_epi8(3);
+        let m2_4 = _mm512_set1_epi8(0x30);
+        let blocks = a.blocks;
+        let second = blocks * Q6K_TILE_BYTES;
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..blocks {
+            let tb = w.as_ptr().add(b * Q6K_TILE_BYTES);
+            let d = _mm512_cvtph_ps(load_pair16(tb, second));
+            let acts: [&crate::act::Act256; R] =
+                std::array::from_fn(|r| a.data.get_unchecked((first + r) * blocks + b));
+            let mut isum = [_mm512_setzero_si512(); R];
+            for g in 0..16 {
+                let l0 = load_pair(tb.add(Q6K_LOW + 64 * g), second);
+                let l1 = load_pair(tb.add(Q6K_LOW + 64 * g + 32), second);
+                let h = load_pair(tb.add(Q6K_HIGH + 32 * g), second);
+                // Weights 16g + j, + 4, + 8, + 12 of each row, j = 0..4 per lane.
+                let v = [
+                    _mm512_or_si512(
+                        _mm512_and_si512(l0, m4),
+                        _mm512_slli_epi16(_mm512_and_si512(h, m2), 4),
+                    ),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16(l0, 4), m4),
+                        _mm512_and_si512(_mm512_slli_epi16(h, 2), m2_4),
+                    ),
+                    _mm512_or_si512(_mm512_and_si512(l1, m4), _mm512_and_si512(h, m2_4)),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16(l1, 4), m4),
+                        _mm512_and_si512(_mm512_srli_epi16(h, 2), m2_4),
+                    ),
+                ];
+                // Signed scales, each in both 16-bit halves of its lane.
+                let sc = _mm512_srai_epi32(
+                    _mm512_cvtepi8_epi16(load_pair16(tb.add(Q6K_SCALES + 16 * g), second)),
+                    16,
+                );
+                for r in 0..R {
+                    let q8 = acts[r].qs.as_ptr().add(16 * g);
+                    let mut x = _mm512_set1_epi32(-32 * i32::from(acts[r].bsums[g]));
+                    for j in 0..4 {
+                        x = _mm512_dpbusd_epi32(x, v[j], broadcast4_512(q8.add(4 * j)));
+                    }
+                    isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(x, sc));
+                }
+            }
+            for r in 0..R {
+                let dd = _mm512_mul_ps(d, _mm512_set1_ps(acts[r].d));
+                acc[r] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum[r]), acc[r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out.add(r * stride), acc[r]);
+        }
+    }
+}
 
 /// One tile of a 32-wide format (eight weight rows, see [`crate::tiles::Q4_1_TILE_BYTES`])
 /// against `R` activation rows, lanes as in [`q4k_tile8`]. 4-bit weights: a block's 32 sum in
