@@ -1,7 +1,6 @@
 //! AVX2 kernels (x86-64-v3: AVX2, FMA, F16C), and VNNI and 512-bit versions of the tile
-//! kernels. Each is
-//! compiled for its features whatever the build's baseline and is only called for an
-//! [`crate::Isa`] that [`crate::Isa::runs_here`].
+//! kernels. Each is compiled for its features whatever the build's baseline and is only
+//! called for an [`crate::Isa`] that [`crate::Isa::runs_here`].
 //!
 //! The integer core is llama.cpp's: unsigned 4-bit (or absolute 8-bit) weights times signed
 //! 8-bit activations with `vpmaddubsw`, pairs summed to i32 with `vpmaddwd`, scaled to f32
