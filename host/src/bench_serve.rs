@@ -1,5 +1,6 @@
-//! `wasmlm bench-serve`: the node's HTTP path against the in-process component path, and
-//! aggregate decode throughput with several concurrent streams, in one run.
+//! `wasmlm bench-serve`: the node's HTTP path against the in-process component path, sampling
+//! (temperature 1) against greedy decoding, and aggregate decode throughput with several
+//! concurrent streams, in one run.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -40,12 +41,20 @@ fn messages(text: &str) -> Vec<Message> {
     ]
 }
 
-/// The component in process, as `wasmlm run` drives it.
-fn direct(runtime: &Runtime, model: &str, text: &str, gen: u32) -> Result<Sample> {
+/// The component in process, as `wasmlm run` drives it, greedy (`temperature` 0) or
+/// sampling from the whole vocabulary (an API request's defaults at `temperature` 1).
+fn direct(
+    runtime: &Runtime,
+    model: &str,
+    text: &str,
+    gen: u32,
+    temperature: f32,
+) -> Result<Sample> {
     let mut inst = runtime.instance(model)?;
     let options = SamplingOptions {
         max_tokens: Some(gen),
-        temperature: Some(0.0),
+        temperature: Some(temperature),
+        seed: Some(7),
         ignore_eos: Some(true),
         ..default_options()
     };
@@ -193,27 +202,31 @@ pub fn run(
 
     // HTTP overhead: the same request both ways, back to back, each round.
     let runtime = Arc::new(runtime);
-    direct(&runtime, &model, &prompt(999), 4)?;
+    direct(&runtime, &model, &prompt(999), 4, 0.0)?;
     http(&addr, &model, &prompt(999), 4)?;
-    let (mut ttft_r, mut dec_r) = (Vec::new(), Vec::new());
+    let (mut ttft_r, mut dec_r, mut sampled_r) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let text = prompt(round);
-        let d = direct(&runtime, &model, &format!("{text} (direct)"), gen)?;
+        let d = direct(&runtime, &model, &format!("{text} (direct)"), gen, 0.0)?;
         let h = http(&addr, &model, &format!("{text} (http!!)"), gen)?;
+        let s = direct(&runtime, &model, &format!("{text} (sample)"), gen, 1.0)?;
         println!(
-            "round={round} direct_ttft_ms={:.1} http_ttft_ms={:.1} direct_decode_tok_s={:.1} http_decode_tok_s={:.1}",
+            "round={round} direct_ttft_ms={:.1} http_ttft_ms={:.1} direct_decode_tok_s={:.1} http_decode_tok_s={:.1} sampled_decode_tok_s={:.1}",
             d.ttft.as_secs_f64() * 1e3,
             h.ttft.as_secs_f64() * 1e3,
             d.decode_rate(),
-            h.decode_rate()
+            h.decode_rate(),
+            s.decode_rate()
         );
         ttft_r.push(h.ttft.as_secs_f64() / d.ttft.as_secs_f64());
         dec_r.push(h.decode_rate() / d.decode_rate());
+        sampled_r.push(s.decode_rate() / d.decode_rate());
     }
     println!(
-        "median ratio http/direct ttft={:.3} decode={:.3}",
+        "median ratio http/direct ttft={:.3} decode={:.3}; sampled (temperature 1)/greedy decode={:.3}",
         median(ttft_r),
-        median(dec_r)
+        median(dec_r),
+        median(sampled_r)
     );
 
     // Concurrency: aggregate decode throughput with N streams at once.

@@ -171,38 +171,55 @@ impl Sampler {
 
     fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|l| l.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return argmax(logits);
+        }
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // Nothing is cut, so no order is needed: draw over the vocabulary as it lies,
+            // without sorting it (the default request's case).
+            let t = p.temperature;
+            let weight = |l: f32| ((l - max) / t).exp();
+            let finite = || logits.iter().enumerate().filter(|(_, l)| l.is_finite());
+            let sum: f32 = finite().map(|(_, &l)| weight(l)).sum();
+            let target = self.rng.next_f32() * sum;
+            let (mut cum, mut last) = (0.0, 0);
+            for (i, &l) in finite() {
+                cum += weight(l);
+                last = i;
+                if target < cum {
+                    break;
+                }
+            }
+            return last as u32;
+        }
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .filter(|(_, l)| l.is_finite())
             .map(|(i, &l)| (i as u32, l))
             .collect();
-        if cand.is_empty() {
-            return argmax(logits);
-        }
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, by_logit);
             cand.truncate(p.top_k);
         }
-        cand.sort_unstable_by(by_logit);
-        // Probabilities at temperature 1 decide the top-p and min-p cuts, as in llama.cpp.
-        let probs = softmax(cand.iter().map(|c| c.1), 1.0);
-        let mut keep = cand.len();
-        if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            for (i, pr) in probs.iter().enumerate() {
-                cum += pr;
-                if cum >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
+        // Probabilities at temperature 1 decide the top-p and min-p cuts, as in llama.cpp:
+        // p_i = e_i / z with e_i = exp(l_i - max). Min-p keeps p_i >= p_max · min_p, that is
+        // e_i >= min_p, whatever the order.
+        let z: f32 = cand.iter().map(|c| (c.1 - max).exp()).sum();
         if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p;
-            keep = keep.min(probs.iter().take_while(|&&pr| pr >= floor).count().max(1));
+            cand.retain(|c| (c.1 - max).exp() >= p.min_p);
         }
+        let keep = if p.top_p < 1.0 {
+            nucleus(&mut cand, max, z, p.top_p)
+        } else {
+            cand.sort_unstable_by(by_logit);
+            cand.len()
+        };
         cand.truncate(keep);
         let probs = softmax(cand.iter().map(|c| c.1), p.temperature);
         let r = self.rng.next_f32();
@@ -214,6 +231,36 @@ impl Sampler {
             }
         }
         cand[cand.len() - 1].0
+    }
+}
+
+/// Best logit first; the lower token id first among equals.
+fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Top-p: orders the best candidates first and returns how many of them it takes for their
+/// probabilities (`exp(l - max) / z`) to reach `top_p` (all, if they never do). Only as many
+/// candidates are sorted as it takes, found by selecting 64, then 4× more while short: a
+/// vocabulary of 150k is rarely sorted whole.
+fn nucleus(cand: &mut [(u32, f32)], max: f32, z: f32, top_p: f32) -> usize {
+    let mut k = cand.len().min(64);
+    loop {
+        if k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, by_logit);
+        }
+        cand[..k].sort_unstable_by(by_logit);
+        let mut cum = 0.0;
+        for (i, c) in cand[..k].iter().enumerate() {
+            cum += (c.1 - max).exp() / z;
+            if cum >= top_p {
+                return i + 1;
+            }
+        }
+        if k == cand.len() {
+            return k;
+        }
+        k = cand.len().min(4 * k);
     }
 }
 
@@ -235,23 +282,28 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Log-sum-exp of the logits and the `n` best tokens with their log-probabilities.
+/// Log-sum-exp of the logits and the `n` best tokens with their log-probabilities (best
+/// first, the lower id first among equals), in one pass that keeps only those `n`.
 fn log_softmax_top(logits: &[f32], n: usize) -> (Option<f32>, Vec<(u32, f32)>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let by = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
-    if n > 0 && n < idx.len() {
-        idx.select_nth_unstable_by(n - 1, by);
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    if n > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            let c = (i as u32, l);
+            // Ids come in order, so a candidate equal to the last kept one is worse.
+            if top.len() == n && by_logit(&c, &top[n - 1]).is_ge() {
+                continue;
+            }
+            let at = top.partition_point(|t| by_logit(t, &c).is_lt());
+            top.insert(at, c);
+            top.truncate(n);
+        }
     }
-    idx.truncate(n);
-    idx.sort_unstable_by(by);
-    (
-        Some(lse),
-        idx.into_iter()
-            .map(|i| (i, logits[i as usize] - lse))
-            .collect(),
-    )
+    for t in &mut top {
+        t.1 -= lse;
+    }
+    (Some(lse), top)
 }
 
 /// A seed from the platform's random source (WASI `random` inside the component).
@@ -358,6 +410,87 @@ mod tests {
         let total: f32 = [0.0f32, 1.0, 2.0].iter().map(|l| (l - 2.0f32).exp()).sum();
         assert!((c.logprob.unwrap() + total.ln()).abs() < 1e-5);
         assert_eq!(c.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+    }
+
+    /// Reproducible pseudo-random logits, some repeated (ties) and some not finite.
+    fn random_logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng(seed);
+        (0..n)
+            .map(|i| match i % 97 {
+                0 => f32::NEG_INFINITY,
+                1 => 2.5,
+                _ => rng.next_f32() * 12.0 - 6.0,
+            })
+            .collect()
+    }
+
+    fn fully_sorted(logits: &[f32]) -> Vec<(u32, f32)> {
+        let mut all: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        all.sort_by(by_logit);
+        all
+    }
+
+    #[test]
+    fn nucleus_takes_the_prefix_a_full_sort_would() {
+        for (seed, top_p) in [(1, 0.05), (2, 0.5), (3, 0.9), (4, 0.999), (5, 0.99999)] {
+            let logits = random_logits(20_000, seed);
+            let sorted = fully_sorted(&logits);
+            let max = sorted[0].1;
+            let z: f32 = sorted.iter().map(|c| (c.1 - max).exp()).sum();
+            let (mut cum, mut want) = (0.0, sorted.len());
+            for (i, c) in sorted.iter().enumerate() {
+                cum += (c.1 - max).exp() / z;
+                if cum >= top_p {
+                    want = i + 1;
+                    break;
+                }
+            }
+            let mut cand: Vec<(u32, f32)> = fully_sorted(&logits);
+            cand.reverse();
+            let keep = nucleus(&mut cand, max, z, top_p);
+            assert_eq!(keep, want, "top_p {top_p}");
+            assert_eq!(&cand[..keep], &sorted[..want], "top_p {top_p}");
+        }
+    }
+
+    #[test]
+    fn top_logprobs_are_the_best_of_a_full_sort() {
+        let logits = random_logits(50_000, 9);
+        let sorted = fully_sorted(&logits);
+        for n in [0, 1, 2, 5, 20] {
+            let (lse, top) = log_softmax_top(&logits, n);
+            let lse = lse.unwrap();
+            let want: Vec<(u32, f32)> = sorted[..n].iter().map(|c| (c.0, c.1 - lse)).collect();
+            assert_eq!(top, want, "n {n}");
+        }
+        // The repeated logit 2.5 ties: lower ids first.
+        let ties = [1.0, 2.5, 0.0, 2.5, 2.5];
+        let (_, top) = log_softmax_top(&ties, 2);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn uncut_sampling_follows_the_distribution() {
+        // p(1) = 3/4 at temperature 1; -inf is never drawn; NaN is never drawn.
+        let logits = [0.0, 3f32.ln(), f32::NEG_INFINITY, f32::NAN];
+        let mut s = Sampler::new(params(1.0, 11));
+        let mut counts = [0usize; 4];
+        for _ in 0..4000 {
+            counts[s.sample(&mut logits.clone(), &[], &[]).token as usize] += 1;
+        }
+        assert_eq!(counts[2] + counts[3], 0);
+        assert!((2850..3150).contains(&counts[1]), "{counts:?}");
+        // Temperature 0.5 squares the odds: p(1) = 9/10.
+        let mut s = Sampler::new(params(0.5, 12));
+        let ones = (0..4000)
+            .filter(|_| s.sample(&mut logits.clone(), &[], &[]).token == 1)
+            .count();
+        assert!((3500..3700).contains(&ones), "{ones}");
     }
 
     #[test]
