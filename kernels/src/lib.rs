@@ -393,12 +393,16 @@ impl QMatrix {
     ) {
         let n = self.rows;
         let tb = self.cols / self.format.block_len() * tiles::tile_bytes(self.format);
+        // One activation row waits on memory, not on arithmetic, and two tiles read at once
+        // are two short streams where one tile is one long one: whole-model decode measured
+        // 5-18% slower with the two-tile kernels (docs/perf.md), prefill 15-34% faster.
+        let two = kernels.two.filter(|_| m > 1);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let work = |tiles: std::ops::Range<usize>| {
             let out_ptr = &out_ptr;
             let mut t = tiles.start;
             while t < tiles.end {
-                let (dot, count) = match kernels.two {
+                let (dot, count) = match two {
                     Some(two) if t + 1 < tiles.end => (two, 2),
                     _ => (kernels.one, 1),
                 };
@@ -418,7 +422,7 @@ impl QMatrix {
                 t += count;
             }
         };
-        let align = if kernels.two.is_some() { 2 } else { 1 };
+        let align = if two.is_some() { 2 } else { 1 };
         split(n / tiles::TILE_ROWS, tb, align, &work);
     }
 }

@@ -139,6 +139,8 @@ fn random_blocks_match_candle_dequantize_then_matmul() {
             (8, 1),
             (16, 5),
             (24, 11),
+            (32, 2),
+            (40, 6),
         ] {
             let data = random_blocks(format, rows * cols / format.block_len(), &mut rng);
             check(format, dtype, data, rows, cols, m, &mut rng);
