@@ -42,6 +42,8 @@ fn main() {
         (QFormat::Q4_0, GgmlDType::Q4_0, 1536, 576),
         (QFormat::Q4K, GgmlDType::Q4K, 3072, 1024),
         (QFormat::Q6K, GgmlDType::Q6K, 1024, 3072),
+        // Qwen3's output matrix (tied embeddings) as Q4_K_M stores it: the largest product.
+        (QFormat::Q6K, GgmlDType::Q6K, 151936, 1024),
     ];
     println!("threads={}", wasmlm_kernels::pool::threads());
     for (format, dtype, rows, cols) in cases {
