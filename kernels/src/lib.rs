@@ -393,9 +393,9 @@ impl QMatrix {
     ) {
         let n = self.rows;
         let tb = self.cols / self.format.block_len() * tiles::tile_bytes(self.format);
-        // One activation row waits on memory, not on arithmetic, and two tiles read at once
-        // are two short streams where one tile is one long one: whole-model decode measured
-        // 5-18% slower with the two-tile kernels (docs/perf.md), prefill 15-34% faster.
+        // One activation row waits on memory, not on arithmetic; there the two-tile kernels
+        // (two streams at once where one tile is one) made whole-model decode 5-18% slower,
+        // measured before the kernels prefetched (docs/perf.md). From two rows on they win.
         let two = kernels.two.filter(|_| m > 1);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let work = |tiles: std::ops::Range<usize>| {
