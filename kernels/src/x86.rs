@@ -181,7 +181,8 @@ vnni_dot!(
 /// How a 32-wide format's values become 32 bytes.
 trait Values32 {
     const FORMAT: QFormat;
-    /// Whether the values are signed (then dotted as |w| · sign(a, w)).
+    /// Whether the values are signed (then dotted as |w| · sign(a, w), or in 512 bits as
+    /// w + 128 with 128 · Σa taken off).
     const SIGNED: bool;
     unsafe fn load(p: *const u8) -> __m256i;
 }
