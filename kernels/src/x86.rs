@@ -669,12 +669,8 @@ unsafe fn q4k_tile8<D: Dot, const R: usize>(
             for r in 0..R {
                 // Minimums: per row, Σ over groups of min · (sum of that group's activations),
                 // two groups per 32-bit lane pair.
-                let bs = &acts[r].bsums;
                 let mut msum = _mm256_setzero_si256();
-                for p in 0..4 {
-                    let s0 = bs[4 * p] + bs[4 * p + 1];
-                    let s1 = bs[4 * p + 2] + bs[4 * p + 3];
-                    let pair = (i32::from(s1) << 16) | i32::from(s0 as u16);
+                for (p, pair) in group_sum_pairs(&acts[r].bsums).into_iter().enumerate() {
                     let mn = _mm256_cvtepu8_epi16(_mm_loadu_si128(
                         tb.add(Q4K_MINS + 16 * p) as *const __m128i
                     ));
@@ -690,6 +686,17 @@ unsafe fn q4k_tile8<D: Dot, const R: usize>(
             _mm256_storeu_ps(out.add(r * stride), acc[r]);
         }
     }
+}
+
+/// The activation sums of a block's eight 32-value groups, two groups per 32-bit value (the
+/// even group in the low 16 bits), the lane layout in which `madd` meets the Q4_K minimums.
+#[inline(always)]
+fn group_sum_pairs(bsums: &[i16; 16]) -> [i32; 4] {
+    std::array::from_fn(|p| {
+        let even = bsums[4 * p] + bsums[4 * p + 1];
+        let odd = bsums[4 * p + 2] + bsums[4 * p + 3];
+        (i32::from(odd) << 16) | i32::from(even as u16)
+    })
 }
 
 /// The tile kernels of a 32-wide format on `isa` (AVX2 or better); see
@@ -811,27 +818,22 @@ isa_tiles!(
 mod avx512 {
     use super::*;
 
-    tile_kernels!(
-        pairs32_of,
-        tile32_pair_rows<B: Values32>,
-        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-        Acts32,
-        tile32_pair16
-    );
-    tile_kernels!(
-        q4k_pairs,
-        q4k_pair_rows,
-        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-        Acts256,
-        q4k_pair16
-    );
-    tile_kernels!(
-        q6k_pairs,
-        q6k_pair_rows,
-        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-        Acts256,
-        q6k_pair16
-    );
+    /// [`tile_kernels!`] with this module's features.
+    macro_rules! pair_kernels {
+        ($entry:ident, $rows:ident $(<$b:ident: $bound:ident>)?, $acts:ty, $body:ident) => {
+            tile_kernels!(
+                $entry,
+                $rows $(<$b: $bound>)?,
+                "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+                $acts,
+                $body
+            );
+        };
+    }
+
+    pair_kernels!(pairs32_of, tile32_pair_rows<B: Values32>, Acts32, tile32_pair16);
+    pair_kernels!(q4k_pairs, q4k_pair_rows, Acts256, q4k_pair16);
+    pair_kernels!(q6k_pairs, q6k_pair_rows, Acts256, q6k_pair16);
 
     /// The kernel of two tiles of a 32-wide format.
     pub(super) fn pairs32(format: QFormat) -> Option<crate::tiles::TileFn<Acts32>> {
@@ -1010,12 +1012,8 @@ unsafe fn q4k_pair16<const R: usize>(
             });
             for r in 0..R {
                 // As in `q4k_tile8`: two groups' minimums per 32-bit lane pair.
-                let bs = &acts[r].bsums;
                 let mut msum = _mm512_setzero_si512();
-                for (p, mn) in mins.iter().enumerate() {
-                    let s0 = bs[4 * p] + bs[4 * p + 1];
-                    let s1 = bs[4 * p + 2] + bs[4 * p + 3];
-                    let pair = (i32::from(s1) << 16) | i32::from(s0 as u16);
+                for (mn, pair) in mins.iter().zip(group_sum_pairs(&acts[r].bsums)) {
                     msum = _mm512_add_epi32(msum, _mm512_madd_epi16(*mn, _mm512_set1_epi32(pair)));
                 }
                 let ad = _mm512_set1_ps(acts[r].d);
