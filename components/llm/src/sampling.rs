@@ -102,6 +102,8 @@ impl Rng {
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
+    /// Per-token weights of the uncut draw, kept so a token costs no allocation.
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -111,6 +113,7 @@ impl Sampler {
         Self {
             params,
             rng: Rng(seed),
+            weights: Vec::new(),
         }
     }
 
@@ -181,15 +184,25 @@ impl Sampler {
         }
         if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
             // Nothing is cut, so no order is needed: draw over the vocabulary as it lies,
-            // without sorting it (the default request's case).
+            // without sorting it (the default request's case). Each weight is computed once,
+            // for the sum, and read back by the walk.
             let t = p.temperature;
-            let weight = |l: f32| ((l - max) / t).exp();
-            let finite = || logits.iter().enumerate().filter(|(_, l)| l.is_finite());
-            let sum: f32 = finite().map(|(_, &l)| weight(l)).sum();
+            self.weights.clear();
+            self.weights.extend(logits.iter().map(|&l| {
+                if l.is_finite() {
+                    ((l - max) / t).exp()
+                } else {
+                    0.0
+                }
+            }));
+            let sum: f32 = self.weights.iter().sum();
             let target = self.rng.next_f32() * sum;
             let (mut cum, mut last) = (0.0, 0);
-            for (i, &l) in finite() {
-                cum += weight(l);
+            for (i, &w) in self.weights.iter().enumerate() {
+                if w == 0.0 {
+                    continue;
+                }
+                cum += w;
                 last = i;
                 if target < cum {
                     break;
