@@ -14,6 +14,7 @@ pub mod bindings {
 
 pub mod embedding;
 mod generation;
+mod lanes;
 mod metadata;
 mod model;
 mod nn;

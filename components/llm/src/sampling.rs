@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use crate::lanes;
+
 /// Sampler settings with defaults already applied.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -174,11 +176,7 @@ impl Sampler {
 
     fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        let max = logits
-            .iter()
-            .copied()
-            .filter(|l| l.is_finite())
-            .fold(f32::NEG_INFINITY, f32::max);
+        let max = lanes::max_finite(logits);
         if max == f32::NEG_INFINITY {
             return argmax(logits);
         }
@@ -186,16 +184,7 @@ impl Sampler {
             // Nothing is cut, so no order is needed: draw over the vocabulary as it lies,
             // without sorting it (the default request's case). Each weight is computed once,
             // for the sum, and read back by the walk.
-            let t = p.temperature;
-            self.weights.clear();
-            self.weights.extend(logits.iter().map(|&l| {
-                if l.is_finite() {
-                    ((l - max) / t).exp()
-                } else {
-                    0.0
-                }
-            }));
-            let sum: f32 = self.weights.iter().sum();
+            let sum = lanes::exp_terms(logits, max, p.temperature, &mut self.weights);
             let target = self.rng.next_f32() * sum;
             let (mut cum, mut last) = (0.0, 0);
             for (i, &w) in self.weights.iter().enumerate() {
@@ -223,9 +212,9 @@ impl Sampler {
         // Probabilities at temperature 1 decide the top-p and min-p cuts, as in llama.cpp:
         // p_i = e_i / z with e_i = exp(l_i - max). Min-p keeps p_i >= p_max · min_p, that is
         // e_i >= min_p, whatever the order.
-        let z: f32 = cand.iter().map(|c| (c.1 - max).exp()).sum();
+        let z: f32 = cand.iter().map(|c| lanes::exp(c.1 - max)).sum();
         if p.min_p > 0.0 {
-            cand.retain(|c| (c.1 - max).exp() >= p.min_p);
+            cand.retain(|c| lanes::exp(c.1 - max) >= p.min_p);
         }
         let keep = if p.top_p < 1.0 {
             nucleus(&mut cand, max, z, p.top_p)
@@ -265,7 +254,7 @@ fn nucleus(cand: &mut [(u32, f32)], max: f32, z: f32, top_p: f32) -> usize {
         cand[..k].sort_unstable_by(by_logit);
         let mut cum = 0.0;
         for (i, c) in cand[..k].iter().enumerate() {
-            cum += (c.1 - max).exp() / z;
+            cum += lanes::exp(c.1 - max) / z;
             if cum >= top_p {
                 return i + 1;
             }
@@ -279,27 +268,23 @@ fn nucleus(cand: &mut [(u32, f32)], max: f32, z: f32, top_p: f32) -> usize {
 
 fn softmax(logits: impl Iterator<Item = f32> + Clone, temperature: f32) -> Vec<f32> {
     let max = logits.clone().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f32> = logits.map(|l| ((l - max) / temperature).exp()).collect();
+    let exps: Vec<f32> = logits
+        .map(|l| lanes::exp((l - max) / temperature))
+        .collect();
     let sum: f32 = exps.iter().sum();
     exps.into_iter().map(|e| e / sum).collect()
 }
 
 /// Index of the largest logit; the first one on ties (as llama.cpp's greedy sampler).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    lanes::argmax(logits)
 }
 
 /// Log-sum-exp of the logits and the `n` best tokens with their log-probabilities (best
 /// first, the lower id first among equals), in one pass that keeps only those `n`.
 fn log_softmax_top(logits: &[f32], n: usize) -> (Option<f32>, Vec<(u32, f32)>) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let max = lanes::max(logits);
+    let lse = max + lanes::exp_sum(logits, max).ln();
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
     if n > 0 {
         for (i, &l) in logits.iter().enumerate() {
