@@ -172,6 +172,10 @@ impl Runtime {
     ) -> Result<Self, RuntimeError> {
         let mut config = Config::new();
         config.wasm_component_model(true);
+        // `perf` names the guest's functions from /tmp/perf-<pid>.map (docs/perf.md).
+        if std::env::var_os("WASMLM_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
         let component = load_component(&engine, wasm, cache_dir)?;
         let mut linker: Linker<GuestState> = Linker::new(&engine);
