@@ -5,9 +5,14 @@
 //! cost more than a third of the step on this 2-core machine. So, as llama.cpp does, the
 //! workers spin between products (yielding the core to anyone who needs it) and only park
 //! after `SPIN` without work. The calling thread always takes its share of the tasks.
+//!
+//! A worker joins a product only while it is open, and the caller waits only for workers
+//! that joined: when the workers are off the cores (other threads of the process want them:
+//! four streams' guests), the caller runs the tasks alone instead of waiting for each
+//! worker to be scheduled again just to say that it saw the product.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -62,19 +67,26 @@ pub fn parallel_for(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
 
 /// The job of the current product: a borrowed closure, valid while `Pool::run` waits.
 struct Job(UnsafeCell<Option<*const (dyn Fn(usize) + Sync)>>);
-// SAFETY: written only by the thread holding `Pool::call` before it bumps `epoch`, read by
-// workers after they see the bump, and cleared only after every worker reported done.
+// SAFETY: written only by the thread holding `Pool::call` before it opens the product in
+// `Shared::state`, read only by workers that joined it while open, and cleared only after
+// the product is closed and every worker in it has left.
 unsafe impl Sync for Job {}
 unsafe impl Send for Job {}
 
+/// [`Shared::state`]: whether the product is open to join.
+const OPEN: u64 = 1 << 32;
+/// [`Shared::state`]: the workers in the product, in the low 32 bits.
+const JOINED: u64 = OPEN - 1;
+/// [`Shared::state`]: the product's number, above the open bit.
+const EPOCH_SHIFT: u32 = 33;
+
 struct Shared {
-    /// Bumped for each product; a worker works when it sees a value it has not seen.
-    epoch: AtomicUsize,
+    /// The product's number (bumped for each), whether it is open, and how many workers
+    /// joined it, in one word, so that joining and closing cannot cross.
+    state: AtomicU64,
     job: Job,
     tasks: AtomicUsize,
     next: AtomicUsize,
-    /// Workers that have not finished the current product.
-    busy: AtomicUsize,
     /// Workers parked on `wake`.
     sleepers: AtomicUsize,
     stop: AtomicBool,
@@ -94,11 +106,10 @@ struct Pool {
 impl Pool {
     fn new(workers: usize) -> Self {
         let shared = Arc::new(Shared {
-            epoch: AtomicUsize::new(0),
+            state: AtomicU64::new(0),
             job: Job(UnsafeCell::new(None)),
             tasks: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
-            busy: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
@@ -133,13 +144,16 @@ impl Pool {
         }
         s.tasks.store(tasks, Ordering::SeqCst);
         s.next.store(0, Ordering::SeqCst);
-        s.busy.store(self.workers, Ordering::SeqCst);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
+        // Closed products have no workers left, so the word is the epoch alone.
+        let epoch = s.state.load(Ordering::SeqCst) >> EPOCH_SHIFT;
+        s.state
+            .store(((epoch + 1) << EPOCH_SHIFT) | OPEN, Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|p| p.into_inner());
             s.wake.notify_all();
         }
-        // Waits for the workers even when a task of this thread panics: they borrow `f`.
+        // Closes the product and waits for the workers in it, even when a task of this
+        // thread panics: they borrow `f`.
         let done = WaitForWorkers(s);
         take_tasks(s, f);
         drop(done);
@@ -153,7 +167,9 @@ struct WaitForWorkers<'a>(&'a Shared);
 
 impl Drop for WaitForWorkers<'_> {
     fn drop(&mut self) {
-        while self.0.busy.load(Ordering::Acquire) > 0 {
+        // Nobody joins after this; those in it leave when the tasks run out.
+        self.0.state.fetch_and(!OPEN, Ordering::SeqCst);
+        while self.0.state.load(Ordering::Acquire) & JOINED > 0 {
             std::hint::spin_loop();
         }
         // SAFETY: every worker is done with the job.
@@ -180,15 +196,40 @@ fn take_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// Joins the open product if it is one this worker has not seen; marks any product it
+/// sees as seen. Whether it joined.
+fn join(s: &Shared, seen: &mut u64) -> bool {
+    let mut state = s.state.load(Ordering::SeqCst);
+    loop {
+        let epoch = state >> EPOCH_SHIFT;
+        if epoch == *seen {
+            return false;
+        }
+        if state & OPEN == 0 {
+            // Closed before this worker came: the caller did the work.
+            *seen = epoch;
+            return false;
+        }
+        match s
+            .state
+            .compare_exchange_weak(state, state + 1, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => {
+                *seen = epoch;
+                return true;
+            }
+            Err(now) => state = now,
+        }
+    }
+}
+
 fn worker(s: &Shared) {
     let mut seen = 0;
     loop {
         let mut idle_since: Option<Instant> = None;
         let mut spins = 0u32;
         loop {
-            let epoch = s.epoch.load(Ordering::SeqCst);
-            if epoch != seen {
-                seen = epoch;
+            if join(s, &mut seen) {
                 break;
             }
             if s.stop.load(Ordering::SeqCst) {
@@ -207,17 +248,16 @@ fn worker(s: &Shared) {
             }
             let mut g = s.lock.lock().unwrap_or_else(|p| p.into_inner());
             s.sleepers.fetch_add(1, Ordering::SeqCst);
-            while s.epoch.load(Ordering::SeqCst) == seen && !s.stop.load(Ordering::SeqCst) {
+            while s.state.load(Ordering::SeqCst) >> EPOCH_SHIFT == seen
+                && !s.stop.load(Ordering::SeqCst)
+            {
                 g = s.wake.wait(g).unwrap_or_else(|p| p.into_inner());
             }
             s.sleepers.fetch_sub(1, Ordering::SeqCst);
             idle_since = None;
             spins = 0;
         }
-        if s.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        // SAFETY: the epoch bump published the job, which stays valid until `busy` is 0.
+        // SAFETY: joining an open product: its job stays valid until this worker leaves.
         if let Some(job) = unsafe { *s.job.0.get() } {
             let f = unsafe { &*job };
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| take_tasks(s, f))).is_err()
@@ -225,6 +265,56 @@ fn worker(s: &Shared) {
                 s.panicked.store(true, Ordering::SeqCst);
             }
         }
-        s.busy.fetch_sub(1, Ordering::Release);
+        s.state.fetch_sub(1, Ordering::Release);
+        if s.stop.load(Ordering::SeqCst) {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn every_task_runs_once_in_many_products_from_many_threads() {
+        // Products back to back (workers spinning), after pauses (workers parked), and from
+        // several threads at once (one gets the pool, the others run alone).
+        std::thread::scope(|scope| {
+            for caller in 0..3u32 {
+                scope.spawn(move || {
+                    for round in 0..300u32 {
+                        let tasks = ((round * 7 + caller) % 37) as usize;
+                        let counts: Vec<AtomicU32> =
+                            (0..tasks).map(|_| AtomicU32::new(0)).collect();
+                        parallel_for(tasks, &|t| {
+                            counts[t].fetch_add(1, Ordering::Relaxed);
+                        });
+                        assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+                        if round % 100 == 99 {
+                            std::thread::sleep(SPIN * 2);
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_panicking_task_panics_the_caller_and_the_pool_goes_on() {
+        let hit = std::panic::catch_unwind(|| {
+            parallel_for(64, &|t| {
+                if t == 40 {
+                    panic!("task 40");
+                }
+            })
+        });
+        assert!(hit.is_err());
+        let sum = AtomicUsize::new(0);
+        parallel_for(64, &|t| {
+            sum.fetch_add(t, Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 64 * 63 / 2);
     }
 }
