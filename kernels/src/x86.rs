@@ -1253,3 +1253,61 @@ unsafe fn mix_columns<T: KvValue, const R: usize>(
         unsafe { _mm256_storeu_ps(a.add(8 * i), *r) };
     }
 }
+
+/// The largest magnitude of `x` (a multiple of 8 values), NaN ignored as in
+/// [`crate::act`]'s scalar fold.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn amax(x: &[f32]) -> f32 {
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    for c in x.chunks_exact(8) {
+        // SAFETY: `c` holds 8 values.
+        let v = _mm256_andnot_ps(sign, unsafe { _mm256_loadu_ps(c.as_ptr()) });
+        // `maxps` returns its second operand when either is NaN: a NaN value never wins.
+        m = _mm256_max_ps(v, m);
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    _mm_cvtss_f32(m)
+}
+
+/// `q[i] = round(x[i] · id) as i8` (halves away from zero, NaN to 0, saturating) for 32
+/// values, as the scalar quantizer does; returns the sums of the first and the last 16
+/// integers.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize32(x: &[f32; 32], id: f32, q: &mut [i8; 32]) -> (i32, i32) {
+    let id = _mm256_set1_ps(id);
+    let sign = _mm256_set1_ps(-0.0);
+    // The float just below 0.5: adding it with the value's sign and truncating rounds
+    // halves away from zero, exactly (what the compiler emits for `f32::round`).
+    let half = _mm256_set1_ps(0.499_999_97);
+    let ints: [__m256i; 4] = std::array::from_fn(|i| {
+        // SAFETY: `x` holds 32 values.
+        let r = _mm256_mul_ps(unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) }, id);
+        let r = _mm256_add_ps(r, _mm256_or_ps(half, _mm256_and_ps(r, sign)));
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(r);
+        // NaN to 0 and the rest into i8's range, as `as i8` does.
+        let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r));
+        let r = _mm256_min_ps(
+            _mm256_max_ps(r, _mm256_set1_ps(-128.0)),
+            _mm256_set1_ps(127.0),
+        );
+        _mm256_cvttps_epi32(r)
+    });
+    // i32 → i16 → i8 (values in range already), then undo the packs' lane interleave.
+    let w01 = _mm256_packs_epi32(ints[0], ints[1]);
+    let w23 = _mm256_packs_epi32(ints[2], ints[3]);
+    let b = _mm256_packs_epi16(w01, w23);
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: `q` holds 32 bytes.
+    unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b) };
+    let sum = |a: __m256i, b: __m256i| {
+        let s = _mm256_add_epi32(a, b);
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    };
+    (sum(ints[0], ints[1]), sum(ints[2], ints[3]))
+}
