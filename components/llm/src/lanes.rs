@@ -197,7 +197,7 @@ impl F32x4 {
             8.333_452e-3,
             4.166_579_6e-2,
             1.666_666_5e-1,
-            5.000_000_1e-1,
+            0.5,
         ] {
             p = p.mul(r).add(s(c));
         }
@@ -272,20 +272,55 @@ pub fn exp_sum(x: &[f32], shift: f32) -> f32 {
 }
 
 /// `Σ e^((x_i − shift) / t)` over the finite `x_i`, each term stored in `terms` (0 for the
-/// others), which is cleared first.
+/// others), which is cleared first. The sum adds the terms four at a time as
+/// `(e0 + e1) + (e2 + e3)`, group after group: the order [`pick`] walks them in, so a target
+/// below the sum always falls on a term.
 pub fn exp_terms(x: &[f32], shift: f32, t: f32, terms: &mut Vec<f32>) -> f32 {
     let (shift, t) = (F32x4::splat(shift), F32x4::splat(t));
     terms.clear();
     terms.reserve(x.len() + 4);
-    let mut sum = F32x4::splat(0.0);
+    let mut sum = 0.0;
     for q in quads(x, f32::NEG_INFINITY) {
         // −∞ makes a 0 term.
-        let e = q.finite_or_neg_inf().sub(shift).div(t).exp();
-        sum = sum.add(e);
-        terms.extend(e.lanes());
+        let e = q.finite_or_neg_inf().sub(shift).div(t).exp().lanes();
+        sum += group_sum(&e);
+        terms.extend(e);
     }
     terms.truncate(x.len());
-    sum.lanes().iter().sum()
+    sum
+}
+
+/// Four terms added as [`exp_terms`] adds them.
+#[inline(always)]
+fn group_sum(e: &[f32; 4]) -> f32 {
+    (e[0] + e[1]) + (e[2] + e[3])
+}
+
+/// The first index at which the running sum of `terms` (added as [`exp_terms`] adds them)
+/// passes `target`; within the group of four where it does, the last positive term if
+/// rounding there keeps it short. `None` when the whole sum does not pass `target`.
+pub fn pick(terms: &[f32], target: f32) -> Option<usize> {
+    let mut cum = 0.0;
+    let (groups, tail) = terms.as_chunks::<4>();
+    let mut last = [0.0; 4];
+    last[..tail.len()].copy_from_slice(tail);
+    let all = groups.iter().chain((!tail.is_empty()).then_some(&last));
+    for (g, e) in all.enumerate() {
+        let next = cum + group_sum(e);
+        if target < next {
+            let (mut c, mut at) = (cum, None);
+            for (i, &w) in e.iter().enumerate().filter(|(_, w)| **w > 0.0) {
+                c += w;
+                at = Some(4 * g + i);
+                if target < c {
+                    break;
+                }
+            }
+            return at;
+        }
+        cum = next;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -398,5 +433,50 @@ mod tests {
         assert_eq!(argmax(&[f32::NAN; 11]), 0);
         assert_eq!(argmax(&[f32::NEG_INFINITY; 11]), 0);
         assert_eq!(max(&[]), f32::NEG_INFINITY);
+    }
+}
+
+#[cfg(test)]
+mod pick_tests {
+    use super::*;
+
+    #[test]
+    fn every_target_below_the_sum_falls_on_a_positive_term() {
+        // Many small terms after a large one: a sum in another order than the walk's would
+        // leave targets near the top with no term (the draw then took the vocabulary's last).
+        let mut x = vec![0.0f32];
+        x.extend((0..49_151).map(|i| -8.0 - (i % 13) as f32));
+        x[20_000] = f32::NEG_INFINITY;
+        let mut terms = Vec::new();
+        let sum = exp_terms(&x, 0.0, 1.0, &mut terms);
+        for k in 0..=4096u32 {
+            let r = if k == 4096 {
+                1.0 - f32::EPSILON / 2.0
+            } else {
+                k as f32 / 4096.0
+            };
+            let target = r * sum;
+            let i = pick(&terms, target);
+            if target < sum {
+                let i = i.unwrap_or_else(|| panic!("no term for {r}"));
+                assert!(terms[i] > 0.0);
+                // The right term, up to what f32 running sums can lose (n · ε of the sum).
+                let before: f64 = terms[..i].iter().map(|&w| f64::from(w)).sum();
+                let slack = terms.len() as f64 * f64::from(f32::EPSILON) * f64::from(sum);
+                let target = f64::from(target);
+                assert!(before <= target + slack, "{r}: {i}");
+                assert!(before + f64::from(terms[i]) >= target - slack, "{r}: {i}");
+            }
+        }
+        assert_eq!(pick(&terms, 0.0), Some(0));
+        assert_eq!(pick(&terms, sum), None);
+        // Tails of every length.
+        for n in 1..9 {
+            let sum = exp_terms(&vec![0.0; n], 0.0, 1.0, &mut terms);
+            assert_eq!(sum, n as f32);
+            assert_eq!(pick(&terms, sum - 0.5), Some(n - 1));
+            assert_eq!(pick(&terms, 0.5), Some(0));
+            assert_eq!(pick(&terms, sum), None);
+        }
     }
 }

@@ -186,18 +186,11 @@ impl Sampler {
             // for the sum, and read back by the walk.
             let sum = lanes::exp_terms(logits, max, p.temperature, &mut self.weights);
             let target = self.rng.next_f32() * sum;
-            let (mut cum, mut last) = (0.0, 0);
-            for (i, &w) in self.weights.iter().enumerate() {
-                if w == 0.0 {
-                    continue;
-                }
-                cum += w;
-                last = i;
-                if target < cum {
-                    break;
-                }
-            }
-            return last as u32;
+            // `r · sum` can round up to `sum` itself: then the last token with any weight.
+            let last = || self.weights.iter().rposition(|&w| w > 0.0);
+            return lanes::pick(&self.weights, target)
+                .or_else(last)
+                .unwrap_or(0) as u32;
         }
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
