@@ -54,19 +54,20 @@ impl Quantizer {
         }
     }
 
+    /// The largest magnitude of `x` (a multiple of 32 values), NaN ignored.
+    fn amax(self, x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: AVX2 and FMA run here (`Isa::detect`).
+            return unsafe { crate::x86::amax(x) };
+        }
+        x.iter().fold(0f32, |m, v| m.max(v.abs()))
+    }
+
     /// `(scale, 1 / scale)` that maps the largest magnitude of `x` (a multiple of 32
     /// values) to 127.
     fn scale(self, x: &[f32]) -> (f32, f32) {
-        #[cfg(target_arch = "x86_64")]
-        let amax = if self.avx2 {
-            // SAFETY: AVX2 and FMA run here (`Isa::detect`).
-            unsafe { crate::x86::amax(x) }
-        } else {
-            x.iter().fold(0f32, |m, v| m.max(v.abs()))
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
+        let d = self.amax(x) / 127.0;
         (d, if d > 0.0 { 1.0 / d } else { 0.0 })
     }
 
