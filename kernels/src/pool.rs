@@ -266,9 +266,6 @@ fn worker(s: &Shared) {
             }
         }
         s.state.fetch_sub(1, Ordering::Release);
-        if s.stop.load(Ordering::SeqCst) {
-            return;
-        }
     }
 }
 
