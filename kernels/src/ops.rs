@@ -123,10 +123,11 @@ pub trait KvValue: Copy + Default + Send + Sync + sealed::Sealed + 'static {
     fn widen(self) -> f32;
     /// Rounds `src` into `dst` (same length).
     fn narrow_slice(src: &[f32], dst: &mut [Self]);
-    /// Rounds attention probabilities to what the values are multiplied by: f16 for an f16
-    /// cache, as llama.cpp's CPU attention does (its product with f16 values takes f16
-    /// operands), so our near-ties break as the reference's do; unchanged for f32.
-    fn round_probabilities(p: &mut [f32], scratch: &mut Vec<Self>);
+    /// Rounds the f32 side of a product with cache values (queries against keys,
+    /// probabilities against values) as llama.cpp's CPU attention does: to f16 for an f16
+    /// cache (ggml converts the f32 operand of an f16 product to f16), so that our results,
+    /// and the near-ties among them, stay close to the reference's; unchanged for f32.
+    fn round_operands(p: &mut [f32], scratch: &mut Vec<Self>);
     /// Eight values from `p`, widened to f32.
     ///
     /// # Safety
@@ -150,7 +151,7 @@ impl KvValue for f32 {
     fn narrow_slice(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
-    fn round_probabilities(_: &mut [f32], _: &mut Vec<f32>) {}
+    fn round_operands(_: &mut [f32], _: &mut Vec<f32>) {}
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -167,7 +168,7 @@ impl KvValue for f16 {
     fn narrow_slice(src: &[f32], dst: &mut [f16]) {
         dst.convert_from_f32_slice(src);
     }
-    fn round_probabilities(p: &mut [f32], scratch: &mut Vec<f16>) {
+    fn round_operands(p: &mut [f32], scratch: &mut Vec<f16>) {
         scratch.resize(p.len(), f16::ZERO);
         scratch.convert_from_f32_slice(p);
         scratch.convert_to_f32_slice(p);
@@ -181,9 +182,12 @@ impl KvValue for f16 {
     }
 }
 
-/// `out[t] = scale · q·k_t` for the keys `k_t = k[t·stride..][..q.len()]`.
-fn key_scores<T: KvValue>(
+/// `out[j·n + t] = scale · q_j·k_t` for the query heads `q_j = q[j·d..][..d]` (`heads` of
+/// them, 1 to 3, sharing one KV head) and the keys `k_t = k[t·stride..][..d]`,
+/// `t < n = out.len() / heads`.
+fn group_scores<T: KvValue>(
     simd: bool,
+    heads: usize,
     q: &[f32],
     k: &[T],
     stride: usize,
@@ -193,34 +197,80 @@ fn key_scores<T: KvValue>(
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is only set where `Isa::best` found AVX2, FMA and F16C.
-        return unsafe { crate::x86::key_scores(q, k, stride, scale, out) };
+        return unsafe { crate::x86::group_scores(heads, q, k, stride, scale, out) };
     }
     let _ = simd;
-    for (t, o) in out.iter_mut().enumerate() {
-        *o = dot(q, &k[t * stride..][..q.len()]) * scale;
+    let (d, n) = (q.len() / heads, out.len() / heads);
+    for (qj, out) in q.chunks_exact(d).zip(out.chunks_exact_mut(n.max(1))) {
+        for (t, o) in out.iter_mut().enumerate() {
+            *o = dot(qj, &k[t * stride..][..d]) * scale;
+        }
     }
 }
 
-/// `acc += Σ_t p[t] · v_t` for the values `v_t = v[t·stride..][..acc.len()]`.
-fn mix_values<T: KvValue>(simd: bool, p: &[f32], v: &[T], stride: usize, acc: &mut [f32]) {
+/// `acc[j·d..][..d] += Σ_t p[j·n + t] · v_t` for `heads` heads' probabilities
+/// (`n = p.len() / heads`) and the values `v_t = v[t·stride..][..d]`.
+fn group_mix<T: KvValue>(
+    simd: bool,
+    heads: usize,
+    p: &[f32],
+    v: &[T],
+    stride: usize,
+    acc: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: as in `key_scores`.
-        return unsafe { crate::x86::mix_values(p, v, stride, acc) };
+        // SAFETY: as in `group_scores`.
+        return unsafe { crate::x86::group_mix(heads, p, v, stride, acc) };
     }
     let _ = simd;
-    let d = acc.len();
-    for (t, &pt) in p.iter().enumerate() {
-        for (a, x) in acc.iter_mut().zip(&v[t * stride..][..d]) {
-            *a += pt * x.widen();
+    let (d, n) = (acc.len() / heads, p.len() / heads);
+    for (pj, acc) in p.chunks_exact(n.max(1)).zip(acc.chunks_exact_mut(d)) {
+        for (t, &pt) in pj.iter().enumerate() {
+            for (a, x) in acc.iter_mut().zip(&v[t * stride..][..d]) {
+                *a += pt * x.widen();
+            }
         }
     }
+}
+
+/// `s` as probabilities: `e^(s_t − max) / Σ_u e^(s_u − max)`.
+fn softmax(simd: bool, s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: as in `group_scores`.
+        return unsafe { crate::x86::softmax(s) };
+    }
+    let _ = simd;
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = 0f32;
+    for x in s.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    s.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// One sequence's part of an [`attention_batch`]: `rows` queries at positions
+/// `pos..pos + rows` over the keys and values of its own positions `0..pos + rows`.
+pub struct AttentionSeq<'a, T> {
+    /// The queries, `rows × n_head·head_dim`.
+    pub q: &'a [f32],
+    /// Keys, `[position][n_kv_head·head_dim]`.
+    pub k: &'a [T],
+    /// Values, as `k`.
+    pub v: &'a [T],
+    /// The position of the first query.
+    pub pos: usize,
+    /// Where the result goes, like `q`.
+    pub out: &'a mut [f32],
 }
 
 /// Causal attention of `rows` queries (`q`, `rows × n_head·head_dim`) at positions
 /// `pos..pos + rows` over the keys and values of positions `0..pos + rows` (`k`, `v`:
 /// `[position][n_kv_head·head_dim]`, f16 or f32), scores multiplied by `scale`; a query at
-/// `p` sees keys `t ≤ p` with `p - t < window`. Writes `out` (like `q`). Heads run across the
+/// `p` sees keys `t ≤ p` with `p - t < window`. Writes `out` (like `q`). Runs across the
 /// pool, with the kernels of [`Isa::detect`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention<T: KvValue>(
@@ -250,66 +300,290 @@ pub fn attention_with<T: KvValue>(
     scale: f32,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
+    let seq = AttentionSeq { q, k, v, pos, out };
+    attention_batch_with(isa, &mut [seq], h, window, scale)
+}
+
+/// [`attention`] of several sequences, each over its own cache, in one hand-off to the pool
+/// (a batched decode step's sequences, which each have too little work to share alone).
+pub fn attention_batch<T: KvValue>(
+    seqs: &mut [AttentionSeq<'_, T>],
+    h: Heads,
+    window: Option<usize>,
+    scale: f32,
+) -> Result<(), KernelError> {
+    attention_batch_with(Isa::detect(), seqs, h, window, scale)
+}
+
+/// An [`AttentionSeq`] as the tasks share it.
+struct SeqView<'a, T> {
+    q: &'a [f32],
+    k: &'a [T],
+    v: &'a [T],
+    pos: usize,
+    out: SendPtr,
+}
+
+/// Query rows of one sequence in one attention task (a prompt's rows split so that a long
+/// prompt's attention spreads over the pool).
+const ROW_BLOCK: usize = 16;
+/// Most query heads that one pass over a KV head's keys and values serves (the kernels'
+/// registers).
+const HEADS_PER_PASS: usize = 3;
+
+/// [`attention_batch`] with the kernels of `isa`.
+pub fn attention_batch_with<T: KvValue>(
+    isa: Isa,
+    seqs: &mut [AttentionSeq<'_, T>],
+    h: Heads,
+    window: Option<usize>,
+    scale: f32,
+) -> Result<(), KernelError> {
     let qw = h.n_head * h.head_dim;
     let kw = h.n_kv_head * h.head_dim;
-    if qw == 0 || kw == 0 || !h.n_head.is_multiple_of(h.n_kv_head) || !q.len().is_multiple_of(qw) {
-        return Err(KernelError::Shape(format!(
-            "attention heads {h:?} for {} query values",
-            q.len()
-        )));
+    if qw == 0 || kw == 0 || !h.n_head.is_multiple_of(h.n_kv_head) {
+        return Err(KernelError::Shape(format!("attention heads {h:?}")));
     }
-    let rows = q.len() / qw;
-    if out.len() != q.len() || k.len() < (pos + rows) * kw || v.len() < (pos + rows) * kw {
-        return Err(KernelError::Shape(format!(
-            "attention of {rows} rows at {pos}: {} keys, {} values, {} outputs",
-            k.len() / kw,
-            v.len() / kw,
-            out.len() / qw
-        )));
+    for s in seqs.iter() {
+        if !s.q.len().is_multiple_of(qw) {
+            return Err(KernelError::Shape(format!(
+                "attention heads {h:?} for {} query values",
+                s.q.len()
+            )));
+        }
+        let rows = s.q.len() / qw;
+        if s.out.len() != s.q.len()
+            || s.k.len() < (s.pos + rows) * kw
+            || s.v.len() < (s.pos + rows) * kw
+        {
+            return Err(KernelError::Shape(format!(
+                "attention of {rows} rows at {}: {} keys, {} values, {} outputs",
+                s.pos,
+                s.k.len() / kw,
+                s.v.len() / kw,
+                s.out.len() / qw
+            )));
+        }
     }
+    let d = h.head_dim;
     let group = h.n_head / h.n_kv_head;
-    let simd = isa >= Isa::Avx2 && isa.runs_here() && h.head_dim.is_multiple_of(8);
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let head_task = |head: usize| {
-        let out_ptr = &out_ptr;
+    let simd = isa >= Isa::Avx2 && isa.runs_here() && d.is_multiple_of(8);
+    // The sequences' inputs, and their outputs as pointers that the tasks write disjoint
+    // parts of.
+    let seqs: Vec<SeqView<'_, T>> = seqs
+        .iter_mut()
+        .map(|s| SeqView {
+            q: s.q,
+            k: s.k,
+            v: s.v,
+            pos: s.pos,
+            out: SendPtr(s.out.as_mut_ptr()),
+        })
+        .collect();
+    // A task: a block of one sequence's rows against one KV head, for the query heads
+    // `heads` of that KV head's group, which read the same keys and values. Whole groups
+    // (up to HEADS_PER_PASS at a time) when there are enough tasks to go round the pool;
+    // otherwise a task per query head.
+    let blocks: Vec<(usize, usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(s, seq)| {
+            let rows = seq.q.len() / qw;
+            (0..rows)
+                .step_by(ROW_BLOCK)
+                .map(move |r| (s, r, (r + ROW_BLOCK).min(rows)))
+        })
+        .collect();
+    let per_pass = if blocks.len() * h.n_kv_head >= 4 * pool::threads() {
+        let passes = group.div_ceil(HEADS_PER_PASS);
+        group.div_ceil(passes)
+    } else {
+        1
+    };
+    let mut tasks = Vec::new();
+    for &(s, first_row, end_row) in &blocks {
+        for head in (0..h.n_head).step_by(group) {
+            let mut at = head;
+            while at < head + group {
+                let n = per_pass.min(head + group - at);
+                tasks.push((s, first_row, end_row, at, n));
+                at += n;
+            }
+        }
+    }
+    let task = |i: usize| {
+        let (s, first_row, end_row, head, heads) = tasks[i];
+        let SeqView {
+            q,
+            k,
+            v,
+            pos,
+            ref out,
+        } = seqs[s];
         let g = head / group;
-        let mut scores = vec![0f32; pos + rows];
-        let mut acc = vec![0f32; h.head_dim];
+        let mut scores = vec![0f32; heads * (pos + end_row)];
+        let mut acc = vec![0f32; heads * d];
+        let mut qh = vec![0f32; heads * d];
         let mut rounded = Vec::new();
-        for i in 0..rows {
+        for i in first_row..end_row {
             let p = pos + i;
             let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
-            let qh = &q[i * qw + head * h.head_dim..][..h.head_dim];
-            let scores = &mut scores[..p + 1 - first];
-            let at = first * kw + g * h.head_dim;
-            key_scores(simd, qh, &k[at..], kw, scale, scores);
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
+            let n = p + 1 - first;
+            let scores = &mut scores[..heads * n];
+            let at = first * kw + g * d;
+            qh.copy_from_slice(&q[i * qw + head * d..][..heads * d]);
+            T::round_operands(&mut qh, &mut rounded);
+            group_scores(simd, heads, &qh, &k[at..], kw, scale, scores);
+            for s in scores.chunks_exact_mut(n) {
+                softmax(simd, s);
+                T::round_operands(s, &mut rounded);
             }
-            let inv = 1.0 / sum;
-            scores.iter_mut().for_each(|s| *s *= inv);
-            T::round_probabilities(scores, &mut rounded);
             acc.fill(0.0);
-            mix_values(simd, scores, &v[at..], kw, &mut acc);
-            // SAFETY: `out` is `rows × qw` (the caller's slice); this task alone writes head
-            // `head` of each row.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(
-                    out_ptr.0.add(i * qw + head * h.head_dim),
-                    h.head_dim,
-                )
-            };
+            group_mix(simd, heads, scores, &v[at..], kw, &mut acc);
+            // SAFETY: `out` is the sequence's `rows × qw` slice; this task alone writes
+            // heads `head..head + heads` of its rows.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(out.0.add(i * qw + head * d), heads * d) };
             dst.copy_from_slice(&acc);
         }
     };
     // Small attention (short contexts, one row) is not worth the hand-off.
-    if rows * (pos + rows) * h.n_head * h.head_dim < 32 * 1024 {
-        (0..h.n_head).for_each(head_task);
+    let work: usize = seqs
+        .iter()
+        .map(|s| {
+            let rows = s.q.len() / qw;
+            rows * (s.pos + rows)
+        })
+        .sum();
+    if work * qw < 32 * 1024 {
+        (0..tasks.len()).for_each(task);
     } else {
-        pool::parallel_for(h.n_head, &head_task);
+        pool::parallel_for(tasks.len(), &task);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn simd_here() -> bool {
+        Isa::Avx2.runs_here()
+    }
+
+    /// Reproducible values in [−1, 1).
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grouped_kernels_match_the_portable_loops() {
+        if !simd_here() {
+            return;
+        }
+        // Key counts around the four-key step, head widths around the column steps.
+        for heads in 1..=3 {
+            for d in [8, 16, 24, 40, 64, 128] {
+                for n in 0..=9 {
+                    let stride = 3 * d;
+                    let q = values(heads * d, 1);
+                    let kv = values(n.max(1) * stride, 2);
+                    let mut want = vec![0f32; heads * n];
+                    let mut got = want.clone();
+                    group_scores(false, heads, &q, &kv, stride, 0.3, &mut want);
+                    group_scores(true, heads, &q, &kv, stride, 0.3, &mut got);
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() < 1e-5,
+                            "scores h{heads} d{d} n{n}: {a} vs {b}"
+                        );
+                    }
+                    let p = values(heads * n, 3);
+                    let mut want = values(heads * d, 4);
+                    let mut got = want.clone();
+                    group_mix(false, heads, &p, &kv, stride, &mut want);
+                    group_mix(true, heads, &p, &kv, stride, &mut got);
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!((a - b).abs() < 1e-5, "mix h{heads} d{d} n{n}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn vector_softmax_matches_the_scalar_one() {
+        if !simd_here() {
+            return;
+        }
+        for n in 1..40 {
+            let mut x: Vec<f32> = values(n, n as u32).iter().map(|v| v * 30.0).collect();
+            if n > 5 {
+                x[3] = f32::NEG_INFINITY;
+            }
+            let mut want = x.clone();
+            softmax(false, &mut want);
+            softmax(true, &mut x);
+            for (a, b) in x.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 4.0 * f32::EPSILON * b.max(1e-30),
+                    "n {n}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_exp_is_within_two_ulp() {
+        use std::arch::x86_64::{_mm256_loadu_ps, _mm256_storeu_ps};
+        if !simd_here() {
+            return;
+        }
+        let exp8 = |x: [f32; 8]| {
+            let mut out = [0f32; 8];
+            // SAFETY: AVX2 and FMA checked above; eight values each way.
+            unsafe {
+                _mm256_storeu_ps(
+                    out.as_mut_ptr(),
+                    crate::x86::exp8(_mm256_loadu_ps(x.as_ptr())),
+                )
+            };
+            out
+        };
+        let mut x = -100.0f32;
+        while x < 88.0 {
+            let got = exp8([x; 8])[0];
+            let want = f64::from(x).exp();
+            if x < -87.3 {
+                assert_eq!(got, 0.0, "e^{x}");
+            } else {
+                let ulp = f64::from(f32::EPSILON) * want;
+                assert!(
+                    (f64::from(got) - want).abs() <= 2.0 * ulp,
+                    "e^{x}: {got} vs {want}"
+                );
+            }
+            x += 0.0037;
+        }
+        let special = exp8([
+            f32::NEG_INFINITY,
+            f32::NAN,
+            0.0,
+            -0.0,
+            -87.5,
+            1.0,
+            88.0,
+            -1.0,
+        ]);
+        assert_eq!(special[0], 0.0);
+        assert!(special[1].is_nan());
+        assert_eq!((special[2], special[3], special[4]), (1.0, 1.0, 0.0));
+    }
 }

@@ -1181,76 +1181,248 @@ unsafe fn tile32_8<B: Values32, D: Dot, const R: usize>(
     }
 }
 
-/// `out[t] = scale · q·k_t` for the keys `k_t = k[t·stride..][..q.len()]`, widened on load.
+/// `out[j·n + t] = scale · q_j·k_t` for `heads` (1 to 3) query heads `q_j = q[j·d..][..d]`
+/// against the keys `k_t = k[t·stride..][..d]`, `t < n = out.len() / heads`: heads that share
+/// a KV head read (and widen) each key once.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn key_scores<T: KvValue>(
+pub(crate) fn group_scores<T: KvValue>(
+    heads: usize,
     q: &[f32],
     k: &[T],
     stride: usize,
     scale: f32,
     out: &mut [f32],
 ) {
-    let d = q.len();
-    assert!(d.is_multiple_of(8) && (out.is_empty() || k.len() >= (out.len() - 1) * stride + d));
-    for (t, o) in out.iter_mut().enumerate() {
-        // SAFETY: key `t` is in bounds (asserted above).
-        let kp = unsafe { k.as_ptr().add(t * stride) };
-        // Two chains, so the FMA latency of one hides behind the other.
-        let mut acc = [_mm256_setzero_ps(); 2];
-        for c in 0..d / 8 {
-            let (kv, qv) = unsafe {
-                (
-                    T::load8(kp.add(c * 8)),
-                    _mm256_loadu_ps(q.as_ptr().add(c * 8)),
-                )
-            };
-            acc[c & 1] = _mm256_fmadd_ps(qv, kv, acc[c & 1]);
+    assert!((1..=3).contains(&heads) && q.len().is_multiple_of(heads));
+    let (d, n) = (q.len() / heads, out.len() / heads);
+    assert!(
+        d.is_multiple_of(8)
+            && out.len() == heads * n
+            && (n == 0 || k.len() >= (n - 1) * stride + d)
+    );
+    let (q, k, out) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
+    // SAFETY: every key and query read and every score written is in bounds (asserted).
+    unsafe {
+        match heads {
+            1 => scores_of::<T, 1>(q, d, k, stride, scale, n, out),
+            2 => scores_of::<T, 2>(q, d, k, stride, scale, n, out),
+            _ => scores_of::<T, 3>(q, d, k, stride, scale, n, out),
         }
-        *o = hsum(_mm256_add_ps(acc[0], acc[1])) * scale;
     }
 }
 
-/// `acc += Σ_t p[t] · v_t` for the values `v_t = v[t·stride..][..acc.len()]`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn mix_values<T: KvValue>(p: &[f32], v: &[T], stride: usize, acc: &mut [f32]) {
-    let d = acc.len();
-    assert!(d.is_multiple_of(8) && (p.is_empty() || v.len() >= (p.len() - 1) * stride + d));
-    let mut x = 0;
-    while x + 32 <= d {
-        // SAFETY: columns x..x + 32 of every value row are in bounds (asserted above).
-        unsafe { mix_columns::<T, 4>(p, v, stride, x, acc) };
-        x += 32;
-    }
-    while x < d {
-        unsafe { mix_columns::<T, 1>(p, v, stride, x, acc) };
-        x += 8;
-    }
-}
-
-/// Columns `x..x + 8·R` of [`mix_values`], held in registers across every position.
+/// [`group_scores`] for `H` heads: four keys at a time, so that one horizontal reduction
+/// serves four scores (`H` · 4 accumulators, at most 12 of the 16 registers).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn mix_columns<T: KvValue, const R: usize>(
+unsafe fn scores_of<T: KvValue, const H: usize>(
+    q: *const f32,
+    d: usize,
+    k: *const T,
+    stride: usize,
+    scale: f32,
+    n: usize,
+    out: *mut f32,
+) {
+    // SAFETY: the caller's bounds.
+    unsafe {
+        let mut t = 0;
+        while t + 4 <= n {
+            let mut acc = [[_mm256_setzero_ps(); 4]; H];
+            for c in (0..d).step_by(8) {
+                for (key, kp) in (0..4).map(|key| (key, k.add((t + key) * stride + c))) {
+                    let kv = T::load8(kp);
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        acc[key] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(j * d + c)), kv, acc[key]);
+                    }
+                }
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                let s = _mm_mul_ps(sum4(acc), _mm_set1_ps(scale));
+                _mm_storeu_ps(out.add(j * n + t), s);
+            }
+            t += 4;
+        }
+        while t < n {
+            let mut acc = [_mm256_setzero_ps(); H];
+            for c in (0..d).step_by(8) {
+                let kv = T::load8(k.add(t * stride + c));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(j * d + c)), kv, *acc);
+                }
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                *out.add(j * n + t) = hsum(*acc) * scale;
+            }
+            t += 1;
+        }
+    }
+}
+
+/// The lane sums of four vectors, in order.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sum4(v: &[__m256; 4]) -> __m128 {
+    // Per 128-bit half: pairs, then quads of each vector; the halves added last.
+    let h = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1))
+}
+
+/// `acc[j·d..][..d] += Σ_t p[j·n + t] · v_t` for `heads` (1 to 3) heads' probabilities
+/// (`n = p.len() / heads`) over the values `v_t = v[t·stride..][..d]`: each value widened
+/// once for every head that shares it.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn group_mix<T: KvValue>(
+    heads: usize,
     p: &[f32],
     v: &[T],
     stride: usize,
-    x: usize,
     acc: &mut [f32],
 ) {
-    let a = unsafe { acc.as_mut_ptr().add(x) };
-    let mut r = [_mm256_setzero_ps(); R];
-    for (i, r) in r.iter_mut().enumerate() {
-        *r = unsafe { _mm256_loadu_ps(a.add(8 * i)) };
-    }
-    for (t, &pt) in p.iter().enumerate() {
-        let s = _mm256_set1_ps(pt);
-        let vp = unsafe { v.as_ptr().add(t * stride + x) };
-        for (i, r) in r.iter_mut().enumerate() {
-            *r = _mm256_fmadd_ps(s, unsafe { T::load8(vp.add(8 * i)) }, *r);
+    assert!((1..=3).contains(&heads) && acc.len().is_multiple_of(heads));
+    let (d, n) = (acc.len() / heads, p.len() / heads);
+    assert!(
+        d.is_multiple_of(8) && p.len() == heads * n && (n == 0 || v.len() >= (n - 1) * stride + d)
+    );
+    let (p, v, acc) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+    // Columns in registers across every position: four vectors per head for one or two
+    // heads, two for three (accumulators, values and a broadcast within 16 registers).
+    let mut x = 0;
+    // SAFETY: columns `x..` of every value row, and every probability, are in bounds
+    // (asserted above).
+    unsafe {
+        while x < d {
+            let wide = if heads == 3 { 16 } else { 32 };
+            x += if x + wide <= d {
+                match heads {
+                    1 => mix_of::<T, 1, 4>(p, n, v, stride, x, acc, d),
+                    2 => mix_of::<T, 2, 4>(p, n, v, stride, x, acc, d),
+                    _ => mix_of::<T, 3, 2>(p, n, v, stride, x, acc, d),
+                }
+                wide
+            } else {
+                match heads {
+                    1 => mix_of::<T, 1, 1>(p, n, v, stride, x, acc, d),
+                    2 => mix_of::<T, 2, 1>(p, n, v, stride, x, acc, d),
+                    _ => mix_of::<T, 3, 1>(p, n, v, stride, x, acc, d),
+                }
+                8
+            };
         }
     }
-    for (i, r) in r.iter().enumerate() {
-        unsafe { _mm256_storeu_ps(a.add(8 * i), *r) };
+}
+
+/// Columns `x..x + 8·R` of [`group_mix`] for `H` heads.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mix_of<T: KvValue, const H: usize, const R: usize>(
+    p: *const f32,
+    n: usize,
+    v: *const T,
+    stride: usize,
+    x: usize,
+    acc: *mut f32,
+    d: usize,
+) {
+    // SAFETY: the caller's bounds.
+    unsafe {
+        let mut r = [[_mm256_setzero_ps(); R]; H];
+        for (j, r) in r.iter_mut().enumerate() {
+            for (i, r) in r.iter_mut().enumerate() {
+                *r = _mm256_loadu_ps(acc.add(j * d + x + 8 * i));
+            }
+        }
+        for t in 0..n {
+            let vp = v.add(t * stride + x);
+            let vals: [__m256; R] = std::array::from_fn(|i| T::load8(vp.add(8 * i)));
+            for (j, r) in r.iter_mut().enumerate() {
+                let s = _mm256_set1_ps(*p.add(j * n + t));
+                for (r, val) in r.iter_mut().zip(vals) {
+                    *r = _mm256_fmadd_ps(s, val, *r);
+                }
+            }
+        }
+        for (j, r) in r.iter().enumerate() {
+            for (i, r) in r.iter().enumerate() {
+                _mm256_storeu_ps(acc.add(j * d + x + 8 * i), *r);
+            }
+        }
+    }
+}
+
+/// `e^x` per lane, Cephes' `expf` (`x = n·ln 2 + r`, a polynomial for `e^r`, `2^n` from its
+/// bits): within 2 ulp for x ≤ 88; exactly 0 below −87.3 (−∞ included); NaN stays NaN.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn exp8(x: __m256) -> __m256 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0;
+    let s = _mm256_set1_ps;
+    // `min` gives its second operand for a NaN lane; `r` keeps the NaN.
+    let bounded = _mm256_min_ps(x, s(88.37));
+    let n = _mm256_floor_ps(_mm256_fmadd_ps(
+        bounded,
+        s(std::f32::consts::LOG2_E),
+        s(0.5),
+    ));
+    let r = _mm256_fnmadd_ps(n, s(LN2_LO), _mm256_fnmadd_ps(n, s(LN2_HI), x));
+    let mut p = s(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, s(c));
+    }
+    let y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), s(1.0));
+    // 2^n from the bits of n + 1.5·2^23, whose low mantissa bits hold n.
+    let bits = _mm256_sub_epi32(
+        _mm256_castps_si256(_mm256_add_ps(n, s(MAGIC))),
+        _mm256_set1_epi32(MAGIC.to_bits() as i32),
+    );
+    let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_add_epi32(bits, _mm256_set1_epi32(127)),
+        23,
+    ));
+    let tiny = _mm256_cmp_ps(x, s(-87.3), _CMP_LT_OQ);
+    _mm256_andnot_ps(tiny, _mm256_mul_ps(y, pow2))
+}
+
+/// `s` as probabilities: `e^(s_t − max) / Σ_u e^(s_u − max)`, NaN scores ignored by the max.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn softmax(s: &mut [f32]) {
+    let (chunks, tail) = s.as_chunks_mut::<8>();
+    let mut padded = [f32::NEG_INFINITY; 8];
+    padded[..tail.len()].copy_from_slice(tail);
+    let load = |c: &[f32; 8]| unsafe { _mm256_loadu_ps(c.as_ptr()) };
+    // `max` gives its second operand where the first is NaN.
+    let mut m = load(&padded);
+    for c in chunks.iter() {
+        m = _mm256_max_ps(load(c), m);
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    let max = _mm256_broadcastss_ps(m);
+    let mut sum = _mm256_setzero_ps();
+    let mut exp_in_place = |c: &mut [f32; 8]| {
+        let e = exp8(_mm256_sub_ps(load(c), max));
+        sum = _mm256_add_ps(sum, e);
+        // SAFETY: eight values.
+        unsafe { _mm256_storeu_ps(c.as_mut_ptr(), e) };
+    };
+    chunks.iter_mut().for_each(&mut exp_in_place);
+    exp_in_place(&mut padded);
+    let inv = _mm256_set1_ps(1.0 / hsum(sum));
+    for c in chunks.iter_mut() {
+        // SAFETY: eight values.
+        unsafe { _mm256_storeu_ps(c.as_mut_ptr(), _mm256_mul_ps(load(c), inv)) };
+    }
+    for (t, e) in tail.iter_mut().zip(padded) {
+        *t = e * _mm256_cvtss_f32(inv);
     }
 }
 

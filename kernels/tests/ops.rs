@@ -1,6 +1,8 @@
 //! The row operations against their plain forms.
 
-use wasmlm_kernels::ops::{attention_with, f16, Heads, KvValue};
+use wasmlm_kernels::ops::{
+    attention_batch_with, attention_with, f16, AttentionSeq, Heads, KvValue,
+};
 use wasmlm_kernels::Isa;
 
 /// xorshift64*: reproducible random numbers without a dependency.
@@ -18,11 +20,11 @@ impl Rng {
     }
 }
 
-/// Attention in f64, the plain way; with `f16_probabilities`, the probabilities rounded to f16
-/// as an f16 cache's attention rounds them.
+/// Attention in f64, the plain way; with `f16_operands`, the queries and the probabilities
+/// rounded to f16 as an f16 cache's attention rounds them.
 #[allow(clippy::too_many_arguments)]
 fn reference(
-    f16_probabilities: bool,
+    f16_operands: bool,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -33,6 +35,10 @@ fn reference(
 ) -> Vec<f32> {
     let (qw, kw, d) = (h.n_head * h.head_dim, h.n_kv_head * h.head_dim, h.head_dim);
     let rows = q.len() / qw;
+    let q: Vec<f32> = match f16_operands {
+        true => round_f16(q),
+        false => q.to_vec(),
+    };
     let mut out = vec![0f32; q.len()];
     for i in 0..rows {
         let p = pos + i;
@@ -57,7 +63,7 @@ fn reference(
             let sum: f64 = e.iter().sum();
             let probabilities: Vec<f64> = e
                 .iter()
-                .map(|e| match f16_probabilities {
+                .map(|e| match f16_operands {
                     true => f64::from(f16::from_f64(e / sum)),
                     false => e / sum,
                 })
@@ -109,14 +115,90 @@ fn attention_matches_the_plain_computation() {
             let want = reference(false, &q, &k, &v, h, pos, window, 0.3);
             check::<f32>(&case, &q, &k, &v, h, pos, window, &want, 1e-5);
             // The f16 cache against the same plain computation on its (exactly widened)
-            // values. A probability whose f32 and f64 forms round to neighbouring f16 values
-            // moves an output by up to 2⁻¹¹ of that probability's share: hence 1e-4.
+            // values.
             let (k16, v16) = (round_f16(&k), round_f16(&v));
             let want = reference(true, &q, &k16, &v16, h, pos, window, 0.3);
-            check::<f16>(&case, &q, &k16, &v16, h, pos, window, &want, 1e-4);
+            check::<f16>(&case, &q, &k16, &v16, h, pos, window, &want, F16_TOLERANCE);
         }
     }
 }
+
+#[test]
+fn batched_attention_matches_each_sequence_alone() {
+    let mut rng = Rng(23);
+    // Groups of 1 to 7 query heads per KV head (passes of up to three heads: 3 + 2, 3 + 3 +
+    // 1), and enough sequences that whole groups share a pass; a prompt of several row
+    // blocks among the decode steps; an f16 cache.
+    for (n_head, n_kv_head, head_dim) in [(9, 3, 64), (8, 2, 16), (5, 1, 24), (7, 1, 8), (4, 4, 40)]
+    {
+        let h = Heads {
+            n_head,
+            n_kv_head,
+            head_dim,
+        };
+        let (qw, kw) = (n_head * head_dim, n_kv_head * head_dim);
+        let shapes = [
+            (0, 1),
+            (7, 1),
+            (12, 1),
+            (33, 1),
+            (3, 40),
+            (64, 1),
+            (1, 1),
+            (20, 2),
+            (90, 1),
+            (5, 1),
+        ];
+        for window in [None, Some(9)] {
+            let data: Vec<_> = shapes
+                .iter()
+                .map(|&(pos, rows)| {
+                    let q = rng.vec(rows * qw);
+                    let k = round_f16(&rng.vec((pos + rows) * kw));
+                    let v = round_f16(&rng.vec((pos + rows) * kw));
+                    (pos, q, k, v)
+                })
+                .collect();
+            let caches: Vec<(Vec<f16>, Vec<f16>)> = data
+                .iter()
+                .map(|(_, _, k, v)| {
+                    let to16 = |x: &[f32]| x.iter().map(|&v| f16::from_f32(v)).collect();
+                    (to16(k), to16(v))
+                })
+                .collect();
+            for isa in Isa::supported() {
+                let mut outs: Vec<Vec<f32>> = data.iter().map(|d| vec![0f32; d.1.len()]).collect();
+                let mut seqs: Vec<AttentionSeq<'_, f16>> = data
+                    .iter()
+                    .zip(&caches)
+                    .zip(outs.iter_mut())
+                    .map(|(((pos, q, _, _), (k, v)), out)| AttentionSeq {
+                        q,
+                        k,
+                        v,
+                        pos: *pos,
+                        out,
+                    })
+                    .collect();
+                attention_batch_with(isa, &mut seqs, h, window, 0.3).expect("attention");
+                for ((pos, q, k, v), out) in data.iter().zip(&outs) {
+                    let want = reference(true, q, k, v, h, *pos, window, 0.3);
+                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() < F16_TOLERANCE,
+                            "{isa:?} {h:?} pos {pos} {window:?} at {i}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How far an f16 cache's attention may be from the plain computation: a probability whose
+/// f32 and f64 forms round to neighbouring f16 values moves an output by one f16 step of that
+/// probability (≤ 2⁻¹⁰ · p) times a value (|v| < 1), and the probabilities sum to 1.
+const F16_TOLERANCE: f32 = 1e-3;
 
 /// The values rounded to f16 and widened back.
 fn round_f16(x: &[f32]) -> Vec<f32> {

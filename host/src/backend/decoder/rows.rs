@@ -4,7 +4,7 @@
 //! tensor pass stays for other devices (and `WASMLM_FORWARD=tensors`, to compare).
 
 use candle_core::{Device, Tensor};
-use wasmlm_kernels::ops::{self, Heads};
+use wasmlm_kernels::ops::{self, AttentionSeq, Heads};
 
 use super::{Activation, Decoder};
 use crate::backend::kv_cache::{KvCache, KvRows};
@@ -125,27 +125,35 @@ impl Decoder {
                 ops::rms_norm(&mut k, kn, self.eps);
             }
             let (cos, sin) = &w.ropes[l.rope];
-            for (s, cache) in caches.iter_mut().enumerate() {
+            let (qs, ks) = (
+                q.chunks_exact_mut(per_seq * qw),
+                k.chunks_exact_mut(per_seq * kw),
+            );
+            for ((qs, ks), cache) in qs.zip(ks).zip(caches.iter()) {
                 let pos = cache.len();
-                let (qs, ks) = (
-                    &mut q[s * per_seq * qw..][..per_seq * qw],
-                    &mut k[s * per_seq * kw..][..per_seq * kw],
-                );
                 ops::rope(qs, qw, self.head_dim, pos, cos, sin, self.interleaved);
                 ops::rope(ks, kw, self.head_dim, pos, cos, sin, self.interleaved);
-                let vs = &v[s * per_seq * kw..][..per_seq * kw];
-                let out = &mut att[s * per_seq * qw..][..per_seq * qw];
-                let scale = self.attn_scale as f32;
-                match cache.append_rows(i, ks, vs)? {
-                    KvRows::F16(kc, vc) => {
-                        ops::attention(qs, kc, vc, heads, pos, l.window, scale, out)
-                    }
-                    KvRows::F32(kc, vc) => {
-                        ops::attention(qs, kc, vc, heads, pos, l.window, scale, out)
-                    }
-                }
-                .map_err(err)?;
             }
+            // Every sequence's attention in one hand-off to the pool, by cache type (one
+            // model's caches share it).
+            let (mut f16s, mut f32s) = (Vec::new(), Vec::new());
+            let rows = q
+                .chunks_exact(per_seq * qw)
+                .zip(att.chunks_exact_mut(per_seq * qw))
+                .zip(
+                    k.chunks_exact(per_seq * kw)
+                        .zip(v.chunks_exact(per_seq * kw)),
+                );
+            for (((q, out), (ks, vs)), cache) in rows.zip(caches.iter_mut()) {
+                let pos = cache.len();
+                match cache.append_rows(i, ks, vs)? {
+                    KvRows::F16(k, v) => f16s.push(AttentionSeq { q, k, v, pos, out }),
+                    KvRows::F32(k, v) => f32s.push(AttentionSeq { q, k, v, pos, out }),
+                }
+            }
+            let scale = self.attn_scale as f32;
+            ops::attention_batch(&mut f16s, heads, l.window, scale).map_err(err)?;
+            ops::attention_batch(&mut f32s, heads, l.window, scale).map_err(err)?;
             let mut o = l.attn_output.rows(&att, n)?;
             if let Some(pn) = &rl.post_attn_norm {
                 ops::rms_norm(&mut o, pn, self.eps);
