@@ -53,7 +53,7 @@ fn answers_the_capital_of_france_with_a_summary() {
         "0",
         "--system",
         "You are a helpful assistant.",
-        "What is the capital of France?",
+        "Name the capital of France.",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("Paris"), "answer: {}", stdout(&o));

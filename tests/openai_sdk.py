@@ -12,7 +12,7 @@ BASE, BUSY, EMBEDDING_VECTORS = sys.argv[1], sys.argv[2], sys.argv[3]
 KEY = "test-key"
 client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0, timeout=120)
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
-QUESTION = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [SYSTEM, {"role": "user", "content": "Name the capital of France."}]
 
 
 def check(name):

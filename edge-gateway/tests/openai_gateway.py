@@ -11,7 +11,7 @@ BASE, KEY = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0, timeout=120)
 QUESTION = [
     {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "user", "content": "Name the capital of France."},
 ]
 
 
