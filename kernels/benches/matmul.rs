@@ -10,24 +10,12 @@
 //! other instruction set past scalar that the CPU runs, `<level>_us=.. over_<level>=..`: our
 //! own kernels held to that level, in the same run.
 
-use std::time::Instant;
+mod common;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
+use common::median_us;
 use wasmlm_kernels::{Isa, QFormat, QMatrix};
-
-fn median_us(mut f: impl FnMut(), budget_s: f64) -> f64 {
-    f();
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < 5 || (start.elapsed().as_secs_f64() < budget_s && times.len() < 2000) {
-        let t = Instant::now();
-        f();
-        times.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
 
 fn main() {
     let filter = std::env::args()
