@@ -99,6 +99,23 @@ fn same_seed_same_output() {
 }
 
 #[test]
+fn json_mode_prints_one_json_object() {
+    common::smollm2_path();
+    let o = wasmlm(&[
+        "run",
+        "--json",
+        "--temperature",
+        "0",
+        "Describe a cat as a JSON object with the keys name, age and color.",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim_end()).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"));
+    assert!(v.is_object(), "{out}");
+}
+
+#[test]
 fn tokenize_prints_json_ids() {
     let path = common::smollm2_path();
     let o = wasmlm(&["tokenize", "--model", &model_arg(&path), "Hello, world!"]);

@@ -99,6 +99,48 @@ def _():
     assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-4 for t in lps)
 
 
+CAT = [SYSTEM, {"role": "user", "content": "Describe a cat as a JSON object with the keys name, age and color."}]
+
+
+@check("JSON mode: response_format json_object")
+def _():
+    free = client.chat.completions.create(model="smollm2", messages=CAT, temperature=0, max_tokens=200)
+    # Left alone, this model fences its JSON in Markdown and explains it: not JSON.
+    try:
+        json.loads(free.choices[0].message.content)
+    except json.JSONDecodeError:
+        pass
+    else:
+        raise AssertionError("the unconstrained answer is JSON already: this check proves nothing")
+    r = client.chat.completions.create(
+        model="smollm2", messages=CAT, temperature=0, max_tokens=200,
+        response_format={"type": "json_object"})
+    c = r.choices[0]
+    assert isinstance(json.loads(c.message.content), dict), c.message.content
+    assert c.finish_reason == "stop", c
+    # Sampled and streamed: one whole object each time, and nothing after it.
+    for seed in (1, 2, 3):
+        stream = client.chat.completions.create(
+            model="smollm2", messages=CAT, temperature=1.0, seed=seed, max_tokens=300, stream=True,
+            response_format={"type": "json_object"})
+        text, finish = "", None
+        for chunk in stream:
+            for ch in chunk.choices:
+                text += ch.delta.content or ""
+                finish = ch.finish_reason or finish
+        assert finish == "stop", (seed, finish, text)
+        assert isinstance(json.loads(text), dict), (seed, text)
+    # A schema is refused, not ignored.
+    try:
+        client.chat.completions.create(
+            model="smollm2", messages=CAT, max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": {"type": "object"}}})
+    except openai.BadRequestError as e:
+        assert "json_schema" in e.message, e.message
+    else:
+        raise AssertionError("a json_schema response_format was accepted")
+
+
 @check("a multi-turn conversation reuses the cached prefix")
 def _():
     history = [SYSTEM, {"role": "user", "content": "Name a fruit."}]

@@ -271,6 +271,28 @@ fn errors_have_openai_shapes_and_status_codes() {
     );
     expect_error(&e, 400);
 
+    // response_format: JSON mode only, alone; a schema is refused rather than ignored.
+    for (extra, words) in [
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "json_schema",
+        ),
+        (json!({"response_format": {"type": "yaml"}}), "json_object"),
+        (json!({"response_format": "json"}), "json_object"),
+        (
+            json!({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}),
+            "guided_choice",
+        ),
+    ] {
+        let e = post(
+            "/v1/chat/completions",
+            chat("hi", extra).to_string().as_bytes(),
+        );
+        let msg = expect_error(&e, 400);
+        assert!(msg.contains(words), "{msg}");
+        assert_eq!(e.json()["error"]["param"], "response_format");
+    }
+
     // Never a 500 for a hostile body.
     for body in [
         json!({"model": "smollm2", "messages": [{"role": "wizard", "content": "x"}]}),

@@ -1,6 +1,6 @@
 //! `wasmlm bench-serve`: the node's HTTP path against the in-process component path, sampling
-//! (temperature 1) against greedy decoding, and aggregate decode throughput with several
-//! concurrent streams, in one run.
+//! (temperature 1) against greedy decoding, JSON mode against free text, and aggregate decode
+//! throughput with several concurrent streams, in one run.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
-use wasmlm_host::bindings::exports::wasmlm::llm::types::{Message, Role, SamplingOptions};
+use wasmlm_host::bindings::exports::wasmlm::llm::types::{
+    Message, OutputFormat, Role, SamplingOptions,
+};
 use wasmlm_host::device::DeviceSpec;
 use wasmlm_host::runtime::{default_options, message, no_context, Runtime};
 use wasmlm_host::server::config::{NodeConfig, Overrides};
@@ -34,6 +36,12 @@ fn prompt(i: usize) -> String {
     format!("Story number {i}: write a long story about a lighthouse keeper and the sea.")
 }
 
+/// A request whose answer is long JSON either way, so JSON mode and free text decode much
+/// the same tokens.
+fn json_prompt(i: usize) -> String {
+    format!("List {i}: write a JSON object that lists 40 countries, each with its capital, population and area.")
+}
+
 fn messages(text: &str) -> Vec<Message> {
     vec![
         message(Role::System, "You are a helpful assistant."),
@@ -42,13 +50,15 @@ fn messages(text: &str) -> Vec<Message> {
 }
 
 /// The component in process, as `wasmlm run` drives it, greedy (`temperature` 0) or
-/// sampling from the whole vocabulary (an API request's defaults at `temperature` 1).
+/// sampling from the whole vocabulary (an API request's defaults at `temperature` 1), in
+/// `format` (JSON mode ends where the object closes).
 fn direct(
     runtime: &Runtime,
     model: &str,
     text: &str,
     gen: u32,
     temperature: f32,
+    format: OutputFormat,
 ) -> Result<Sample> {
     let mut inst = runtime.instance(model)?;
     let options = SamplingOptions {
@@ -56,6 +66,7 @@ fn direct(
         temperature: Some(temperature),
         seed: Some(7),
         ignore_eos: Some(true),
+        format: Some(format),
         ..default_options()
     };
     let t0 = Instant::now();
@@ -202,31 +213,68 @@ pub fn run(
 
     // HTTP overhead: the same request both ways, back to back, each round.
     let runtime = Arc::new(runtime);
-    direct(&runtime, &model, &prompt(999), 4, 0.0)?;
+    direct(&runtime, &model, &prompt(999), 4, 0.0, OutputFormat::Text)?;
     http(&addr, &model, &prompt(999), 4)?;
-    let (mut ttft_r, mut dec_r, mut sampled_r) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ttft_r, mut dec_r, mut sampled_r, mut json_r) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let text = prompt(round);
-        let d = direct(&runtime, &model, &format!("{text} (direct)"), gen, 0.0)?;
+        let d = direct(
+            &runtime,
+            &model,
+            &format!("{text} (direct)"),
+            gen,
+            0.0,
+            OutputFormat::Text,
+        )?;
         let h = http(&addr, &model, &format!("{text} (http!!)"), gen)?;
-        let s = direct(&runtime, &model, &format!("{text} (sample)"), gen, 1.0)?;
+        let s = direct(
+            &runtime,
+            &model,
+            &format!("{text} (sample)"),
+            gen,
+            1.0,
+            OutputFormat::Text,
+        )?;
+        // The same request as free text and in JSON mode, greedy.
+        let jt = direct(
+            &runtime,
+            &model,
+            &json_prompt(round),
+            gen,
+            0.0,
+            OutputFormat::Text,
+        )?;
+        let j = direct(
+            &runtime,
+            &model,
+            &json_prompt(round),
+            gen,
+            0.0,
+            OutputFormat::JsonObject,
+        )?;
         println!(
-            "round={round} direct_ttft_ms={:.1} http_ttft_ms={:.1} direct_decode_tok_s={:.1} http_decode_tok_s={:.1} sampled_decode_tok_s={:.1}",
+            "round={round} direct_ttft_ms={:.1} http_ttft_ms={:.1} direct_decode_tok_s={:.1} http_decode_tok_s={:.1} sampled_decode_tok_s={:.1} json_text_decode_tok_s={:.1} json_mode_decode_tok_s={:.1} json_mode_tokens={}",
             d.ttft.as_secs_f64() * 1e3,
             h.ttft.as_secs_f64() * 1e3,
             d.decode_rate(),
             h.decode_rate(),
-            s.decode_rate()
+            s.decode_rate(),
+            jt.decode_rate(),
+            j.decode_rate(),
+            j.decoded + 1
         );
         ttft_r.push(h.ttft.as_secs_f64() / d.ttft.as_secs_f64());
         dec_r.push(h.decode_rate() / d.decode_rate());
         sampled_r.push(s.decode_rate() / d.decode_rate());
+        json_r.push(j.decode_rate() / jt.decode_rate());
     }
     println!(
-        "median ratio http/direct ttft={:.3} decode={:.3}; sampled (temperature 1)/greedy decode={:.3}",
+        "median ratio http/direct ttft={:.3} decode={:.3}; sampled (temperature 1)/greedy decode={:.3}; json mode/free text decode={:.3}",
         median(ttft_r),
         median(dec_r),
-        median(sampled_r)
+        median(sampled_r),
+        median(json_r)
     );
 
     // Concurrency: aggregate decode throughput with N streams at once.

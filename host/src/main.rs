@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use wasmlm_host::backend::{LoadedModel, Sequence};
-use wasmlm_host::bindings::exports::wasmlm::llm::types::{Role, SamplingOptions};
+use wasmlm_host::bindings::exports::wasmlm::llm::types::{OutputFormat, Role, SamplingOptions};
 use wasmlm_host::device::DeviceSpec;
 use wasmlm_host::models::{self, ModelSpec, KNOWN_MODELS};
 use wasmlm_host::runtime::{default_options, message, no_context, Runtime, EMBEDDED_COMPONENT};
@@ -111,6 +111,9 @@ struct RunArgs {
     /// Send the prompt as is, without the chat template (for base models).
     #[arg(long)]
     raw: bool,
+    /// JSON mode: the answer is one JSON object, and ends where it closes.
+    #[arg(long)]
+    json: bool,
     /// The prompt.
     prompt: String,
 }
@@ -385,6 +388,7 @@ fn run(a: RunArgs) -> Result<()> {
         repeat_penalty: Some(a.repeat_penalty),
         seed: a.seed,
         stop: a.stop.clone(),
+        format: a.json.then_some(OutputFormat::JsonObject),
         ..default_options()
     };
     let start = Instant::now();

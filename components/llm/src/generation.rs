@@ -4,8 +4,10 @@ use std::rc::Rc;
 
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
 use crate::bindings::exports::wasmlm::llm::types::{
-    ContextOverflow, Error, FinishReason, SamplingOptions, TokenLogprob, TopLogprob, Usage,
+    ContextOverflow, Error, FinishReason, OutputFormat, SamplingOptions, TokenLogprob, TopLogprob,
+    Usage,
 };
+use crate::json::JsonPrefix;
 use crate::model::{common_prefix, Model};
 use crate::nn::Sequence;
 use crate::response::ResponseParser;
@@ -33,6 +35,8 @@ pub struct Generation {
     stop: StopMatcher,
     /// Token sequences the output must be one of (empty: unconstrained).
     choices: Vec<Vec<u32>>,
+    /// JSON mode: how far the output is into its JSON object.
+    json: Option<JsonPrefix>,
     /// Splits a chat answer into reasoning, text and tool calls.
     parser: Option<ResponseParser>,
     cancelled: bool,
@@ -83,6 +87,15 @@ impl Generation {
         if choices.iter().any(Vec::is_empty) {
             return Err(Error::InvalidInput("a choice is empty".into()));
         }
+        let json = match options.format {
+            None | Some(OutputFormat::Text) => None,
+            Some(OutputFormat::JsonObject) => Some(JsonPrefix::new()),
+        };
+        if json.is_some() && !choices.is_empty() {
+            return Err(Error::InvalidInput(
+                "choices and a JSON output format cannot be combined".into(),
+            ));
+        }
         if prompt.len() >= model.context_length as usize {
             return Err(Error::ContextOverflow(ContextOverflow {
                 prompt_tokens: prompt.len() as u32,
@@ -102,6 +115,7 @@ impl Generation {
             utf8: Utf8Stream::default(),
             stop: StopMatcher::new(&options.stop),
             choices,
+            json,
             parser: None,
             cancelled: false,
             done: false,
@@ -178,10 +192,23 @@ impl Generation {
         chunk
     }
 
-    /// Masks every token that would not keep the output a prefix of one of the choices.
-    fn constrain(&self, logits: &mut [f32]) {
+    /// Masks every token that would not keep the output a prefix of one of the choices, or
+    /// (JSON mode) of a JSON object. Fails when no token is left.
+    fn constrain(&self, logits: &mut [f32]) -> Result<(), Error> {
+        if let Some(json) = &self.json {
+            let tok = self.model.tokenizer.borrow();
+            // Control and end-of-generation tokens are masked: the object must close first,
+            // and then generation ends by itself.
+            let piece = |t| self.model.json_piece(&tok, t);
+            if !self.model.json_tokens().mask(json, piece, logits) {
+                return Err(Error::InvalidInput(
+                    "no token of the vocabulary continues the JSON output".into(),
+                ));
+            }
+            return Ok(());
+        }
         if self.choices.is_empty() {
-            return;
+            return Ok(());
         }
         let n = self.generated.len();
         let mut allowed = vec![false; logits.len()];
@@ -197,6 +224,7 @@ impl Generation {
                 *l = f32::NEG_INFINITY;
             }
         }
+        Ok(())
     }
 
     fn step(&mut self) -> Result<Chunk, Error> {
@@ -208,7 +236,7 @@ impl Generation {
             Some(l) => l,
             None => self.compute_next()?,
         };
-        self.constrain(&mut logits);
+        self.constrain(&mut logits)?;
         let choice = self
             .sampler
             .sample(&mut logits, &self.prompt, &self.generated);
@@ -241,11 +269,20 @@ impl Generation {
         }
         let text = {
             let tok = self.model.tokenizer.borrow();
-            self.utf8.push(tok.piece(token))
+            let piece = tok.piece(token);
+            if let Some(json) = &mut self.json {
+                // The mask let only tokens through that the state accepts.
+                json.push_all(piece);
+            }
+            self.utf8.push(piece)
         };
         let outcome = self.stop.push(&text);
         if outcome.stopped {
             return Ok(self.finish_now(outcome.emit, vec![token], logprobs, FinishReason::Stop));
+        }
+        // JSON mode ends where the object closes.
+        if self.json.as_ref().is_some_and(JsonPrefix::is_done) {
+            return Ok(self.finish(outcome.emit, vec![token], logprobs, FinishReason::Stop));
         }
         let full = self.prompt.len() + self.generated.len() >= self.model.context_length as usize;
         let at_max = self

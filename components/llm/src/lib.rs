@@ -14,6 +14,7 @@ pub mod bindings {
 
 pub mod embedding;
 mod generation;
+pub mod json;
 mod lanes;
 mod metadata;
 mod model;
@@ -29,7 +30,9 @@ pub mod utf8;
 use std::cell::RefCell;
 
 use bindings::exports::fermyon::spin::llm as spin;
-use bindings::exports::wasmlm::llm::types::{ChatContext, Error, Message, SamplingOptions, Usage};
+use bindings::exports::wasmlm::llm::types::{
+    ChatContext, Error, Message, OutputFormat, SamplingOptions, Usage,
+};
 use bindings::exports::wasmlm::llm::{embeddings, generation as gen, models, tokenization};
 use generation::Generation;
 
@@ -76,7 +79,11 @@ impl gen::Guest for Component {
         let parse_tools = model::extras(&context)?.tools.is_some();
         // With thinking off, Qwen3's template writes an empty `<think></think>` itself.
         let opened = prompt.trim_end().ends_with("<think>");
-        let parser = response::ResponseParser::new(m.thinks, opened, parse_tools);
+        // JSON mode constrains the whole output to the object, so it is all content: no
+        // think block, no tool call can be written.
+        let json = options.format == Some(OutputFormat::JsonObject);
+        let parser =
+            response::ResponseParser::new(m.thinks && !json, opened && !json, parse_tools && !json);
         Ok(stream(
             Generation::new(m, ids, &options)?.with_parser(parser),
         ))
@@ -189,6 +196,7 @@ impl spin::Guest for Component {
             top_logprobs: None,
             ignore_eos: None,
             choices: Vec::new(),
+            format: None,
         };
         let s = <Component as gen::Guest>::complete(model, prompt, options).map_err(spin_error)?;
         let g = s.get::<CompletionStream>();

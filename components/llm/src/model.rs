@@ -1,13 +1,14 @@
 //! A model as this component instance knows it: its graph, tokenizer, chat template and the
 //! sequences (KV caches) it keeps between requests.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::bindings::exports::wasmlm::llm::types::{ChatContext, Error, Message, Role};
 use crate::bindings::wasi::nn::graph::Graph;
 use crate::embedding::EmbeddingSpec;
+use crate::json::TokenTable;
 use crate::metadata::ModelMetadata;
 use crate::nn::{self, Sequence};
 use crate::template::{ChatTemplate, TemplateExtras};
@@ -48,6 +49,8 @@ pub struct Model {
     pub embedding: Option<EmbeddingSpec>,
     pub eog: Vec<u32>,
     idle: RefCell<Vec<Sequence>>,
+    /// The vocabulary sorted for JSON mode, made on its first use.
+    json_tokens: OnceCell<TokenTable>,
 }
 
 thread_local! {
@@ -140,6 +143,7 @@ impl Model {
             bos,
             eog,
             idle: RefCell::new(vec![seq]),
+            json_tokens: OnceCell::new(),
         })
     }
 
@@ -197,6 +201,25 @@ impl Model {
         }
         self.return_sequence(seq);
         Ok((out, tokens))
+    }
+
+    /// The vocabulary sorted for JSON mode.
+    pub fn json_tokens(&self) -> &TokenTable {
+        self.json_tokens.get_or_init(|| {
+            let tok = self.tokenizer.borrow();
+            TokenTable::new((0..tok.vocab_size() as u32).map(|t| self.json_piece(&tok, t)))
+        })
+    }
+
+    /// The bytes a token adds to a JSON output: none for control and end-of-generation
+    /// tokens (some of which are text tokens, `<|im_end|>` in some vocabularies), which JSON
+    /// mode never picks.
+    pub fn json_piece<'t>(&self, tok: &'t TextTokenizer, token: u32) -> &'t [u8] {
+        if self.eog.contains(&token) {
+            &[]
+        } else {
+            tok.piece(token)
+        }
     }
 
     /// Whether the model has a chat template.

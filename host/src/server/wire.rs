@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
 use crate::bindings::exports::wasmlm::llm::types::{
-    ChatContext, FinishReason, Message, Role, SamplingOptions, TokenLogprob, ToolCall,
+    ChatContext, FinishReason, Message, OutputFormat, Role, SamplingOptions, TokenLogprob, ToolCall,
 };
 
 /// Most bytes of a request body.
@@ -220,7 +220,14 @@ fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
         top_logprobs,
         ignore_eos: b.bool("ignore_eos")?,
         choices: choices(b)?,
+        format: output_format(b)?,
     };
+    if options.format == Some(OutputFormat::JsonObject) && !options.choices.is_empty() {
+        return Err(ApiError::bad_param(
+            "response_format",
+            "'response_format' and 'guided_choice' cannot be combined.",
+        ));
+    }
     Ok(GenRequest {
         model,
         prompts: Vec::new(),
@@ -242,6 +249,28 @@ pub fn chat_request(b: &Body) -> Result<GenRequest, ApiError> {
     let mut r = common(b, true)?;
     r.prompts = vec![Prompt::Chat(messages(b)?, chat_context(b)?)];
     Ok(r)
+}
+
+/// OpenAI's `response_format`: `{"type": "text"}` or `{"type": "json_object"}`.
+fn output_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
+    let Some(v) = b.get("response_format") else {
+        return Ok(None);
+    };
+    let kind = v.get("type").and_then(Value::as_str);
+    match kind {
+        Some("text") => Ok(Some(OutputFormat::Text)),
+        Some("json_object") => Ok(Some(OutputFormat::JsonObject)),
+        // Silently ignoring a schema would hand back JSON that does not follow it.
+        Some("json_schema") => Err(ApiError::bad_param(
+            "response_format",
+            "'response_format' of type 'json_schema' is not supported; 'json_object' \
+             constrains the output to a JSON object (without a schema).",
+        )),
+        _ => Err(ApiError::bad_param(
+            "response_format",
+            "'response_format' must be {\"type\": \"text\"} or {\"type\": \"json_object\"}.",
+        )),
+    }
 }
 
 /// vLLM's `guided_choice` (or `structured_outputs.choice`): the output must be one of these.

@@ -204,6 +204,7 @@ fn no_options() -> SamplingOptions {
         top_logprobs: None,
         ignore_eos: None,
         choices: Vec::new(),
+        format: None,
     }
 }
 
