@@ -113,6 +113,29 @@ fn json_mode_prints_one_json_object() {
     let v: serde_json::Value =
         serde_json::from_str(out.trim_end()).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"));
     assert!(v.is_object(), "{out}");
+
+    // A schema: its properties, in its order, of its types.
+    let schema = r#"{"type": "object", "properties": {"name": {"type": "string"},
+        "age": {"type": "integer"}, "color": {"enum": ["black", "white", "ginger"]}},
+        "required": ["name", "age", "color"], "additionalProperties": false}"#;
+    let cat = "Describe a cat as a JSON object with the keys name, age and color.";
+    let o = wasmlm(&["run", "--json-schema", schema, "--temperature", "0", cat]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim_end()).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"));
+    let keys: Vec<&str> = v
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(keys, ["name", "age", "color"], "{out}");
+    assert!(v["name"].is_string() && v["age"].is_i64(), "{out}");
+    assert!(["black", "white", "ginger"].contains(&v["color"].as_str().unwrap_or("")));
+
+    // A schema it cannot follow: one line naming what.
+    let bad = r#"{"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}"#;
+    let line = one_line_error(&wasmlm(&["run", "--json-schema", bad, cat]));
+    assert!(line.contains("minimum"), "{line}");
 }
 
 #[test]

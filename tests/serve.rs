@@ -271,11 +271,11 @@ fn errors_have_openai_shapes_and_status_codes() {
     );
     expect_error(&e, 400);
 
-    // response_format: JSON mode only, alone; a schema is refused rather than ignored.
+    // response_format: a known type with what it needs, alone.
     for (extra, words) in [
         (
             json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
-            "json_schema",
+            "json_schema.schema",
         ),
         (json!({"response_format": {"type": "yaml"}}), "json_object"),
         (json!({"response_format": "json"}), "json_object"),
@@ -292,6 +292,19 @@ fn errors_have_openai_shapes_and_status_codes() {
         assert!(msg.contains(words), "{msg}");
         assert_eq!(e.json()["error"]["param"], "response_format");
     }
+    // A schema keyword the component cannot follow is refused by name, not ignored.
+    let schema = json!({"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"}}});
+    let e = post(
+        "/v1/chat/completions",
+        chat(
+            "hi",
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}),
+        )
+        .to_string()
+        .as_bytes(),
+    );
+    let msg = expect_error(&e, 400);
+    assert!(msg.contains("pattern"), "{msg}");
 
     // Never a 500 for a hostile body.
     for body in [

@@ -112,8 +112,11 @@ struct RunArgs {
     #[arg(long)]
     raw: bool,
     /// JSON mode: the answer is one JSON object, and ends where it closes.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "json_schema")]
     json: bool,
+    /// The answer is one JSON object that follows this JSON Schema (its text).
+    #[arg(long)]
+    json_schema: Option<String>,
     /// The prompt.
     prompt: String,
 }
@@ -388,7 +391,11 @@ fn run(a: RunArgs) -> Result<()> {
         repeat_penalty: Some(a.repeat_penalty),
         seed: a.seed,
         stop: a.stop.clone(),
-        format: a.json.then_some(OutputFormat::JsonObject),
+        format: match (&a.json_schema, a.json) {
+            (Some(schema), _) => Some(OutputFormat::JsonSchema(schema.clone())),
+            (None, true) => Some(OutputFormat::JsonObject),
+            (None, false) => None,
+        },
         ..default_options()
     };
     let start = Instant::now();

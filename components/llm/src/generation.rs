@@ -7,7 +7,7 @@ use crate::bindings::exports::wasmlm::llm::types::{
     ContextOverflow, Error, FinishReason, OutputFormat, SamplingOptions, TokenLogprob, TopLogprob,
     Usage,
 };
-use crate::json::JsonPrefix;
+use crate::json::{Grammar, JsonPrefix};
 use crate::model::{common_prefix, Model};
 use crate::nn::Sequence;
 use crate::response::ResponseParser;
@@ -35,8 +35,8 @@ pub struct Generation {
     stop: StopMatcher,
     /// Token sequences the output must be one of (empty: unconstrained).
     choices: Vec<Vec<u32>>,
-    /// JSON mode: how far the output is into its JSON object.
-    json: Option<JsonPrefix>,
+    /// Structured output: the grammar, and how far the output is into it.
+    json: Option<(Grammar, JsonPrefix)>,
     /// Splits a chat answer into reasoning, text and tool calls.
     parser: Option<ResponseParser>,
     cancelled: bool,
@@ -87,9 +87,15 @@ impl Generation {
         if choices.iter().any(Vec::is_empty) {
             return Err(Error::InvalidInput("a choice is empty".into()));
         }
-        let json = match options.format {
+        let json = match &options.format {
             None | Some(OutputFormat::Text) => None,
-            Some(OutputFormat::JsonObject) => Some(JsonPrefix::new()),
+            Some(OutputFormat::JsonObject) => Some((Grammar::any_object(), JsonPrefix::new())),
+            Some(OutputFormat::JsonSchema(schema)) => {
+                let g = Grammar::from_schema(schema).map_err(|e| {
+                    Error::InvalidInput(format!("the response format's schema: {e}"))
+                })?;
+                Some((g, JsonPrefix::new()))
+            }
         };
         if json.is_some() && !choices.is_empty() {
             return Err(Error::InvalidInput(
@@ -195,12 +201,12 @@ impl Generation {
     /// Masks every token that would not keep the output a prefix of one of the choices, or
     /// (JSON mode) of a JSON object. Fails when no token is left.
     fn constrain(&self, logits: &mut [f32]) -> Result<(), Error> {
-        if let Some(json) = &self.json {
+        if let Some((grammar, json)) = &self.json {
             let tok = self.model.tokenizer.borrow();
             // Control and end-of-generation tokens are masked: the object must close first,
             // and then generation ends by itself.
             let piece = |t| self.model.json_piece(&tok, t);
-            if !self.model.json_tokens().mask(json, piece, logits) {
+            if !self.model.json_tokens().mask(grammar, json, piece, logits) {
                 return Err(Error::InvalidInput(
                     "no token of the vocabulary continues the JSON output".into(),
                 ));
@@ -270,9 +276,9 @@ impl Generation {
         let text = {
             let tok = self.model.tokenizer.borrow();
             let piece = tok.piece(token);
-            if let Some(json) = &mut self.json {
+            if let Some((grammar, json)) = &mut self.json {
                 // The mask let only tokens through that the state accepts.
-                json.push_all(piece);
+                json.push_all(grammar, piece);
             }
             self.utf8.push(piece)
         };
@@ -281,7 +287,7 @@ impl Generation {
             return Ok(self.finish_now(outcome.emit, vec![token], logprobs, FinishReason::Stop));
         }
         // JSON mode ends where the object closes.
-        if self.json.as_ref().is_some_and(JsonPrefix::is_done) {
+        if self.json.as_ref().is_some_and(|(_, s)| s.is_done()) {
             return Ok(self.finish(outcome.emit, vec![token], logprobs, FinishReason::Stop));
         }
         let full = self.prompt.len() + self.generated.len() >= self.model.context_length as usize;

@@ -1,21 +1,409 @@
-//! JSON mode (`response_format: {"type": "json_object"}`): a byte-level checker that says
-//! whether a text can still grow into one JSON object, so the sampler can drop every token
-//! that would leave the grammar.
+//! Structured output: a byte-level checker that says whether a text can still grow into a
+//! JSON object of a grammar, so the sampler can drop every token that would leave it. The
+//! grammar is any JSON object (JSON mode, `response_format` `json_object`) or one compiled
+//! from a JSON Schema (`json_schema`).
 //!
-//! The whole state is a few bytes and `Copy` (the open containers are a bit stack), so
+//! The whole state is `Copy` (the open containers are a fixed stack of small frames), so
 //! trying a token is copying the state and feeding it the token's bytes: no allocation per
 //! candidate across a 150k vocabulary.
 
-/// Deepest nesting of objects and arrays (one bit of [`JsonPrefix::stack`] each).
-const MAX_DEPTH: u8 = 64;
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+/// Deepest nesting of objects and arrays.
+const MAX_DEPTH: usize = 64;
 
 /// Longest run of whitespace between tokens. Small models in JSON mode can fall into
 /// emitting newlines forever, which the grammar allows; llama.cpp's JSON grammars cap the
 /// run in the same way.
 const MAX_WHITESPACE: u8 = 20;
 
+/// Most nodes a schema compiles to, most properties of an object and values of an enum
+/// (one bit each in a match), and the longest key or enum value in bytes.
+const MAX_NODES: usize = 4096;
+const MAX_CHOICES: usize = 64;
+const MAX_TEXT: usize = 255;
+
 /// The literals `true`, `false` and `null`.
 const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
+
+/// A node of a [`Grammar`].
+type NodeId = u16;
+
+/// Nodes every grammar starts with: any value, an object of any values, an array of any.
+const ANY: NodeId = 0;
+const ANY_OBJECT: NodeId = 1;
+const ANY_ARRAY: NodeId = 2;
+
+/// What a value must be.
+#[derive(Debug)]
+enum Node {
+    /// Any JSON value.
+    Any,
+    /// An object of these properties, in this order (those not required may be left out).
+    Object(Vec<Prop>),
+    /// An object of any keys, each value of this node.
+    Map(NodeId),
+    /// An array, each item of this node.
+    Array(NodeId),
+    String,
+    Number,
+    Integer,
+    Boolean,
+    Null,
+    /// Exactly one of these JSON texts (`enum`, `const`), compact as serde_json writes them.
+    Literals(Vec<Vec<u8>>),
+    /// One of these nodes, told apart by their first byte.
+    AnyOf(Vec<NodeId>),
+    /// The node a `$ref` names.
+    Ref(NodeId),
+}
+
+/// A property of an object node.
+#[derive(Debug)]
+struct Prop {
+    /// The key as JSON text, quotes included.
+    key: Vec<u8>,
+    node: NodeId,
+    required: bool,
+}
+
+/// What a JSON output must match: built once per request.
+#[derive(Debug)]
+pub struct Grammar {
+    nodes: Vec<Node>,
+    root: NodeId,
+}
+
+impl Grammar {
+    fn base() -> Vec<Node> {
+        vec![Node::Any, Node::Map(ANY), Node::Array(ANY)]
+    }
+
+    /// Any JSON object (JSON mode).
+    pub fn any_object() -> Self {
+        Self {
+            nodes: Self::base(),
+            root: ANY_OBJECT,
+        }
+    }
+
+    /// The grammar of a JSON Schema whose root is an object. Supported: `type` (one or a
+    /// list), `properties` (written in their order), `required`, `additionalProperties`,
+    /// `items`, `enum`, `const`, `anyOf`/`oneOf` whose branches start with different
+    /// characters, and `$ref` into `$defs`/`definitions` (recursion included); annotations
+    /// (`title`, `description`, `format`, ...) are ignored. Any other keyword is an error
+    /// naming it, rather than output that does not follow it.
+    pub fn from_schema(schema: &str) -> Result<Self, String> {
+        let root: Value =
+            serde_json::from_str(schema).map_err(|e| format!("the schema is not JSON: {e}"))?;
+        let mut c = Compiler {
+            root: &root,
+            nodes: Self::base(),
+            refs: HashMap::new(),
+        };
+        let top = c.node(&root)?;
+        let g = Self {
+            nodes: c.nodes,
+            root: top,
+        };
+        // Every node starts somewhere: a `$ref` cycle without a container between (which
+        // would send the checker round it forever) fails here.
+        for id in 0..g.nodes.len() {
+            g.first_bytes(id as NodeId, 0)?;
+        }
+        if g.first_bytes(top, 0)? != 1 << b'{' {
+            return Err("the schema's root must be an object".into());
+        }
+        Ok(g)
+    }
+
+    /// The bytes a value of `node` can start with, as a bit set.
+    fn first_bytes(&self, node: NodeId, depth: usize) -> Result<u128, String> {
+        if depth > MAX_DEPTH {
+            return Err("a $ref refers to itself without an object or array between".into());
+        }
+        let bit = |b: u8| 1u128 << b;
+        let number = (b'0'..=b'9').fold(bit(b'-'), |m, d| m | bit(d));
+        Ok(match &self.nodes[node as usize] {
+            Node::Any => {
+                number | bit(b'{') | bit(b'[') | bit(b'"') | bit(b't') | bit(b'f') | bit(b'n')
+            }
+            Node::Object(_) | Node::Map(_) => bit(b'{'),
+            Node::Array(_) => bit(b'['),
+            Node::String => bit(b'"'),
+            Node::Number | Node::Integer => number,
+            Node::Boolean => bit(b't') | bit(b'f'),
+            Node::Null => bit(b'n'),
+            Node::Literals(texts) => texts.iter().fold(0, |m, t| m | bit(t[0])),
+            Node::AnyOf(alts) => {
+                let mut all = 0;
+                for &a in alts {
+                    all |= self.first_bytes(a, depth + 1)?;
+                }
+                all
+            }
+            Node::Ref(target) => self.first_bytes(*target, depth + 1)?,
+        })
+    }
+
+    fn props(&self, node: NodeId) -> &[Prop] {
+        match &self.nodes[node as usize] {
+            Node::Object(props) => props,
+            _ => &[],
+        }
+    }
+
+    /// The texts a match at `node` chooses among: an object's keys or an enum's values.
+    fn text(&self, node: NodeId, key: bool, i: usize) -> &[u8] {
+        match &self.nodes[node as usize] {
+            Node::Object(props) if key => &props[i].key,
+            Node::Literals(texts) if !key => &texts[i],
+            _ => &[],
+        }
+    }
+}
+
+/// Keywords that say nothing about which texts match.
+const ANNOTATIONS: &[&str] = &[
+    "title",
+    "description",
+    "default",
+    "examples",
+    "format",
+    "$schema",
+    "$id",
+    "$comment",
+    "$defs",
+    "definitions",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+];
+
+/// Keywords the compiler follows.
+const KEYWORDS: &[&str] = &[
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "$ref",
+];
+
+struct Compiler<'a> {
+    root: &'a Value,
+    nodes: Vec<Node>,
+    refs: HashMap<String, NodeId>,
+}
+
+impl Compiler<'_> {
+    fn add(&mut self, node: Node) -> Result<NodeId, String> {
+        if self.nodes.len() >= MAX_NODES {
+            return Err(format!("the schema has more than {MAX_NODES} parts"));
+        }
+        self.nodes.push(node);
+        Ok((self.nodes.len() - 1) as NodeId)
+    }
+
+    fn node(&mut self, s: &Value) -> Result<NodeId, String> {
+        let obj = match s {
+            Value::Bool(true) => return Ok(ANY),
+            Value::Bool(false) => return Err("a schema of false matches nothing".into()),
+            Value::Object(o) => o,
+            _ => return Err(format!("a schema must be an object, not {s}")),
+        };
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !ANNOTATIONS.contains(&k.as_str()) && !KEYWORDS.contains(&k.as_str()))
+        {
+            return Err(format!("the keyword '{k}' is not supported"));
+        }
+        if let Some(r) = obj.get("$ref") {
+            if let Some(k) = obj
+                .keys()
+                .find(|k| KEYWORDS.contains(&k.as_str()) && *k != "$ref")
+            {
+                return Err(format!("'{k}' beside '$ref' is not supported"));
+            }
+            return self.reference(r);
+        }
+        if let Some(c) = obj.get("const") {
+            return self.literals(std::slice::from_ref(c));
+        }
+        if let Some(e) = obj.get("enum") {
+            let values = e.as_array().ok_or("'enum' must be a list")?;
+            return self.literals(values);
+        }
+        if let Some(alts) = obj.get("anyOf").or_else(|| obj.get("oneOf")) {
+            let alts = alts.as_array().ok_or("'anyOf' must be a list")?;
+            let ids = alts
+                .iter()
+                .map(|a| self.node(a))
+                .collect::<Result<Vec<_>, _>>()?;
+            return self.any_of(ids);
+        }
+        match obj.get("type") {
+            None if obj.contains_key("properties") || obj.contains_key("additionalProperties") => {
+                self.typed("object", obj)
+            }
+            None if obj.contains_key("items") => self.typed("array", obj),
+            None => Ok(ANY),
+            Some(Value::String(t)) => self.typed(t, obj),
+            Some(Value::Array(types)) => {
+                let names: Vec<&str> = types.iter().filter_map(Value::as_str).collect();
+                if names.len() != types.len() || names.is_empty() {
+                    return Err("'type' must be a name or a list of names".into());
+                }
+                let mut ids = Vec::new();
+                for &t in &names {
+                    // A number may be an integer: "integer" beside "number" adds nothing.
+                    if t == "integer" && names.contains(&"number") {
+                        continue;
+                    }
+                    ids.push(self.typed(t, obj)?);
+                }
+                self.any_of(ids)
+            }
+            Some(t) => Err(format!("'type' must be a name or a list of names, not {t}")),
+        }
+    }
+
+    fn typed(&mut self, t: &str, obj: &serde_json::Map<String, Value>) -> Result<NodeId, String> {
+        match t {
+            "object" => self.object(obj),
+            "array" => match obj.get("items") {
+                None | Some(Value::Bool(true)) => Ok(ANY_ARRAY),
+                Some(items) => {
+                    let item = self.node(items)?;
+                    self.add(Node::Array(item))
+                }
+            },
+            "string" => self.add(Node::String),
+            "number" => self.add(Node::Number),
+            "integer" => self.add(Node::Integer),
+            "boolean" => self.add(Node::Boolean),
+            "null" => self.add(Node::Null),
+            _ => Err(format!("unknown type '{t}'")),
+        }
+    }
+
+    fn object(&mut self, obj: &serde_json::Map<String, Value>) -> Result<NodeId, String> {
+        let none = serde_json::Map::new();
+        let props = match obj.get("properties") {
+            None => &none,
+            Some(Value::Object(p)) => p,
+            Some(_) => return Err("'properties' must be an object".into()),
+        };
+        let required: Vec<&str> = match obj.get("required") {
+            None => Vec::new(),
+            Some(Value::Array(r)) => r
+                .iter()
+                .map(|v| v.as_str().ok_or("'required' must list names"))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err("'required' must be a list".into()),
+        };
+        if let Some(r) = required.iter().find(|r| !props.contains_key(**r)) {
+            return Err(format!("required property '{r}' is not in 'properties'"));
+        }
+        if props.is_empty() {
+            // Only the keys it allows: any (a map) or none.
+            return match obj.get("additionalProperties") {
+                None | Some(Value::Bool(true)) => Ok(ANY_OBJECT),
+                Some(Value::Bool(false)) => self.add(Node::Object(Vec::new())),
+                Some(value) => {
+                    let v = self.node(value)?;
+                    self.add(Node::Map(v))
+                }
+            };
+        }
+        // With properties, the output holds only those: a valid instance whatever
+        // `additionalProperties` allows besides.
+        if props.len() > MAX_CHOICES {
+            return Err(format!("an object with more than {MAX_CHOICES} properties"));
+        }
+        let mut out = Vec::new();
+        for (name, schema) in props {
+            let key = serde_json::to_vec(name).map_err(|e| e.to_string())?;
+            if key.len() > MAX_TEXT {
+                return Err(format!("property name longer than {MAX_TEXT} bytes"));
+            }
+            out.push(Prop {
+                key,
+                node: self.node(schema)?,
+                required: required.contains(&name.as_str()),
+            });
+        }
+        self.add(Node::Object(out))
+    }
+
+    fn literals(&mut self, values: &[Value]) -> Result<NodeId, String> {
+        if values.is_empty() || values.len() > MAX_CHOICES {
+            return Err(format!("'enum' must list 1 to {MAX_CHOICES} values"));
+        }
+        let texts: Vec<Vec<u8>> = values
+            .iter()
+            .map(|v| serde_json::to_vec(v).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        if texts.iter().any(|t| t.len() > MAX_TEXT) {
+            return Err(format!("an 'enum' value longer than {MAX_TEXT} bytes"));
+        }
+        self.add(Node::Literals(texts))
+    }
+
+    fn any_of(&mut self, ids: Vec<NodeId>) -> Result<NodeId, String> {
+        if ids.is_empty() {
+            return Err("'anyOf' must list at least one schema".into());
+        }
+        if let [one] = ids[..] {
+            return Ok(one);
+        }
+        // The branch is chosen at the value's first byte: they must start differently.
+        let g = Grammar {
+            nodes: std::mem::take(&mut self.nodes),
+            root: ANY,
+        };
+        let firsts: Result<Vec<u128>, String> = ids.iter().map(|&a| g.first_bytes(a, 0)).collect();
+        self.nodes = g.nodes;
+        let firsts = firsts?;
+        for (i, a) in firsts.iter().enumerate() {
+            if firsts[..i].iter().any(|b| a & b != 0) {
+                return Err(
+                    "'anyOf' branches that can start with the same character are not supported"
+                        .into(),
+                );
+            }
+        }
+        self.add(Node::AnyOf(ids))
+    }
+
+    fn reference(&mut self, r: &Value) -> Result<NodeId, String> {
+        let r = r.as_str().ok_or("'$ref' must be a string")?;
+        if let Some(&id) = self.refs.get(r) {
+            return Ok(id);
+        }
+        let target = if r == "#" {
+            Some(self.root)
+        } else {
+            r.strip_prefix("#/$defs/")
+                .map(|n| ("$defs", n))
+                .or_else(|| r.strip_prefix("#/definitions/").map(|n| ("definitions", n)))
+                .and_then(|(defs, name)| self.root.get(defs)?.get(name))
+        };
+        let target = target.ok_or_else(|| format!("'$ref' {r} names nothing in the schema"))?;
+        // Taken before compiling the target, so that a reference inside it finds it.
+        let id = self.add(Node::Ref(NodeId::MAX))?;
+        self.refs.insert(r.to_string(), id);
+        let to = self.node(target)?;
+        self.nodes[id as usize] = Node::Ref(to);
+        Ok(id)
+    }
+}
 
 /// Where in a number the text is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,12 +419,13 @@ enum Num {
 }
 
 impl Num {
-    fn next(self, b: u8) -> Option<Num> {
+    fn next(self, b: u8, integer: bool) -> Option<Num> {
         let digit = b.is_ascii_digit();
         Some(match (self, b) {
             (Num::Minus, b'0') => Num::Zero,
             (Num::Minus, _) if digit => Num::Int,
             (Num::Int, _) if digit => Num::Int,
+            _ if integer => return None,
             (Num::Zero | Num::Int, b'.') => Num::Dot,
             (Num::Dot | Num::Frac, _) if digit => Num::Frac,
             (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
@@ -55,15 +444,15 @@ impl Num {
 /// What the next byte may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lex {
-    /// Nothing yet: the `{` of the top-level object.
+    /// Nothing yet: the root value (an object).
     Start,
     /// A value (after `:`, or after `,` in an array).
     Value,
     /// Just after `[`: a value or `]`.
     ValueOrClose,
-    /// After `,` in an object: a key's `"`.
+    /// After `,` in an object: a key.
     Key,
-    /// Just after `{`: a key's `"` or `}`.
+    /// Just after `{`: a key or `}`.
     KeyOrClose,
     /// After a key.
     Colon,
@@ -75,22 +464,40 @@ enum Lex {
         key: bool,
         escape: u8,
     },
-    Number(Num),
+    Number {
+        num: Num,
+        integer: bool,
+    },
     /// Inside literal `LITERALS[word]`, `at` bytes of it written.
     Literal {
         word: u8,
         at: u8,
     },
-    /// The top-level object is closed: nothing more.
+    /// `at` bytes into one of the texts of `node` whose bits are set in `choices`: the keys
+    /// of an object node (`key`) or the values of an enum.
+    Match {
+        node: NodeId,
+        choices: u64,
+        at: u8,
+        key: bool,
+    },
+    /// The root object is closed: nothing more.
     Done,
 }
 
-/// How far a text is into one JSON object, as the state after its bytes.
+/// An open object or array: its node, and for an object node the index of the first
+/// property that may still come.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Frame {
+    node: NodeId,
+    next: u8,
+}
+
+/// How far a text is into a value of a [`Grammar`], as the state after its bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JsonPrefix {
     lex: Lex,
-    /// Bit `i` set: the container at depth `i` is an array (else an object).
-    stack: u64,
+    frames: [Frame; MAX_DEPTH],
     depth: u8,
     /// Whitespace bytes since the last other byte outside strings.
     whitespace: u8,
@@ -102,31 +509,36 @@ impl Default for JsonPrefix {
     }
 }
 
+/// The indices of the set bits of `m`.
+fn bits(m: u64) -> impl Iterator<Item = usize> {
+    (0..64).filter(move |i| m & (1 << i) != 0)
+}
+
 impl JsonPrefix {
     /// The state before any byte.
     pub fn new() -> Self {
         Self {
             lex: Lex::Start,
-            stack: 0,
+            frames: [Frame::default(); MAX_DEPTH],
             depth: 0,
             whitespace: 0,
         }
     }
 
-    /// Whether the top-level object is complete.
+    /// Whether the root object is complete.
     pub fn is_done(&self) -> bool {
         self.lex == Lex::Done
     }
 
     /// Feeds `bytes`; false (and the state is then meaningless) if they leave the grammar.
-    pub fn push_all(&mut self, bytes: &[u8]) -> bool {
-        bytes.iter().all(|&b| self.push(b))
+    pub fn push_all(&mut self, g: &Grammar, bytes: &[u8]) -> bool {
+        bytes.iter().all(|&b| self.push(g, b))
     }
 
-    /// Whether the text followed by `bytes` can still become one JSON object.
-    pub fn accepts(&self, bytes: &[u8]) -> bool {
+    /// Whether the text followed by `bytes` can still match the grammar.
+    pub fn accepts(&self, g: &Grammar, bytes: &[u8]) -> bool {
         let mut s = *self;
-        s.push_all(bytes)
+        s.push_all(g, bytes)
     }
 
     /// Whether the text is inside a string and outside an escape, where every byte but `"`,
@@ -136,19 +548,19 @@ impl JsonPrefix {
     }
 
     /// Feeds one byte; false if it leaves the grammar.
-    pub fn push(&mut self, b: u8) -> bool {
+    pub fn push(&mut self, g: &Grammar, b: u8) -> bool {
         match self.lex {
             Lex::Done => false,
             Lex::Str { key, escape } => self.string_byte(key, escape, b),
-            Lex::Number(n) => match n.next(b) {
-                Some(n) => {
-                    self.lex = Lex::Number(n);
+            Lex::Number { num, integer } => match num.next(b, integer) {
+                Some(num) => {
+                    self.lex = Lex::Number { num, integer };
                     true
                 }
                 // The byte that ends a number belongs to what follows it.
-                None if n.complete() => {
+                None if num.complete() => {
                     self.lex = Lex::After;
-                    self.push(b)
+                    self.push(g, b)
                 }
                 None => false,
             },
@@ -164,66 +576,193 @@ impl JsonPrefix {
                 };
                 true
             }
-            Lex::Start => b == b'{' && self.open(false),
+            Lex::Match {
+                node,
+                choices,
+                at,
+                key,
+            } => self.match_byte(g, node, choices, at, key, b),
+            Lex::Start => self.value_start(g, g.root, b),
             lex => {
                 if is_blank(b) {
                     self.whitespace += 1;
                     return self.whitespace <= MAX_WHITESPACE;
                 }
                 self.whitespace = 0;
-                self.structural(lex, b)
+                self.structural(g, lex, b)
             }
         }
     }
 
-    /// A byte other than whitespace between tokens.
-    fn structural(&mut self, lex: Lex, b: u8) -> bool {
-        match (lex, b) {
-            (Lex::ValueOrClose, b']') => self.close(true),
-            (Lex::Value | Lex::ValueOrClose, _) => self.value_start(b),
-            (Lex::Key | Lex::KeyOrClose, b'"') => {
-                self.lex = Lex::Str {
-                    key: true,
-                    escape: 0,
-                };
-                true
+    fn top(&self) -> Option<Frame> {
+        (self.depth > 0).then(|| self.frames[self.depth as usize - 1])
+    }
+
+    /// The keys an object may write next: from its next property up to the first required.
+    fn key_choices(g: &Grammar, frame: Frame) -> u64 {
+        let mut m = 0;
+        for (i, p) in g
+            .props(frame.node)
+            .iter()
+            .enumerate()
+            .skip(frame.next as usize)
+        {
+            m |= 1 << i;
+            if p.required {
+                break;
             }
-            (Lex::KeyOrClose, b'}') => self.close(false),
+        }
+        m
+    }
+
+    /// A byte other than whitespace between tokens.
+    fn structural(&mut self, g: &Grammar, lex: Lex, b: u8) -> bool {
+        let Some(top) = self.top() else {
+            return false;
+        };
+        let node = &g.nodes[top.node as usize];
+        match (lex, b) {
+            (Lex::ValueOrClose, b']') => self.close(g, true),
+            (Lex::Value | Lex::ValueOrClose, _) => {
+                let value = match node {
+                    Node::Object(props) => props[top.next as usize - 1].node,
+                    Node::Map(v) | Node::Array(v) => *v,
+                    _ => return false,
+                };
+                self.value_start(g, value, b)
+            }
+            (Lex::Key | Lex::KeyOrClose, b'"') => match node {
+                Node::Map(_) => {
+                    self.lex = Lex::Str {
+                        key: true,
+                        escape: 0,
+                    };
+                    true
+                }
+                _ => self.match_byte(g, top.node, Self::key_choices(g, top), 0, true, b),
+            },
+            (Lex::KeyOrClose, b'}') => self.close(g, false),
             (Lex::Colon, b':') => {
                 self.lex = Lex::Value;
                 true
             }
             (Lex::After, b',') => {
-                self.lex = if self.in_array() {
-                    Lex::Value
-                } else {
-                    Lex::Key
+                self.lex = match node {
+                    Node::Array(_) => Lex::Value,
+                    Node::Object(_) if Self::key_choices(g, top) == 0 => return false,
+                    _ => Lex::Key,
                 };
                 true
             }
-            (Lex::After, b']') => self.close(true),
-            (Lex::After, b'}') => self.close(false),
+            (Lex::After, b']') => self.close(g, true),
+            (Lex::After, b'}') => self.close(g, false),
             _ => false,
         }
     }
 
-    fn value_start(&mut self, b: u8) -> bool {
-        self.lex = match b {
-            b'{' => return self.open(false),
-            b'[' => return self.open(true),
-            b'"' => Lex::Str {
-                key: false,
-                escape: 0,
-            },
-            b'-' => Lex::Number(Num::Minus),
-            b'0' => Lex::Number(Num::Zero),
-            b'1'..=b'9' => Lex::Number(Num::Int),
-            b't' => Lex::Literal { word: 0, at: 1 },
-            b'f' => Lex::Literal { word: 1, at: 1 },
-            b'n' => Lex::Literal { word: 2, at: 1 },
-            _ => return false,
+    fn value_start(&mut self, g: &Grammar, node: NodeId, b: u8) -> bool {
+        let number = |integer| {
+            match b {
+                b'-' => Some(Num::Minus),
+                b'0' => Some(Num::Zero),
+                b'1'..=b'9' => Some(Num::Int),
+                _ => None,
+            }
+            .map(|num| Lex::Number { num, integer })
         };
-        true
+        let string = Lex::Str {
+            key: false,
+            escape: 0,
+        };
+        let literal = |word| Lex::Literal { word, at: 1 };
+        let lex = match &g.nodes[node as usize] {
+            Node::Any => match b {
+                b'{' => return self.open(ANY_OBJECT, false),
+                b'[' => return self.open(ANY_ARRAY, true),
+                b'"' => Some(string),
+                b't' => Some(literal(0)),
+                b'f' => Some(literal(1)),
+                b'n' => Some(literal(2)),
+                _ => number(false),
+            },
+            Node::Object(_) | Node::Map(_) => return b == b'{' && self.open(node, false),
+            Node::Array(_) => return b == b'[' && self.open(node, true),
+            Node::String => (b == b'"').then_some(string),
+            Node::Number => number(false),
+            Node::Integer => number(true),
+            Node::Boolean => match b {
+                b't' => Some(literal(0)),
+                b'f' => Some(literal(1)),
+                _ => None,
+            },
+            Node::Null => (b == b'n').then(|| literal(2)),
+            Node::Literals(texts) => {
+                let all = if texts.len() == 64 {
+                    u64::MAX
+                } else {
+                    (1 << texts.len()) - 1
+                };
+                return self.match_byte(g, node, all, 0, false, b);
+            }
+            Node::AnyOf(alts) => {
+                for &a in alts {
+                    let mut s = *self;
+                    if s.value_start(g, a, b) {
+                        *self = s;
+                        return true;
+                    }
+                }
+                return false;
+            }
+            Node::Ref(target) => return self.value_start(g, *target, b),
+        };
+        match lex {
+            Some(lex) => {
+                self.lex = lex;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One byte of a key or an enum value, `at` bytes into the texts in `choices`.
+    fn match_byte(
+        &mut self,
+        g: &Grammar,
+        node: NodeId,
+        choices: u64,
+        at: u8,
+        key: bool,
+        b: u8,
+    ) -> bool {
+        let text = |i| g.text(node, key, i);
+        let on: u64 = bits(choices)
+            .filter(|&i| text(i).get(at as usize) == Some(&b))
+            .fold(0, |m, i| m | 1 << i);
+        if on != 0 {
+            let at = at + 1;
+            // A key is a quoted string, so a whole key is no other key's beginning.
+            if key {
+                if let Some(i) = bits(on).find(|&i| text(i).len() == at as usize) {
+                    self.frames[self.depth as usize - 1].next = i as u8 + 1;
+                    self.lex = Lex::Colon;
+                    return true;
+                }
+            }
+            self.lex = Lex::Match {
+                node,
+                choices: on,
+                at,
+                key,
+            };
+            return true;
+        }
+        // A whole value (`1` of `[1, 10]`) ends at the first byte that continues none.
+        if !key && bits(choices).any(|i| text(i).len() == at as usize) {
+            self.lex = Lex::After;
+            return self.push(g, b);
+        }
+        false
     }
 
     fn string_byte(&mut self, key: bool, escape: u8, b: u8) -> bool {
@@ -251,19 +790,11 @@ impl JsonPrefix {
         true
     }
 
-    fn in_array(&self) -> bool {
-        self.depth > 0 && self.stack & (1 << (self.depth - 1)) != 0
-    }
-
-    fn open(&mut self, array: bool) -> bool {
-        if self.depth == MAX_DEPTH {
+    fn open(&mut self, node: NodeId, array: bool) -> bool {
+        if self.depth as usize == MAX_DEPTH {
             return false;
         }
-        if array {
-            self.stack |= 1 << self.depth;
-        } else {
-            self.stack &= !(1 << self.depth);
-        }
+        self.frames[self.depth as usize] = Frame { node, next: 0 };
         self.depth += 1;
         self.lex = if array {
             Lex::ValueOrClose
@@ -273,8 +804,18 @@ impl JsonPrefix {
         true
     }
 
-    fn close(&mut self, array: bool) -> bool {
-        if self.depth == 0 || self.in_array() != array {
+    fn close(&mut self, g: &Grammar, array: bool) -> bool {
+        let Some(top) = self.top() else {
+            return false;
+        };
+        let ok = match &g.nodes[top.node as usize] {
+            Node::Array(_) => array,
+            Node::Map(_) => !array,
+            // An object closes once no required property is left.
+            Node::Object(props) => !array && props[top.next as usize..].iter().all(|p| !p.required),
+            _ => false,
+        };
+        if !ok {
             return false;
         }
         self.depth -= 1;
@@ -287,8 +828,13 @@ impl JsonPrefix {
     }
 }
 
+/// JSON's whitespace.
+fn is_blank(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
 /// A vocabulary sorted for [`JsonPrefix`]: which tokens can follow a state, found without
-/// trying every token on it.
+/// trying every token on it. It depends on the vocabulary alone, not on a grammar.
 pub struct TokenTable {
     /// Tokens in the vocabulary.
     tokens: usize,
@@ -303,11 +849,6 @@ pub struct TokenTable {
     /// Tokens that are not plain string text: empty, or holding `"`, `\` or a control
     /// character.
     not_plain: Vec<u32>,
-}
-
-/// JSON's whitespace.
-fn is_blank(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 /// Whether a string's text may hold `b` without it changing the string's state.
@@ -350,6 +891,7 @@ impl TokenTable {
     /// any finite logit is left.
     pub fn mask<'p>(
         &self,
+        g: &Grammar,
         state: &JsonPrefix,
         piece: impl Fn(u32) -> &'p [u8],
         logits: &mut [f32],
@@ -360,7 +902,7 @@ impl TokenTable {
             for &t in &self.not_plain {
                 if let Some(l) = logits.get_mut(t as usize) {
                     let p = piece(t);
-                    if p.is_empty() || !state.accepts(p) {
+                    if p.is_empty() || !state.accepts(g, p) {
                         *l = f32::NEG_INFINITY;
                     }
                 }
@@ -371,29 +913,32 @@ impl TokenTable {
             return logits.iter().any(|&l| l > f32::NEG_INFINITY);
         }
         // Elsewhere few bytes can come next: only tokens that start with one are tried.
-        // Outside strings every whitespace byte does the same, and the state after it is
-        // the same whatever the run's length (but for its cap, which trying the token
-        // checks), so one blank decides for all tokens that start blank.
         let mut kept = Vec::new();
         let mut try_all = |tokens: &[u32]| {
             for &t in tokens {
                 if let Some(&l) = logits.get(t as usize) {
-                    if state.accepts(piece(t)) {
+                    if state.accepts(g, piece(t)) {
                         kept.push((t, l));
                     }
                 }
             }
         };
+        // Outside strings and matches every whitespace byte does the same, and the state
+        // after it is the same whatever the run's length (but for its cap, which trying the
+        // token checks), so one blank decides for all tokens that start blank. A key or an
+        // enum value being matched may hold a space (and not a tab): there every token is
+        // tried.
         let mut after_blank = *state;
-        let blank_ok = after_blank.push(b' ');
-        if blank_ok {
+        let blank_ok = after_blank.push(g, b' ');
+        let shortcut = !matches!(state.lex, Lex::Match { .. });
+        if blank_ok || !shortcut {
             try_all(&self.blank);
         }
         for b in 0..=255u8 {
-            if state.accepts(&[b]) {
+            if state.accepts(g, &[b]) {
                 try_all(&self.by_first[b as usize]);
             }
-            if blank_ok && after_blank.accepts(&[b]) {
+            if !shortcut || (blank_ok && after_blank.accepts(g, &[b])) {
                 try_all(&self.after_blank[b as usize]);
             }
         }
@@ -411,9 +956,18 @@ impl TokenTable {
 mod tests {
     use super::*;
 
-    fn fed(text: &str) -> Option<JsonPrefix> {
+    fn any() -> Grammar {
+        Grammar::any_object()
+    }
+
+    fn fed(g: &Grammar, text: &[u8]) -> Option<JsonPrefix> {
         let mut s = JsonPrefix::new();
-        s.push_all(text.as_bytes()).then_some(s)
+        s.push_all(g, text).then_some(s)
+    }
+
+    /// Whether `text` is accepted byte by byte and completes the root object.
+    fn whole(g: &Grammar, text: &str) -> bool {
+        fed(g, text.as_bytes()).is_some_and(|s| s.is_done())
     }
 
     const VALID: &[&str] = &[
@@ -429,17 +983,18 @@ mod tests {
 
     #[test]
     fn valid_objects_are_accepted_byte_by_byte_and_end_done() {
+        let g = any();
         for doc in VALID {
             // The checker agrees with a real parser on what it accepts.
-            let parsed: serde_json::Value = serde_json::from_str(doc).unwrap();
+            let parsed: Value = serde_json::from_str(doc).unwrap();
             assert!(parsed.is_object(), "{doc}");
             let mut s = JsonPrefix::new();
             for (i, &b) in doc.as_bytes().iter().enumerate() {
                 assert!(!s.is_done(), "{doc}: done before byte {i}");
-                assert!(s.push(b), "{doc}: byte {i} ({:?}) refused", b as char);
+                assert!(s.push(&g, b), "{doc}: byte {i} ({:?}) refused", b as char);
             }
             assert!(s.is_done(), "{doc}");
-            assert!(!s.accepts(b" "), "nothing may follow the object");
+            assert!(!s.accepts(&g, b" "), "nothing may follow the object");
         }
     }
 
@@ -467,15 +1022,13 @@ mod tests {
             (r#"{"a":'x'}"#, 5),
             (r#"{"a":1}}"#, 7),
         ];
+        let g = any();
         for &(text, ok) in cases {
-            let mut s = JsonPrefix::new();
             let bytes = text.as_bytes();
-            for (i, &b) in bytes[..ok].iter().enumerate() {
-                assert!(s.push(b), "{text}: byte {i} refused");
-            }
-            assert!(!s.push(bytes[ok]), "{text}: byte {ok} accepted");
+            let mut s = fed(&g, &bytes[..ok]).unwrap_or_else(|| panic!("{text}: prefix refused"));
+            assert!(!s.push(&g, bytes[ok]), "{text}: byte {ok} accepted");
             assert!(
-                !serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| v.is_object()),
+                !serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()),
                 "{text} is a JSON object"
             );
         }
@@ -485,57 +1038,219 @@ mod tests {
     fn the_object_opens_at_the_first_byte() {
         // JSON allows whitespace before it, but a model given room for it can spend its
         // tokens there (and a leading newline is what a fenced block starts with).
-        assert!(!JsonPrefix::new().accepts(b" {}"));
-        assert!(!JsonPrefix::new().accepts(b"\n{}"));
-        assert!(JsonPrefix::new().accepts(b"{}"));
+        let (g, s) = (any(), JsonPrefix::new());
+        assert!(!s.accepts(&g, b" {}"));
+        assert!(!s.accepts(&g, b"\n{}"));
+        assert!(s.accepts(&g, b"{}"));
     }
 
     #[test]
     fn accepts_leaves_the_state_alone() {
-        let s = fed(r#"{"a":"#).unwrap();
-        assert!(s.accepts(b" \"x\"}"));
-        assert!(!s.accepts(b"}"));
-        assert_eq!(s, fed(r#"{"a":"#).unwrap());
+        let g = any();
+        let s = fed(&g, br#"{"a":"#).unwrap();
+        assert!(s.accepts(&g, b" \"x\"}"));
+        assert!(!s.accepts(&g, b"}"));
+        assert_eq!(s, fed(&g, br#"{"a":"#).unwrap());
     }
 
     #[test]
     fn a_number_ends_at_the_byte_after_it() {
         // "1}" in one token: the brace ends the number and closes the object.
-        let s = fed(r#"{"a":"#).unwrap();
-        assert!(s.accepts(b"1}"));
-        assert!(s.accepts(b"10.5e3, \"b\": 2}"));
-        let done = fed(r#"{"a":12}"#).unwrap();
-        assert!(done.is_done());
+        let g = any();
+        let s = fed(&g, br#"{"a":"#).unwrap();
+        assert!(s.accepts(&g, b"1}"));
+        assert!(s.accepts(&g, b"10.5e3, \"b\": 2}"));
+        assert!(whole(&g, r#"{"a":12}"#));
     }
 
     #[test]
     fn whitespace_runs_are_capped() {
-        let s = fed("{").unwrap();
+        let g = any();
+        let s = fed(&g, b"{").unwrap();
         let run = vec![b'\n'; MAX_WHITESPACE as usize];
-        assert!(s.accepts(&run));
+        assert!(s.accepts(&g, &run));
         let mut longer = run.clone();
         longer.push(b' ');
-        assert!(!s.accepts(&longer));
+        assert!(!s.accepts(&g, &longer));
         // Any other byte starts a new run; whitespace inside strings does not count.
         let mut broken = run.clone();
         broken.extend_from_slice(b"\"k\":");
         broken.extend_from_slice(&run);
-        assert!(s.accepts(&broken));
-        assert!(fed("{\"a\":\"").unwrap().accepts(&[b' '; 100]));
+        assert!(s.accepts(&g, &broken));
+        assert!(fed(&g, b"{\"a\":\"").unwrap().accepts(&g, &[b' '; 100]));
     }
 
     #[test]
     fn nesting_is_capped() {
+        let g = any();
         let mut text = String::from("{\"a\":");
-        text.push_str(&"[".repeat(MAX_DEPTH as usize - 1));
-        let s = fed(&text).unwrap();
-        assert!(!s.accepts(b"["));
-        assert!(!s.accepts(b"{"));
-        assert!(s.accepts(b"1"));
-        let mut closed = "]".repeat(MAX_DEPTH as usize - 1);
+        text.push_str(&"[".repeat(MAX_DEPTH - 1));
+        let s = fed(&g, text.as_bytes()).unwrap();
+        assert!(!s.accepts(&g, b"["));
+        assert!(!s.accepts(&g, b"{"));
+        assert!(s.accepts(&g, b"1"));
+        let mut closed = "]".repeat(MAX_DEPTH - 1);
         closed.push('}');
         let mut end = s;
-        assert!(end.push_all(closed.as_bytes()) && end.is_done());
+        assert!(end.push_all(&g, closed.as_bytes()) && end.is_done());
+    }
+
+    #[test]
+    fn every_prefix_of_a_valid_object_is_accepted() {
+        // Splitting a document anywhere (as tokens do) never refuses a piece.
+        let g = any();
+        for doc in VALID {
+            let bytes = doc.as_bytes();
+            for cut in 0..=bytes.len() {
+                let s = fed(&g, &bytes[..cut]).unwrap_or_else(|| panic!("{doc} cut at {cut}"));
+                assert!(s.accepts(&g, &bytes[cut..]), "{doc} cut at {cut}");
+            }
+        }
+    }
+
+    /// What pydantic writes for a model with a nested model, an optional field, an enum
+    /// and a list, as OpenAI's SDK sends it (`client.beta.chat.completions.parse`).
+    const PET: &str = r##"{
+        "$defs": {
+            "Color": {"enum": ["black", "white", "ginger"], "title": "Color", "type": "string"},
+            "Owner": {"properties": {"name": {"title": "Name", "type": "string"}},
+                      "required": ["name"], "title": "Owner", "type": "object",
+                      "additionalProperties": false}
+        },
+        "properties": {
+            "name": {"title": "Name", "type": "string"},
+            "age": {"title": "Age", "type": "integer"},
+            "color": {"$ref": "#/$defs/Color"},
+            "weight": {"anyOf": [{"type": "number"}, {"type": "null"}], "default": null},
+            "owner": {"$ref": "#/$defs/Owner"},
+            "tags": {"items": {"type": "string"}, "type": "array"},
+            "indoor": {"type": "boolean"}
+        },
+        "required": ["name", "age", "color", "owner"],
+        "title": "Pet", "type": "object", "additionalProperties": false
+    }"##;
+
+    #[test]
+    fn a_schema_takes_its_instances_in_property_order() {
+        let g = Grammar::from_schema(PET).unwrap();
+        for doc in [
+            r#"{"name":"Tom","age":3,"color":"black","owner":{"name":"Ann"}}"#,
+            r#"{"name": "Tom", "age": -12, "color": "ginger", "weight": 4.5e0,
+                "owner": {"name": ""}, "tags": ["a", "b"], "indoor": true}"#,
+            r#"{"name":"Tom","age":0,"color":"white","weight":null,"owner":{"name":"x"},"tags":[]}"#,
+        ] {
+            assert!(whole(&g, doc), "{doc}");
+            // Each of them is valid JSON, and an object.
+            assert!(serde_json::from_str::<Value>(doc).unwrap().is_object());
+        }
+        for doc in [
+            // A required property missing, out of order, unknown, or of the wrong type.
+            r#"{"name":"Tom","age":3,"color":"black"}"#,
+            r#"{"age":3,"name":"Tom","color":"black","owner":{"name":"Ann"}}"#,
+            r#"{"name":"Tom","age":3,"colour":"black","owner":{"name":"Ann"}}"#,
+            r#"{"name":"Tom","age":3.5,"color":"black","owner":{"name":"Ann"}}"#,
+            r#"{"name":"Tom","age":"3","color":"black","owner":{"name":"Ann"}}"#,
+            r#"{"name":"Tom","age":3,"color":"blue","owner":{"name":"Ann"}}"#,
+            r#"{"name":"Tom","age":3,"color":"black","weight":"4","owner":{"name":"Ann"}}"#,
+            r#"{"name":"Tom","age":3,"color":"black","owner":{"name":"Ann","x":1}}"#,
+            r#"{"name":"Tom","age":3,"color":"black","owner":{"name":"Ann"},"tags":[1]}"#,
+            r#"{"name":"Tom","age":3,"color":"black","owner":{"name":"Ann"},}"#,
+        ] {
+            assert!(!whole(&g, doc), "{doc}");
+        }
+    }
+
+    #[test]
+    fn enum_values_that_begin_alike_end_at_the_next_byte() {
+        let g = Grammar::from_schema(
+            r#"{"type":"object","properties":{"n":{"enum":[1,10,"1",true,null]}},"required":["n"]}"#,
+        )
+        .unwrap();
+        for v in ["1", "10", "\"1\"", "true", "null"] {
+            assert!(whole(&g, &format!("{{\"n\":{v}}}")), "{v}");
+            assert!(whole(&g, &format!("{{\"n\": {v} }}")), "{v}");
+        }
+        for v in ["100", "2", "\"10\"", "false", "1.0"] {
+            assert!(!whole(&g, &format!("{{\"n\":{v}}}")), "{v}");
+        }
+    }
+
+    #[test]
+    fn a_recursive_schema_nests() {
+        let g = Grammar::from_schema(
+            r##"{"type":"object","properties":{"v":{"type":"integer"},
+                "kids":{"type":"array","items":{"$ref":"#"}}},"required":["v"]}"##,
+        )
+        .unwrap();
+        assert!(whole(
+            &g,
+            r#"{"v":1,"kids":[{"v":2},{"v":3,"kids":[{"v":4}]}]}"#
+        ));
+        assert!(!whole(&g, r#"{"v":1,"kids":[{"kids":[]}]}"#));
+    }
+
+    #[test]
+    fn open_objects_and_maps() {
+        let g = Grammar::from_schema(
+            r#"{"type":"object","properties":{"any":{},"map":{"type":"object",
+                "additionalProperties":{"type":"integer"}},"none":{"type":"object",
+                "additionalProperties":false}},"required":["any","map","none"]}"#,
+        )
+        .unwrap();
+        assert!(whole(
+            &g,
+            r#"{"any":[{"x":null}],"map":{"a":1,"b":2},"none":{}}"#
+        ));
+        assert!(!whole(&g, r#"{"any":1,"map":{"a":"1"},"none":{}}"#));
+        assert!(!whole(&g, r#"{"any":1,"map":{},"none":{"a":1}}"#));
+    }
+
+    #[test]
+    fn schemas_it_cannot_follow_are_refused_by_name() {
+        for (schema, words) in [
+            (r#"{"type":"string"}"#, "root must be an object"),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"x"}}}"#,
+                "pattern",
+            ),
+            (r#"{"type":"object","minProperties":1}"#, "minProperties"),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string"}},"required":["b"]}"#,
+                "'b'",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"anyOf":[{"type":"object"},{"type":"object","properties":{}}]}}}"#,
+                "same character",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":["integer","string"]}}}"#,
+                "",
+            ),
+            (
+                r##"{"type":"object","properties":{"a":{"$ref":"#/$defs/B"}}}"##,
+                "names nothing",
+            ),
+            (
+                r##"{"$defs":{"A":{"$ref":"#/$defs/A"}},"type":"object","properties":{"a":{"$ref":"#/$defs/A"}}}"##,
+                "refers to itself",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"date"}}}"#,
+                "date",
+            ),
+            ("not json", "not JSON"),
+            (
+                r#"{"type":"object","properties":{"a":{"enum":[]}}}"#,
+                "enum",
+            ),
+        ] {
+            match Grammar::from_schema(schema) {
+                // A list of types that start differently is fine.
+                Ok(_) if words.is_empty() => {}
+                Ok(_) => panic!("{schema} compiled"),
+                Err(e) => assert!(e.contains(words), "{schema}: {e}"),
+            }
+        }
     }
 
     /// A vocabulary with every byte alone, JSON-ish pieces and an empty (control) token.
@@ -584,56 +1299,73 @@ mod tests {
             "\n ]",
             "\r\n",
             " 7",
+            "\"name",
+            "\"age\":",
+            " \"Tom\"",
+            "black",
+            "\"black\"",
+            " b",
+            "\"a b\"",
+            "a b",
+            " c\"",
         ] {
             v.push(p.as_bytes().to_vec());
         }
         v
     }
 
-    #[test]
-    fn the_table_masks_exactly_the_tokens_the_state_refuses() {
+    /// Compares [`TokenTable::mask`] with trying every token, at every state along `docs`.
+    fn check_table(g: &Grammar, docs: &[&[u8]]) {
         let vocab = vocab();
         let table = TokenTable::new(vocab.iter().map(Vec::as_slice));
-        // States along several documents, and at the whitespace cap, each compared with
-        // trying every token on it.
-        let near_cap = format!("{{{}", "\n".repeat(MAX_WHITESPACE as usize - 1));
-        let at_cap = format!("{{\"a\":1{}", " ".repeat(MAX_WHITESPACE as usize));
-        let prefixes = VALID
-            .iter()
-            .flat_map(|doc| (0..doc.len()).map(|cut| &doc.as_bytes()[..cut]))
-            .chain([near_cap.as_bytes(), at_cap.as_bytes()]);
-        for bytes in prefixes {
-            let doc = String::from_utf8_lossy(bytes);
-            let mut s = JsonPrefix::new();
-            assert!(s.push_all(bytes));
-            // Two padding logits past the vocabulary, which must be masked too.
-            let mut logits: Vec<f32> = (0..vocab.len() + 2).map(|i| i as f32).collect();
-            let any = table.mask(&s, |t| &vocab[t as usize], &mut logits);
-            for (t, &l) in logits.iter().enumerate() {
-                let want = vocab.get(t).is_some_and(|p| !p.is_empty() && s.accepts(p));
-                assert_eq!(l > f32::NEG_INFINITY, want, "after {doc:?}, token {t}");
-                if want {
-                    assert_eq!(l, t as f32, "a kept logit moved");
+        for doc in docs {
+            for cut in 0..doc.len() {
+                let bytes = &doc[..cut];
+                let shown = String::from_utf8_lossy(bytes);
+                let s = fed(g, bytes).unwrap_or_else(|| panic!("{shown:?} refused"));
+                // Two padding logits past the vocabulary, which must be masked too.
+                let mut logits: Vec<f32> = (0..vocab.len() + 2).map(|i| i as f32).collect();
+                let any = table.mask(g, &s, |t| &vocab[t as usize], &mut logits);
+                for (t, &l) in logits.iter().enumerate() {
+                    let want = vocab
+                        .get(t)
+                        .is_some_and(|p| !p.is_empty() && s.accepts(g, p));
+                    assert_eq!(l > f32::NEG_INFINITY, want, "after {shown:?}, token {t}");
+                    if want {
+                        assert_eq!(l, t as f32, "a kept logit moved");
+                    }
                 }
+                assert!(any, "after {shown:?}: the next byte alone is a token");
             }
-            assert!(any, "after {doc:?}: the next byte alone is a token");
         }
-        let mut done = JsonPrefix::new();
-        assert!(done.push_all(b"{}"));
-        let mut logits = vec![0.0; vocab.len()];
-        assert!(!table.mask(&done, |t| &vocab[t as usize], &mut logits));
     }
 
     #[test]
-    fn every_prefix_of_a_valid_object_is_accepted() {
-        // Splitting a document anywhere (as tokens do) never refuses a piece.
-        for doc in VALID {
-            let bytes = doc.as_bytes();
-            for cut in 0..=bytes.len() {
-                let mut s = JsonPrefix::new();
-                assert!(s.push_all(&bytes[..cut]), "{doc} cut at {cut}");
-                assert!(s.accepts(&bytes[cut..]), "{doc} cut at {cut}");
-            }
-        }
+    fn the_table_masks_exactly_the_tokens_the_state_refuses() {
+        // States along documents, and at the whitespace cap.
+        let near_cap = format!("{{{}}}", "\n".repeat(MAX_WHITESPACE as usize - 1));
+        let at_cap = format!("{{\"a\":1{}}}", " ".repeat(MAX_WHITESPACE as usize));
+        let mut docs: Vec<&[u8]> = VALID.iter().map(|d| d.as_bytes()).collect();
+        docs.extend([near_cap.as_bytes(), at_cap.as_bytes()]);
+        check_table(&any(), &docs);
+        // And along a schema's instance: keys and enum values are matched, not free text,
+        // and one of them holds a space.
+        let g = Grammar::from_schema(
+            r#"{"type":"object","properties":{"name":{"type":"string"},"age":{"type":"integer"},
+                "c":{"enum":["black","a b","a"]},"n":{"enum":[1,10]}},"required":["name"]}"#,
+        )
+        .unwrap();
+        check_table(
+            &g,
+            &[
+                br#"{"name": "Tom", "age": 12, "c": "a b", "n": 10}"#,
+                b"{\"name\":\"x\",\"c\":\"a\" ,\"n\":1 }",
+            ],
+        );
+        let vocab = vocab();
+        let table = TokenTable::new(vocab.iter().map(Vec::as_slice));
+        let done = fed(&any(), b"{}").unwrap();
+        let mut logits = vec![0.0; vocab.len()];
+        assert!(!table.mask(&any(), &done, |t| &vocab[t as usize], &mut logits));
     }
 }

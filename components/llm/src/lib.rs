@@ -81,7 +81,10 @@ impl gen::Guest for Component {
         let opened = prompt.trim_end().ends_with("<think>");
         // JSON mode constrains the whole output to the object, so it is all content: no
         // think block, no tool call can be written.
-        let json = options.format == Some(OutputFormat::JsonObject);
+        let json = matches!(
+            options.format,
+            Some(OutputFormat::JsonObject | OutputFormat::JsonSchema(_))
+        );
         let parser =
             response::ResponseParser::new(m.thinks && !json, opened && !json, parse_tools && !json);
         Ok(stream(

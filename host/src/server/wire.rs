@@ -222,7 +222,11 @@ fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
         choices: choices(b)?,
         format: output_format(b)?,
     };
-    if options.format == Some(OutputFormat::JsonObject) && !options.choices.is_empty() {
+    if matches!(
+        options.format,
+        Some(OutputFormat::JsonObject | OutputFormat::JsonSchema(_))
+    ) && !options.choices.is_empty()
+    {
         return Err(ApiError::bad_param(
             "response_format",
             "'response_format' and 'guided_choice' cannot be combined.",
@@ -251,24 +255,40 @@ pub fn chat_request(b: &Body) -> Result<GenRequest, ApiError> {
     Ok(r)
 }
 
-/// OpenAI's `response_format`: `{"type": "text"}` or `{"type": "json_object"}`.
+/// OpenAI's `response_format`: `{"type": "text"}`, `{"type": "json_object"}` or
+/// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`; or vLLM's
+/// `guided_json` (a schema, or its text). The component compiles the schema, and says what
+/// in it it cannot follow.
 fn output_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
+    let schema_text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    if let Some(v) = b.get("guided_json") {
+        if !matches!(v, Value::Object(_) | Value::String(_)) {
+            return Err(ApiError::bad_param(
+                "guided_json",
+                "'guided_json' must be a JSON Schema.",
+            ));
+        }
+        return Ok(Some(OutputFormat::JsonSchema(schema_text(v))));
+    }
     let Some(v) = b.get("response_format") else {
         return Ok(None);
     };
-    let kind = v.get("type").and_then(Value::as_str);
-    match kind {
+    match v.get("type").and_then(Value::as_str) {
         Some("text") => Ok(Some(OutputFormat::Text)),
         Some("json_object") => Ok(Some(OutputFormat::JsonObject)),
-        // Silently ignoring a schema would hand back JSON that does not follow it.
-        Some("json_schema") => Err(ApiError::bad_param(
-            "response_format",
-            "'response_format' of type 'json_schema' is not supported; 'json_object' \
-             constrains the output to a JSON object (without a schema).",
-        )),
+        Some("json_schema") => match v.get("json_schema").and_then(|j| j.get("schema")) {
+            Some(schema @ Value::Object(_)) => Ok(Some(OutputFormat::JsonSchema(schema_text(schema)))),
+            _ => Err(ApiError::bad_param(
+                "response_format",
+                "'response_format' of type 'json_schema' needs 'json_schema.schema', a JSON Schema object.",
+            )),
+        },
         _ => Err(ApiError::bad_param(
             "response_format",
-            "'response_format' must be {\"type\": \"text\"} or {\"type\": \"json_object\"}.",
+            "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", ...}.",
         )),
     }
 }
