@@ -25,6 +25,9 @@ const MAX_NODES: usize = 4096;
 const MAX_CHOICES: usize = 64;
 const MAX_TEXT: usize = 255;
 
+/// Most `$ref` and `anyOf` nodes in a row (the checker follows them recursively).
+const MAX_CHAIN: usize = 128;
+
 /// The literals `true`, `false` and `null`.
 const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
 
@@ -102,31 +105,54 @@ impl Grammar {
             root: &root,
             nodes: Self::base(),
             refs: HashMap::new(),
+            depth: 0,
         };
         let top = c.node(&root)?;
         let g = Self {
             nodes: c.nodes,
             root: top,
         };
-        // Every node starts somewhere: a `$ref` cycle without a container between (which
-        // would send the checker round it forever) fails here.
-        for id in 0..g.nodes.len() {
-            g.first_bytes(id as NodeId, 0)?;
-        }
-        if g.first_bytes(top, 0)? != 1 << b'{' {
+        if g.first_bytes()?[top as usize] != 1 << b'{' {
             return Err("the schema's root must be an object".into());
         }
         Ok(g)
     }
 
-    /// The bytes a value of `node` can start with, as a bit set.
-    fn first_bytes(&self, node: NodeId, depth: usize) -> Result<u128, String> {
-        if depth > MAX_DEPTH {
+    /// The bytes a value of each node can start with, as bit sets; checks on the way that
+    /// `anyOf` branches start differently (the checker picks one by its first byte) and
+    /// that no `$ref` leads back to itself before an object or array opens (the checker
+    /// would go round it forever).
+    fn first_bytes(&self) -> Result<Vec<u128>, String> {
+        let mut memo = vec![None; self.nodes.len()];
+        let mut active = vec![false; self.nodes.len()];
+        for id in 0..self.nodes.len() {
+            self.first_bytes_of(id as NodeId, &mut memo, &mut active, 0)?;
+        }
+        Ok(memo.into_iter().map(|m| m.unwrap_or(0)).collect())
+    }
+
+    fn first_bytes_of(
+        &self,
+        node: NodeId,
+        memo: &mut [Option<u128>],
+        active: &mut [bool],
+        depth: usize,
+    ) -> Result<u128, String> {
+        let i = node as usize;
+        if let Some(m) = memo[i] {
+            return Ok(m);
+        }
+        if active[i] {
             return Err("a $ref refers to itself without an object or array between".into());
         }
+        // Chains of references and branches are walked recursively, here and by the checker.
+        if depth > MAX_CHAIN {
+            return Err(format!("more than {MAX_CHAIN} $ref or anyOf in a row"));
+        }
+        active[i] = true;
         let bit = |b: u8| 1u128 << b;
         let number = (b'0'..=b'9').fold(bit(b'-'), |m, d| m | bit(d));
-        Ok(match &self.nodes[node as usize] {
+        let m = match &self.nodes[i] {
             Node::Any => {
                 number | bit(b'{') | bit(b'[') | bit(b'"') | bit(b't') | bit(b'f') | bit(b'n')
             }
@@ -136,16 +162,26 @@ impl Grammar {
             Node::Number | Node::Integer => number,
             Node::Boolean => bit(b't') | bit(b'f'),
             Node::Null => bit(b'n'),
-            Node::Literals(texts) => texts.iter().fold(0, |m, t| m | bit(t[0])),
+            // serde_json's texts start with an ASCII byte.
+            Node::Literals(texts) => texts.iter().fold(0, |m, t| m | bit(t[0] & 0x7f)),
             Node::AnyOf(alts) => {
                 let mut all = 0;
                 for &a in alts {
-                    all |= self.first_bytes(a, depth + 1)?;
+                    let m = self.first_bytes_of(a, memo, active, depth + 1)?;
+                    if all & m != 0 {
+                        return Err("'anyOf' branches that can start with the same character \
+                                    are not supported"
+                            .into());
+                    }
+                    all |= m;
                 }
                 all
             }
-            Node::Ref(target) => self.first_bytes(*target, depth + 1)?,
-        })
+            Node::Ref(target) => self.first_bytes_of(*target, memo, active, depth + 1)?,
+        };
+        active[i] = false;
+        memo[i] = Some(m);
+        Ok(m)
     }
 
     fn props(&self, node: NodeId) -> &[Prop] {
@@ -200,6 +236,9 @@ struct Compiler<'a> {
     root: &'a Value,
     nodes: Vec<Node>,
     refs: HashMap<String, NodeId>,
+    /// How deep `node` is in itself: nesting and `$ref` chains, which serde_json's own
+    /// nesting limit does not bound.
+    depth: usize,
 }
 
 impl Compiler<'_> {
@@ -212,6 +251,16 @@ impl Compiler<'_> {
     }
 
     fn node(&mut self, s: &Value) -> Result<NodeId, String> {
+        if self.depth > 4 * MAX_CHAIN {
+            return Err(format!("the schema nests more than {} deep", 4 * MAX_CHAIN));
+        }
+        self.depth += 1;
+        let node = self.node_inner(s);
+        self.depth -= 1;
+        node
+    }
+
+    fn node_inner(&mut self, s: &Value) -> Result<NodeId, String> {
         let obj = match s {
             Value::Bool(true) => return Ok(ANY),
             Value::Bool(false) => return Err("a schema of false matches nothing".into()),
@@ -363,22 +412,7 @@ impl Compiler<'_> {
         if let [one] = ids[..] {
             return Ok(one);
         }
-        // The branch is chosen at the value's first byte: they must start differently.
-        let g = Grammar {
-            nodes: std::mem::take(&mut self.nodes),
-            root: ANY,
-        };
-        let firsts: Result<Vec<u128>, String> = ids.iter().map(|&a| g.first_bytes(a, 0)).collect();
-        self.nodes = g.nodes;
-        let firsts = firsts?;
-        for (i, a) in firsts.iter().enumerate() {
-            if firsts[..i].iter().any(|b| a & b != 0) {
-                return Err(
-                    "'anyOf' branches that can start with the same character are not supported"
-                        .into(),
-                );
-            }
-        }
+        // That the branches start differently is checked once every `$ref` is resolved.
         self.add(Node::AnyOf(ids))
     }
 
@@ -1187,6 +1221,55 @@ mod tests {
             r#"{"v":1,"kids":[{"v":2},{"v":3,"kids":[{"v":4}]}]}"#
         ));
         assert!(!whole(&g, r#"{"v":1,"kids":[{"kids":[]}]}"#));
+    }
+
+    #[test]
+    fn a_linked_list_through_an_optional_ref_compiles() {
+        // pydantic's `next: Optional["Node"]`: the anyOf is met while its $ref is open.
+        let g = Grammar::from_schema(
+            r##"{"$defs":{"Node":{"type":"object","properties":{"v":{"type":"integer"},
+                "next":{"anyOf":[{"$ref":"#/$defs/Node"},{"type":"null"}]}},
+                "required":["v","next"]}},"$ref":"#/$defs/Node"}"##,
+        )
+        .unwrap();
+        assert!(whole(&g, r#"{"v":1,"next":{"v":2,"next":null}}"#));
+        assert!(!whole(&g, r#"{"v":1,"next":{"v":2}}"#));
+    }
+
+    #[test]
+    fn a_schema_of_shared_branches_compiles_in_linear_time() {
+        // D0 = anyOf[D1, D1], D1 = anyOf[D2, D2], ...: 2^60 paths if walked without memory;
+        // refused (the branches overlap) at once.
+        let defs: Vec<String> = (0..60)
+            .map(|i| {
+                format!(
+                    r##""D{i}":{{"anyOf":[{{"$ref":"#/$defs/D{}"}},{{"$ref":"#/$defs/D{}"}}]}}"##,
+                    i + 1,
+                    i + 1
+                )
+            })
+            .chain(std::iter::once(r#""D60":{"type":"object"}"#.to_string()))
+            .collect();
+        let schema = format!(
+            r##"{{"$defs":{{{}}},"type":"object","properties":{{"a":{{"$ref":"#/$defs/D0"}}}}}}"##,
+            defs.join(",")
+        );
+        let err = Grammar::from_schema(&schema).unwrap_err();
+        assert!(err.contains("same character"), "{err}");
+    }
+
+    #[test]
+    fn a_long_ref_chain_is_refused_not_a_stack_overflow() {
+        let defs: Vec<String> = (0..3000)
+            .map(|i| format!(r##""D{i}":{{"$ref":"#/$defs/D{}"}}"##, i + 1))
+            .chain(std::iter::once(r#""D3000":{"type":"object"}"#.to_string()))
+            .collect();
+        let schema = format!(
+            r##"{{"$defs":{{{}}},"type":"object","properties":{{"a":{{"$ref":"#/$defs/D0"}}}}}}"##,
+            defs.join(",")
+        );
+        let err = Grammar::from_schema(&schema).unwrap_err();
+        assert!(err.contains("deep"), "{err}");
     }
 
     #[test]
