@@ -246,6 +246,8 @@ fn help_documents_the_commands() {
         "--seed",
         "--system",
         "--raw",
+        "--json",
+        "--json-schema",
         "--threads",
     ] {
         assert!(stdout(&o).contains(flag), "run --help lacks {flag}");

@@ -37,8 +37,8 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Measure prefill and decode speed natively and through the component, in one run.
     Bench(BenchArgs),
-    /// Measure the node's HTTP path against the in-process one, and decode throughput with
-    /// several concurrent streams, in one run.
+    /// Measure the node's HTTP path against the in-process one, JSON mode against free text,
+    /// and decode throughput with several concurrent streams, in one run.
     BenchServe(BenchServeArgs),
     /// Measure a wasm app's fermyon:spin/llm path against the node's OpenAI endpoint, in one run.
     BenchApp(BenchAppArgs),
