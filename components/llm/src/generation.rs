@@ -199,7 +199,7 @@ impl Generation {
     }
 
     /// Masks every token that would not keep the output a prefix of one of the choices, or
-    /// (JSON mode) of a JSON object. Fails when no token is left.
+    /// (structured output) of a JSON object of the grammar. Fails when no token is left.
     fn constrain(&self, logits: &mut [f32]) -> Result<(), Error> {
         if let Some((grammar, json)) = &self.json {
             let tok = self.model.tokenizer.borrow();
@@ -286,7 +286,7 @@ impl Generation {
         if outcome.stopped {
             return Ok(self.finish_now(outcome.emit, vec![token], logprobs, FinishReason::Stop));
         }
-        // JSON mode ends where the object closes.
+        // Structured output ends where the object closes.
         if self.json.as_ref().is_some_and(|(_, s)| s.is_done()) {
             return Ok(self.finish(outcome.emit, vec![token], logprobs, FinishReason::Stop));
         }

@@ -959,20 +959,22 @@ impl TokenTable {
         };
         // Outside strings and matches every whitespace byte does the same, and the state
         // after it is the same whatever the run's length (but for its cap, which trying the
-        // token checks), so one blank decides for all tokens that start blank. A key or an
-        // enum value being matched may hold a space (and not a tab): there every token is
-        // tried.
+        // token checks), so one blank decides for all tokens that start blank. In a match (a
+        // key, an enum value) a blank is text of a key or value that holds one, or the gap
+        // after a whole value, and the four differ: there every token that starts blank is
+        // tried, if any blank can come at all.
+        let matching = matches!(state.lex, Lex::Match { .. });
         let mut after_blank = *state;
-        let blank_ok = after_blank.push(g, b' ');
-        let shortcut = !matches!(state.lex, Lex::Match { .. });
-        if blank_ok || !shortcut {
+        let one_blank = !matching && after_blank.push(g, b' ');
+        let every_blank = matching && b" \t\n\r".iter().any(|&w| state.accepts(g, &[w]));
+        if one_blank || every_blank {
             try_all(&self.blank);
         }
         for b in 0..=255u8 {
             if state.accepts(g, &[b]) {
                 try_all(&self.by_first[b as usize]);
             }
-            if !shortcut || (blank_ok && after_blank.accepts(g, &[b])) {
+            if every_blank || (one_blank && after_blank.accepts(g, &[b])) {
                 try_all(&self.after_blank[b as usize]);
             }
         }
