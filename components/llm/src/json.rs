@@ -1238,38 +1238,34 @@ mod tests {
         assert!(!whole(&g, r#"{"v":1,"next":{"v":2}}"#));
     }
 
+    /// A schema whose property `a` refers to `D0` of `$defs` `D0`..`D{n-1}` (`def(i)` the
+    /// body of `Di`, which may refer to `D{i+1}`) and `Dn`, an object.
+    fn chain_schema(n: usize, def: impl Fn(usize) -> String) -> String {
+        let defs: Vec<String> = (0..n)
+            .map(|i| format!(r#""D{i}":{}"#, def(i)))
+            .chain(std::iter::once(format!(r#""D{n}":{{"type":"object"}}"#)))
+            .collect();
+        format!(
+            r##"{{"$defs":{{{}}},"type":"object","properties":{{"a":{{"$ref":"#/$defs/D0"}}}}}}"##,
+            defs.join(",")
+        )
+    }
+
     #[test]
     fn a_schema_of_shared_branches_compiles_in_linear_time() {
         // D0 = anyOf[D1, D1], D1 = anyOf[D2, D2], ...: 2^60 paths if walked without memory;
         // refused (the branches overlap) at once.
-        let defs: Vec<String> = (0..60)
-            .map(|i| {
-                format!(
-                    r##""D{i}":{{"anyOf":[{{"$ref":"#/$defs/D{}"}},{{"$ref":"#/$defs/D{}"}}]}}"##,
-                    i + 1,
-                    i + 1
-                )
-            })
-            .chain(std::iter::once(r#""D60":{"type":"object"}"#.to_string()))
-            .collect();
-        let schema = format!(
-            r##"{{"$defs":{{{}}},"type":"object","properties":{{"a":{{"$ref":"#/$defs/D0"}}}}}}"##,
-            defs.join(",")
-        );
+        let schema = chain_schema(60, |i| {
+            let next = format!(r##"{{"$ref":"#/$defs/D{}"}}"##, i + 1);
+            format!(r#"{{"anyOf":[{next},{next}]}}"#)
+        });
         let err = Grammar::from_schema(&schema).unwrap_err();
         assert!(err.contains("same character"), "{err}");
     }
 
     #[test]
     fn a_long_ref_chain_is_refused_not_a_stack_overflow() {
-        let defs: Vec<String> = (0..3000)
-            .map(|i| format!(r##""D{i}":{{"$ref":"#/$defs/D{}"}}"##, i + 1))
-            .chain(std::iter::once(r#""D3000":{"type":"object"}"#.to_string()))
-            .collect();
-        let schema = format!(
-            r##"{{"$defs":{{{}}},"type":"object","properties":{{"a":{{"$ref":"#/$defs/D0"}}}}}}"##,
-            defs.join(",")
-        );
+        let schema = chain_schema(3000, |i| format!(r##"{{"$ref":"#/$defs/D{}"}}"##, i + 1));
         let err = Grammar::from_schema(&schema).unwrap_err();
         assert!(err.contains("deep"), "{err}");
     }
