@@ -181,6 +181,74 @@ def _():
         assert list(json.loads(c.message.content)) == ["name", "age", "color", "weight", "owner"]
 
 
+FORECAST = [SYSTEM, {"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+
+
+@check("tool_choice: a named function, or 'required', gives one call of a listed tool")
+def _():
+    import enum
+
+    import pydantic
+
+    class Unit(str, enum.Enum):
+        celsius = "celsius"
+        fahrenheit = "fahrenheit"
+
+    class GetWeather(pydantic.BaseModel):
+        """The current weather in a city."""
+        city: str
+        unit: Unit
+
+    class GetTime(pydantic.BaseModel):
+        """The current time in a time zone."""
+        timezone: str
+
+    models = {"GetWeather": GetWeather, "GetTime": GetTime}
+    tools = [openai.pydantic_function_tool(m) for m in models.values()]
+    # SmolLM2's template shows no tools: left to itself the model answers in prose, no call.
+    free = client.chat.completions.create(
+        model="smollm2", messages=FORECAST, tools=tools, temperature=0, max_tokens=60)
+    assert not free.choices[0].message.tool_calls and free.choices[0].finish_reason != "tool_calls"
+    # A named function: the SDK's parse() validates the arguments against the pydantic model.
+    r = client.beta.chat.completions.parse(
+        model="smollm2", messages=FORECAST, tools=tools, temperature=0, max_tokens=100,
+        tool_choice={"type": "function", "function": {"name": "GetWeather"}})
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None, c
+    (call,) = c.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name == "GetWeather", call
+    assert isinstance(call.function.parsed_arguments, GetWeather), call
+    # "required", sampled and streamed: one call of either tool, its arguments per its schema.
+    names = set()
+    for seed in (1, 2, 3, 4):
+        stream = client.chat.completions.create(
+            model="smollm2", messages=FORECAST, tools=tools, tool_choice="required",
+            temperature=1.0, seed=seed, max_tokens=200, stream=True)
+        calls, content, finish = [], "", None
+        for chunk in stream:
+            for ch in chunk.choices:
+                content += ch.delta.content or ""
+                calls += ch.delta.tool_calls or []
+                finish = ch.finish_reason or finish
+        assert finish == "tool_calls" and content == "", (seed, finish, content)
+        (call,) = calls
+        models[call.function.name].model_validate_json(call.function.arguments)
+        names.add(call.function.name)
+    print(f"    'required' called {sorted(names)}")
+    # A function that is not among the tools, or a schema keyword the node cannot follow.
+    bad_tool = openai.pydantic_function_tool(GetTime, name="Later")
+    bad_tool["function"]["parameters"]["properties"]["timezone"]["maxLength"] = 8
+    for tool_choice, words in (({"type": "function", "function": {"name": "GetStock"}}, "GetStock"),
+                               ({"type": "function", "function": {"name": "Later"}}, "maxLength")):
+        try:
+            client.chat.completions.create(model="smollm2", messages=FORECAST, max_tokens=8,
+                                           tools=tools + [bad_tool], tool_choice=tool_choice)
+        except openai.BadRequestError as e:
+            assert words in e.message, e.message
+        else:
+            raise AssertionError(f"{tool_choice} was accepted")
+
+
 @check("a multi-turn conversation reuses the cached prefix")
 def _():
     history = [SYSTEM, {"role": "user", "content": "Name a fruit."}]
@@ -343,15 +411,15 @@ def _():
         assert prompt == row["rendered"], (row, prompt)
 
 
-@check("qwen3: unsupported tool_choice is a BadRequestError")
+@check("qwen3: tool_choice 'required' without tools is a BadRequestError")
 def _():
     try:
-        client.chat.completions.create(model="qwen3", messages=WEATHER, tools=TOOLS,
-                                       tool_choice="required", max_tokens=5)
+        client.chat.completions.create(model="qwen3", messages=WEATHER, tool_choice="required",
+                                       max_tokens=5)
     except openai.BadRequestError as e:
         assert "tool_choice" in str(e)
     else:
-        raise AssertionError("tool_choice=required was accepted")
+        raise AssertionError("tool_choice=required without tools was accepted")
 
 
 def cosine(a, b):

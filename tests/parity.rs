@@ -458,8 +458,8 @@ fn component_imports_only_wasi_nn_and_wasi() {
         .map(|(name, _)| name.to_string())
         .collect();
     for e in [
-        "wasmlm:llm/generation@0.2.0",
-        "wasmlm:llm/tokenization@0.2.0",
+        "wasmlm:llm/generation@0.3.0",
+        "wasmlm:llm/tokenization@0.3.0",
         "fermyon:spin/llm@2.0.0",
     ] {
         assert!(
@@ -608,6 +608,7 @@ fn row_context(row: &serde_json::Value) -> ChatContext {
         template_kwargs_json: row
             .get("enable_thinking")
             .map(|t| serde_json::json!({ "enable_thinking": t }).to_string()),
+        tool_choice: None,
     }
 }
 
@@ -674,6 +675,7 @@ fn qwen3_reasoning_and_tool_calls_come_apart_from_the_answer() {
     let with_tools = ChatContext {
         tools_json: Some(tools.to_string()),
         template_kwargs_json: None,
+        tool_choice: None,
     };
     let script = "<think>\nThe user asks for the weather.\n</think>\n\n<tool_call>\n\
                   {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
@@ -690,6 +692,7 @@ fn qwen3_reasoning_and_tool_calls_come_apart_from_the_answer() {
     let no_thinking = ChatContext {
         tools_json: None,
         template_kwargs_json: Some(r#"{"enable_thinking": false}"#.into()),
+        tool_choice: None,
     };
     let (text, reasoning, calls, finish) = qwen3_chat(&no_thinking, "It is sunny in Paris.");
     assert_eq!(

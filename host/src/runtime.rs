@@ -106,6 +106,7 @@ pub fn no_context() -> ChatContext {
     ChatContext {
         tools_json: None,
         template_kwargs_json: None,
+        tool_choice: None,
     }
 }
 

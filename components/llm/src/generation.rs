@@ -138,6 +138,12 @@ impl Generation {
         }
     }
 
+    /// Keeps the output to `grammar` (a tool call the request requires).
+    pub fn with_grammar(mut self, grammar: Grammar) -> Self {
+        self.json = Some((grammar, JsonPrefix::new()));
+        self
+    }
+
     /// Splits the answer with `parser` from now on.
     pub fn with_parser(mut self, parser: ResponseParser) -> Self {
         self.parser = Some(parser);

@@ -59,6 +59,13 @@ enum Node {
     Literals(Vec<Vec<u8>>),
     /// One of these nodes, told apart by their first byte.
     AnyOf(Vec<NodeId>),
+    /// An object of one of several shapes told apart by the value of their first property,
+    /// `key` (a discriminated union: pydantic's `Field(discriminator=...)`, a tool call's
+    /// `name`): each of `values` (JSON text) leads to the object node that goes on.
+    Tagged {
+        key: Vec<u8>,
+        values: Vec<(Vec<u8>, NodeId)>,
+    },
     /// The node a `$ref` names.
     Ref(NodeId),
 }
@@ -95,7 +102,7 @@ impl Grammar {
     /// The grammar of a JSON Schema whose root is an object. Supported: `type` (one or a
     /// list), `properties` (written in their order), `required`, `additionalProperties`,
     /// `items`, `enum`, `const`, `anyOf`/`oneOf` whose branches start with different
-    /// characters, and `$ref` into `$defs`/`definitions` (recursion included); annotations
+    /// characters or are objects told apart by their first property, and `$ref` into `$defs`/`definitions` (recursion included); annotations
     /// (`title`, `description`, `format`, ...) are ignored. Any other keyword is an error
     /// naming it, rather than output that does not follow it.
     pub fn from_schema(schema: &str) -> Result<Self, String> {
@@ -114,6 +121,70 @@ impl Grammar {
         };
         if g.first_bytes()?[top as usize] != 1 << b'{' {
             return Err("the schema's root must be an object".into());
+        }
+        Ok(g)
+    }
+
+    /// The grammar of one call of one of `tools` (name, `parameters` schema):
+    /// `{"name": NAME, "arguments": {...}}`, the object Hermes-style models (Qwen2.5, Qwen3)
+    /// write inside `<tool_call>`, its arguments following the tool's parameters. A tool
+    /// without parameters takes `{}`.
+    pub fn tool_call(tools: &[(&str, Option<&Value>)]) -> Result<Self, String> {
+        let none = serde_json::json!({"type": "object", "additionalProperties": false});
+        let mut c = Compiler {
+            root: &none,
+            nodes: Self::base(),
+            refs: HashMap::new(),
+            depth: 0,
+        };
+        let mut calls = Vec::new();
+        let mut arguments = Vec::new();
+        for &(name, parameters) in tools {
+            let parameters = parameters.unwrap_or(&none);
+            // Each schema's `$ref`s are its own.
+            c.root = parameters;
+            c.refs.clear();
+            let args = match c.node(parameters) {
+                Ok(ANY) => ANY_OBJECT,
+                Ok(args) => args,
+                Err(e) => return Err(format!("tool '{name}': {e}")),
+            };
+            arguments.push((name, args));
+            let name_node = c.literals(&[Value::String(name.to_string())])?;
+            let call = Node::Object(vec![
+                Prop {
+                    key: b"\"name\"".to_vec(),
+                    node: name_node,
+                    required: true,
+                },
+                Prop {
+                    key: b"\"arguments\"".to_vec(),
+                    node: args,
+                    required: true,
+                },
+            ]);
+            calls.push(c.add(call)?);
+        }
+        let root = match calls[..] {
+            [] => return Err("no tools to call".into()),
+            [one] => one,
+            _ => {
+                let tagged = c
+                    .tagged(&calls)
+                    .ok_or("tool names must be distinct (at most 64 tools)")?;
+                c.add(tagged)?
+            }
+        };
+        let g = Self {
+            nodes: c.nodes,
+            root,
+        };
+        let first = g.first_bytes()?;
+        if let Some((name, _)) = arguments
+            .iter()
+            .find(|(_, args)| first[*args as usize] != 1 << b'{')
+        {
+            return Err(format!("tool '{name}': its parameters must be an object"));
         }
         Ok(g)
     }
@@ -156,7 +227,7 @@ impl Grammar {
             Node::Any => {
                 number | bit(b'{') | bit(b'[') | bit(b'"') | bit(b't') | bit(b'f') | bit(b'n')
             }
-            Node::Object(_) | Node::Map(_) => bit(b'{'),
+            Node::Object(_) | Node::Map(_) | Node::Tagged { .. } => bit(b'{'),
             Node::Array(_) => bit(b'['),
             Node::String => bit(b'"'),
             Node::Number | Node::Integer => number,
@@ -170,7 +241,8 @@ impl Grammar {
                     let m = self.first_bytes_of(a, memo, active, depth + 1)?;
                     if all & m != 0 {
                         return Err("'anyOf' branches that can start with the same character \
-                                    are not supported"
+                                    are not supported (objects can be told apart by a first \
+                                    required property of different 'const' values)"
                             .into());
                     }
                     all |= m;
@@ -196,6 +268,8 @@ impl Grammar {
         match &self.nodes[node as usize] {
             Node::Object(props) if key => &props[i].key,
             Node::Literals(texts) if !key => &texts[i],
+            Node::Tagged { key: k, .. } if key => k,
+            Node::Tagged { values, .. } => &values[i].0,
             _ => &[],
         }
     }
@@ -214,6 +288,9 @@ const ANNOTATIONS: &[&str] = &[
     "$defs",
     "definitions",
     "deprecated",
+    // OpenAPI's (pydantic writes it for discriminated unions): each branch's `const` says
+    // the same.
+    "discriminator",
     "readOnly",
     "writeOnly",
 ];
@@ -412,8 +489,68 @@ impl Compiler<'_> {
         if let [one] = ids[..] {
             return Ok(one);
         }
+        // Objects all start with `{`: several are one branch if a first property tells them
+        // apart.
+        let (objects, mut ids): (Vec<NodeId>, Vec<NodeId>) = ids
+            .into_iter()
+            .partition(|&id| matches!(self.resolved(id), Some(Node::Object(_))));
+        match objects[..] {
+            [] => {}
+            [one] => ids.push(one),
+            _ => match self.tagged(&objects) {
+                Some(tagged) => ids.push(self.add(tagged)?),
+                None => ids.extend(objects),
+            },
+        }
+        if let [one] = ids[..] {
+            return Ok(one);
+        }
         // That the branches start differently is checked once every `$ref` is resolved.
         self.add(Node::AnyOf(ids))
+    }
+
+    /// The id of the node `id` names once `$ref`s are followed; `None` for a reference
+    /// still being compiled (recursion).
+    fn resolve(&self, mut id: NodeId) -> Option<NodeId> {
+        for _ in 0..=MAX_CHAIN {
+            match self.nodes.get(id as usize)? {
+                Node::Ref(to) => id = *to,
+                _ => return Some(id),
+            }
+        }
+        None
+    }
+
+    fn resolved(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(self.resolve(id)? as usize)
+    }
+
+    /// One node for the object nodes `ids` if each starts with the same required key whose
+    /// values (`const`, `enum`) no two share.
+    fn tagged(&self, ids: &[NodeId]) -> Option<Node> {
+        let mut key: Option<&[u8]> = None;
+        let mut values: Vec<(Vec<u8>, NodeId)> = Vec::new();
+        for &id in ids {
+            let object = self.resolve(id)?;
+            let Some(Node::Object(props)) = self.nodes.get(object as usize) else {
+                return None;
+            };
+            let first = props.first().filter(|p| p.required)?;
+            if *key.get_or_insert(&first.key) != first.key.as_slice() {
+                return None;
+            }
+            let Some(Node::Literals(texts)) = self.resolved(first.node) else {
+                return None;
+            };
+            for t in texts {
+                if values.iter().any(|(v, _)| v == t) {
+                    return None;
+                }
+                values.push((t.clone(), object));
+            }
+        }
+        let key = key?.to_vec();
+        (values.len() <= MAX_CHOICES).then_some(Node::Tagged { key, values })
     }
 
     fn reference(&mut self, r: &Value) -> Result<NodeId, String> {
@@ -543,6 +680,15 @@ impl Default for JsonPrefix {
     }
 }
 
+/// The set of the first `n` (≤ 64) indices.
+fn all_bits(n: usize) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1 << n) - 1
+    }
+}
+
 /// The indices of the set bits of `m`.
 fn bits(m: u64) -> impl Iterator<Item = usize> {
     (0..64).filter(move |i| m & (1 << i) != 0)
@@ -634,6 +780,10 @@ impl JsonPrefix {
 
     /// The keys an object may write next: from its next property up to the first required.
     fn key_choices(g: &Grammar, frame: Frame) -> u64 {
+        if let Node::Tagged { .. } = g.nodes[frame.node as usize] {
+            // Its first key; the frame moves to the chosen object after the value.
+            return u64::from(frame.next == 0);
+        }
         let mut m = 0;
         for (i, p) in g
             .props(frame.node)
@@ -660,6 +810,10 @@ impl JsonPrefix {
             (Lex::Value | Lex::ValueOrClose, _) => {
                 let value = match node {
                     Node::Object(props) => props[top.next as usize - 1].node,
+                    Node::Tagged { values, .. } => {
+                        let all = all_bits(values.len());
+                        return self.match_byte(g, top.node, all, 0, false, b);
+                    }
                     Node::Map(v) | Node::Array(v) => *v,
                     _ => return false,
                 };
@@ -719,7 +873,9 @@ impl JsonPrefix {
                 b'n' => Some(literal(2)),
                 _ => number(false),
             },
-            Node::Object(_) | Node::Map(_) => return b == b'{' && self.open(node, false),
+            Node::Object(_) | Node::Map(_) | Node::Tagged { .. } => {
+                return b == b'{' && self.open(node, false)
+            }
             Node::Array(_) => return b == b'[' && self.open(node, true),
             Node::String => (b == b'"').then_some(string),
             Node::Number => number(false),
@@ -731,12 +887,7 @@ impl JsonPrefix {
             },
             Node::Null => (b == b'n').then(|| literal(2)),
             Node::Literals(texts) => {
-                let all = if texts.len() == 64 {
-                    u64::MAX
-                } else {
-                    (1 << texts.len()) - 1
-                };
-                return self.match_byte(g, node, all, 0, false, b);
+                return self.match_byte(g, node, all_bits(texts.len()), 0, false, b)
             }
             Node::AnyOf(alts) => {
                 for &a in alts {
@@ -791,12 +942,23 @@ impl JsonPrefix {
             };
             return true;
         }
-        // A whole value (`1` of `[1, 10]`) ends at the first byte that continues none.
-        if !key && bits(choices).any(|i| text(i).len() == at as usize) {
-            self.lex = Lex::After;
-            return self.push(g, b);
+        // A whole value (`1` of `[1, 10]`) ends at the first byte that continues none; all
+        // in `choices` agree on their first `at` bytes, so at most one is whole.
+        if key {
+            return false;
         }
-        false
+        let Some(i) = bits(choices).find(|&i| text(i).len() == at as usize) else {
+            return false;
+        };
+        if let Node::Tagged { values, .. } = &g.nodes[node as usize] {
+            // The tag is written: its object goes on after its first property.
+            self.frames[self.depth as usize - 1] = Frame {
+                node: values[i].1,
+                next: 1,
+            };
+        }
+        self.lex = Lex::After;
+        self.push(g, b)
     }
 
     fn string_byte(&mut self, key: bool, escape: u8, b: u8) -> bool {
@@ -1236,6 +1398,132 @@ mod tests {
         .unwrap();
         assert!(whole(&g, r#"{"v":1,"next":{"v":2,"next":null}}"#));
         assert!(!whole(&g, r#"{"v":1,"next":{"v":2}}"#));
+    }
+
+    /// pydantic's `pet: Union[Cat, Dog, Lizard] = Field(discriminator="pet_type")`, and an
+    /// `Optional` one, whose `null` sits beside the objects.
+    const PETS: &str = r##"{
+        "$defs": {
+            "Cat": {"properties": {"pet_type": {"const": "cat", "title": "Pet Type", "type": "string"},
+                    "meows": {"type": "integer"}}, "required": ["pet_type", "meows"], "type": "object"},
+            "Dog": {"properties": {"pet_type": {"const": "dog", "type": "string"},
+                    "barks": {"type": "number"}}, "required": ["pet_type", "barks"], "type": "object"},
+            "Lizard": {"properties": {"pet_type": {"enum": ["reptile", "lizard"], "type": "string"},
+                    "scales": {"type": "boolean"}}, "required": ["pet_type"], "type": "object"}
+        },
+        "properties": {
+            "pet": {"discriminator": {"propertyName": "pet_type", "mapping": {"cat": "#/$defs/Cat",
+                    "dog": "#/$defs/Dog", "lizard": "#/$defs/Lizard", "reptile": "#/$defs/Lizard"}},
+                    "oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}, {"$ref": "#/$defs/Lizard"}]},
+            "spare": {"anyOf": [{"$ref": "#/$defs/Dog"}, {"type": "null"}, {"$ref": "#/$defs/Cat"}]}
+        },
+        "required": ["pet"], "type": "object"
+    }"##;
+
+    #[test]
+    fn objects_told_apart_by_their_first_property_are_one_branch() {
+        let g = Grammar::from_schema(PETS).unwrap();
+        for doc in [
+            r#"{"pet":{"pet_type":"cat","meows":3}}"#,
+            r#"{"pet": {"pet_type": "dog", "barks": 2.5}, "spare": null}"#,
+            r#"{"pet":{"pet_type":"reptile"},"spare":{"pet_type":"cat","meows":0}}"#,
+            r#"{"pet":{ "pet_type" : "lizard" , "scales" : true }}"#,
+        ] {
+            assert!(whole(&g, doc), "{doc}");
+        }
+        for doc in [
+            // Another shape's property, the tag not first, an unknown or a cut tag, a
+            // required property missing, nothing at all.
+            r#"{"pet":{"pet_type":"cat","barks":3}}"#,
+            r#"{"pet":{"meows":3,"pet_type":"cat"}}"#,
+            r#"{"pet":{"pet_type":"cow","meows":3}}"#,
+            r#"{"pet":{"pet_type":"ca","meows":3}}"#,
+            r#"{"pet":{"pet_type":"dog"}}"#,
+            r#"{"pet":{}}"#,
+            r#"{"pet":{"pet_type":"lizard","meows":1}}"#,
+        ] {
+            assert!(!whole(&g, doc), "{doc}");
+        }
+        // Tags that two shapes share cannot tell them apart.
+        let err = Grammar::from_schema(
+            r#"{"type":"object","properties":{"a":{"anyOf":[
+                {"type":"object","properties":{"k":{"const":1},"x":{"type":"string"}},"required":["k"]},
+                {"type":"object","properties":{"k":{"enum":[2,1]}},"required":["k"]}]}}}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("same character"), "{err}");
+    }
+
+    fn tools() -> Vec<(&'static str, Option<Value>)> {
+        vec![
+            (
+                "get_weather",
+                Some(
+                    serde_json::json!({"type": "object", "properties": {"city": {"type": "string"},
+                    "unit": {"enum": ["c", "f"]}}, "required": ["city"]}),
+                ),
+            ),
+            ("add_pet", Some(serde_json::from_str(PETS).unwrap())),
+            ("now", None),
+        ]
+    }
+
+    fn tool_grammar(tools: &[(&str, Option<Value>)]) -> Result<Grammar, String> {
+        let refs: Vec<(&str, Option<&Value>)> =
+            tools.iter().map(|(n, p)| (*n, p.as_ref())).collect();
+        Grammar::tool_call(&refs)
+    }
+
+    #[test]
+    fn a_tool_call_names_a_tool_and_follows_its_parameters() {
+        let all = tool_grammar(&tools()).unwrap();
+        let named = tool_grammar(&tools()[..1]).unwrap();
+        let weather = r#"{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}"#;
+        for g in [&all, &named] {
+            assert!(whole(g, weather));
+            assert!(!whole(
+                g,
+                r#"{"name": "get_weather", "arguments": {"unit": "c"}}"#
+            ));
+            assert!(!whole(g, r#"{"name": "get_weather"}"#));
+            assert!(!whole(g, r#"{"arguments": {"city": "Paris"}}"#));
+        }
+        // Its `$ref`s are its own parameters' (`#` is the parameters, not the call).
+        let pet = r#"{"name":"add_pet","arguments":{"pet":{"pet_type":"dog","barks":1}}}"#;
+        assert!(whole(&all, pet));
+        assert!(whole(&all, r#"{"name":"now","arguments":{}}"#));
+        assert!(!whole(&all, r#"{"name":"now","arguments":{"x":1}}"#));
+        assert!(!whole(
+            &all,
+            r#"{"name":"add_pet","arguments":{"city":"Paris"}}"#
+        ));
+        for doc in [
+            pet,
+            r#"{"name":"now","arguments":{}}"#,
+            r#"{"name":"get_wether","arguments":{}}"#,
+        ] {
+            assert!(!whole(&named, doc), "{doc}");
+        }
+        check_table(&all, &[weather.as_bytes(), pet.as_bytes()]);
+
+        let mut twice = tools();
+        twice[2].0 = "add_pet";
+        let err = tool_grammar(&twice).unwrap_err();
+        assert!(err.contains("distinct"), "{err}");
+        let err = tool_grammar(&[("f", Some(serde_json::json!({"type": "string"})))]).unwrap_err();
+        assert!(err.contains("'f'") && err.contains("object"), "{err}");
+        let err = tool_grammar(&[(
+            "f",
+            Some(serde_json::json!({"type": "object",
+            "properties": {"a": {"type": "string", "maxLength": 3}}})),
+        )])
+        .unwrap_err();
+        assert!(err.contains("'f'") && err.contains("maxLength"), "{err}");
+        assert!(tool_grammar(&[]).is_err());
+        // Parameters of `{}` take any object.
+        let open = tool_grammar(&[("f", Some(serde_json::json!({})))]).unwrap();
+        assert!(whole(&open, r#"{"name":"f","arguments":{"x":[1]}}"#));
+        assert!(!whole(&open, r#"{"name":"f","arguments":[1]}"#));
     }
 
     /// A schema whose property `a` refers to `D0` of `$defs` `D0`..`D{n-1}` (`def(i)` the

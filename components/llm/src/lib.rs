@@ -31,10 +31,11 @@ use std::cell::RefCell;
 
 use bindings::exports::fermyon::spin::llm as spin;
 use bindings::exports::wasmlm::llm::types::{
-    ChatContext, Error, Message, OutputFormat, SamplingOptions, Usage,
+    ChatContext, Error, Message, OutputFormat, SamplingOptions, ToolChoice, Usage,
 };
 use bindings::exports::wasmlm::llm::{embeddings, generation as gen, models, tokenization};
 use generation::Generation;
+use json::Grammar;
 
 // Exported only on wasm: natively the crate is built for its unit tests, and the export
 // symbols' names (`wasmlm:llm/...#chat`) are not valid in a native linker's version script.
@@ -76,7 +77,8 @@ impl gen::Guest for Component {
         let prompt = m.render(&messages, &context, true)?;
         // The template writes special tokens (and BOS where the model wants it) as text.
         let ids = m.tokenize(&prompt, true)?;
-        let parse_tools = model::extras(&context)?.tools.is_some();
+        let tools = model::extras(&context)?.tools;
+        let parse_tools = tools.is_some();
         // With thinking off, Qwen3's template writes an empty `<think></think>` itself.
         let opened = prompt.trim_end().ends_with("<think>");
         // JSON mode constrains the whole output to the object, so it is all content: no
@@ -85,6 +87,21 @@ impl gen::Guest for Component {
             options.format,
             Some(OutputFormat::JsonObject | OutputFormat::JsonSchema(_))
         );
+        if let Some(choice) = &context.tool_choice {
+            if json || !options.choices.is_empty() {
+                return Err(Error::InvalidInput(
+                    "a required tool call cannot be combined with a JSON output format or \
+                     choices"
+                        .into(),
+                ));
+            }
+            let grammar = tool_call_grammar(tools.as_ref(), choice)?;
+            return Ok(stream(
+                Generation::new(m, ids, &options)?
+                    .with_grammar(grammar)
+                    .with_parser(response::ResponseParser::forced_call()),
+            ));
+        }
         let parser =
             response::ResponseParser::new(m.thinks && !json, opened && !json, parse_tools && !json);
         Ok(stream(
@@ -119,6 +136,39 @@ impl gen::Guest for Component {
         m.check_generator()?;
         Ok(stream(Generation::new(m, prompt, &options)?))
     }
+}
+
+/// The grammar of the call `choice` asks for among `tools` (OpenAI's `tools` array).
+fn tool_call_grammar(
+    tools: Option<&serde_json::Value>,
+    choice: &ToolChoice,
+) -> Result<Grammar, Error> {
+    let bad = |m: String| Error::InvalidInput(m);
+    let list = tools
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| bad("a required tool call needs tools".into()))?;
+    let mut calls = Vec::with_capacity(list.len());
+    for t in list {
+        let f = t.get("function");
+        let name = f
+            .and_then(|f| f.get("name"))
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| bad("each tool needs a 'function' with a 'name'".into()))?;
+        calls.push((name, f.and_then(|f| f.get("parameters"))));
+    }
+    if let ToolChoice::Function(name) = choice {
+        let names: Vec<&str> = calls.iter().map(|c| c.0).collect();
+        calls.retain(|c| c.0 == name);
+        if calls.is_empty() {
+            return Err(bad(format!(
+                "the tool '{name}' is not among the tools ({})",
+                names.join(", ")
+            )));
+        }
+        // Two tools of one name: the first, as the template lists it first.
+        calls.truncate(1);
+    }
+    Grammar::tool_call(&calls).map_err(|e| bad(format!("the tool call: {e}")))
 }
 
 impl tokenization::Guest for Component {

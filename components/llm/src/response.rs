@@ -35,6 +35,9 @@ pub struct ResponseParser {
     calls: usize,
     /// Strip newlines at the start of the next reasoning or content text.
     skip_newlines: bool,
+    /// The whole answer is one call's `{"name": ..., "arguments": {...}}` (a required tool
+    /// call): held to the end, then a tool call (or, cut short, content).
+    forced_call: bool,
 }
 
 impl ResponseParser {
@@ -52,6 +55,15 @@ impl ResponseParser {
             held: String::new(),
             calls: 0,
             skip_newlines: mode == Mode::Reasoning,
+            forced_call: false,
+        }
+    }
+
+    /// A parser for an answer that is one tool call's JSON object and nothing else.
+    pub fn forced_call() -> Self {
+        Self {
+            forced_call: true,
+            ..Self::new(false, false, false)
         }
     }
 
@@ -64,13 +76,25 @@ impl ResponseParser {
     pub fn push(&mut self, text: &str) -> Parsed {
         self.held.push_str(text);
         let mut out = Parsed::default();
-        self.drain(&mut out, false);
+        if !self.forced_call {
+            self.drain(&mut out, false);
+        }
         out
     }
 
     /// Ends the answer: held text goes where it was heading; an unclosed tool call is text.
     pub fn finish(&mut self) -> Parsed {
         let mut out = Parsed::default();
+        if self.forced_call {
+            match parse_call(&self.held, 0) {
+                Some(call) => {
+                    self.calls = 1;
+                    out.tool_calls.push(call);
+                }
+                None => out.content = std::mem::take(&mut self.held),
+            }
+            return out;
+        }
         self.drain(&mut out, true);
         let rest = std::mem::take(&mut self.held);
         match self.mode {
@@ -215,6 +239,31 @@ mod tests {
         }
         add(p.finish());
         all
+    }
+
+    #[test]
+    fn a_forced_call_is_held_to_the_end_and_becomes_a_call() {
+        let mut p = ResponseParser::forced_call();
+        let out = run(
+            &mut p,
+            &[
+                "{\"name\": \"get_",
+                "weather\", \"arguments\": {\"city\"",
+                ": \"Paris\"}}",
+            ],
+        );
+        assert_eq!(out.content, "");
+        assert!(p.made_calls());
+        let call = &out.tool_calls[0];
+        assert_eq!(
+            (call.name.as_str(), call.arguments.as_str()),
+            ("get_weather", r#"{"city":"Paris"}"#)
+        );
+        // Cut short (max_tokens), the text is content and no call was made.
+        let mut p = ResponseParser::forced_call();
+        let out = run(&mut p, &["{\"name\": \"get_", "weather\", \"argu"]);
+        assert_eq!(out.content, "{\"name\": \"get_weather\", \"argu");
+        assert!(out.tool_calls.is_empty() && !p.made_calls());
     }
 
     #[test]

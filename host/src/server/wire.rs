@@ -6,7 +6,8 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
 use crate::bindings::exports::wasmlm::llm::types::{
-    ChatContext, FinishReason, Message, OutputFormat, Role, SamplingOptions, TokenLogprob, ToolCall,
+    ChatContext, FinishReason, Message, OutputFormat, Role, SamplingOptions, TokenLogprob,
+    ToolCall, ToolChoice,
 };
 
 /// Most bytes of a request body.
@@ -251,7 +252,19 @@ fn n_error() -> ApiError {
 /// Reads a `/v1/chat/completions` body.
 pub fn chat_request(b: &Body) -> Result<GenRequest, ApiError> {
     let mut r = common(b, true)?;
-    r.prompts = vec![Prompt::Chat(messages(b)?, chat_context(b)?)];
+    let context = chat_context(b)?;
+    let constrained = !r.options.choices.is_empty()
+        || matches!(
+            r.options.format,
+            Some(OutputFormat::JsonObject | OutputFormat::JsonSchema(_))
+        );
+    if context.tool_choice.is_some() && constrained {
+        return Err(ApiError::bad_param(
+            "tool_choice",
+            "A required tool call cannot be combined with 'response_format' or 'guided_choice'.",
+        ));
+    }
+    r.prompts = vec![Prompt::Chat(messages(b)?, context)];
     Ok(r)
 }
 
@@ -325,7 +338,7 @@ fn choices(b: &Body) -> Result<Vec<String>, ApiError> {
 /// "none") and `chat_template_kwargs`.
 pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
     let tools = match b.get("tools") {
-        None => None,
+        None | Some(Value::Null) => None,
         Some(Value::Array(list)) => {
             for (i, t) in list.iter().enumerate() {
                 let name = t
@@ -343,14 +356,50 @@ pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
         }
         Some(_) => return Err(ApiError::bad_param("tools", "'tools' must be a list.")),
     };
-    let tools = match b.get("tool_choice") {
-        None => tools,
-        Some(Value::String(c)) if c == "auto" => tools,
-        Some(Value::String(c)) if c == "none" => None,
+    let needs_tools = |what: &str| {
+        ApiError::bad_param(
+            "tool_choice",
+            format!("'tool_choice' {what} needs 'tools'."),
+        )
+    };
+    let (tools, tool_choice) = match b.get("tool_choice") {
+ None | Some(Value::Null) => (tools, None),
+        Some(Value::String(c)) if c == "auto" => (tools, None),
+        Some(Value::String(c)) if c == "none" => (None, None),
+        Some(Value::String(c)) if c == "required" => match tools {
+            Some(t) => (Some(t), Some(ToolChoice::Required)),
+            None => return Err(needs_tools("'required'")),
+        },
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"));
+            let Some(name) = name else {
+                return Err(ApiError::bad_param(
+                    "tool_choice",
+                    "'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                ));
+            };
+            let Some(t) = tools else {
+                return Err(needs_tools("naming a function"));
+            };
+            if !b.get("tools").and_then(Value::as_array).is_some_and(|list| {
+                list.iter()
+                    .any(|t| t["function"]["name"].as_str() == Some(name))
+            }) {
+                return Err(ApiError::bad_param(
+                    "tool_choice",
+                    format!("'tool_choice' names '{name}', which is not among the 'tools'."),
+                ));
+            }
+            (Some(t), Some(ToolChoice::Function(name.to_string())))
+        }
         Some(_) => {
             return Err(ApiError::bad_param(
                 "tool_choice",
-                "Only 'auto' and 'none' are supported for 'tool_choice'.",
+                "'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}.",
             ))
         }
     };
@@ -367,6 +416,7 @@ pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
     Ok(ChatContext {
         tools_json: tools,
         template_kwargs_json: kwargs,
+        tool_choice,
     })
 }
 
@@ -740,6 +790,63 @@ mod tests {
             let e = chat_request(&body(bad)).unwrap_err();
             assert_eq!(e.status, 400);
             assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn tool_choice_requires_a_call_of_a_listed_tool() {
+        let tools = json!([{"type": "function", "function": {"name": "get_weather"}},
+                           {"type": "function", "function": {"name": "now"}}]);
+        let chat = |extra: Value| {
+            let mut b = json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                               "tools": tools});
+            b.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            chat_request(&body(b)).map(|r| match &r.prompts[0] {
+                Prompt::Chat(_, c) => c.clone(),
+                _ => panic!("not a chat"),
+            })
+        };
+        let c = chat(json!({"tool_choice": "required"})).unwrap();
+        assert!(matches!(c.tool_choice, Some(ToolChoice::Required)) && c.tools_json.is_some());
+        let named = json!({"type": "function", "function": {"name": "now"}});
+        let c = chat(json!({ "tool_choice": named })).unwrap();
+        assert!(matches!(c.tool_choice, Some(ToolChoice::Function(ref n)) if n == "now"));
+        let c = chat(json!({"tool_choice": "none"})).unwrap();
+        assert!(c.tool_choice.is_none() && c.tools_json.is_none());
+        for (bad, words) in [
+            (json!({"tool_choice": "sometimes"}), "must be"),
+            (json!({"tool_choice": {"type": "function"}}), "must be"),
+            (
+                json!({"tool_choice": {"type": "function", "function": {"name": "later"}}}),
+                "'later'",
+            ),
+            (
+                json!({"tool_choice": "required", "tools": []}),
+                "needs 'tools'",
+            ),
+            (
+                json!({"tool_choice": named, "tools": null}),
+                "needs 'tools'",
+            ),
+            (
+                json!({"tool_choice": "required", "response_format": {"type": "json_object"}}),
+                "cannot be combined",
+            ),
+            (
+                json!({"tool_choice": named, "guided_choice": ["a"]}),
+                "cannot be combined",
+            ),
+        ] {
+            let e = chat(bad.clone()).unwrap_err();
+            assert_eq!(
+                e.param.as_deref(),
+                Some("tool_choice"),
+                "{bad}: {}",
+                e.message
+            );
+            assert!(e.message.contains(words), "{bad}: {}", e.message);
         }
     }
 

@@ -72,6 +72,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Summarize {
         let context = ChatContext {
             tools_json: None,
             template_kwargs_json: None,
+            tool_choice: None,
         };
         let stream = match generation::chat(&model, &messages, &context, &options) {
             Ok(s) => s,
