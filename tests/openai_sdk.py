@@ -82,6 +82,41 @@ def _():
     assert any(sample(s) != a for s in (1, 2, 3))
 
 
+@check("n: several choices, one per seed, the prompt counted once")
+def _():
+    poem = [{"role": "user", "content": "Write a poem."}]
+    ask = dict(model="smollm2", messages=poem, temperature=1.0, max_tokens=16)
+    one = client.chat.completions.create(seed=42, **ask)
+    r = client.chat.completions.create(seed=42, n=3, **ask)
+    texts = [c.message.content for c in r.choices]
+    assert [c.index for c in r.choices] == [0, 1, 2], r.choices
+    # Choice i samples with seed + i: the first is the n=1 answer, the others differ.
+    assert texts[0] == one.choices[0].message.content, texts
+    assert len(set(texts)) > 1, texts
+    assert texts[1] == client.chat.completions.create(seed=43, **ask).choices[0].message.content
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens, r.usage
+    assert r.usage.completion_tokens > one.usage.completion_tokens, r.usage
+    # Streamed: each choice's deltas carry its index and join to the same texts.
+    got, finish = ["", "", ""], [None] * 3
+    for chunk in client.chat.completions.create(seed=42, n=3, stream=True, **ask):
+        for c in chunk.choices:
+            got[c.index] += c.delta.content or ""
+            finish[c.index] = c.finish_reason or finish[c.index]
+    assert got == texts and None not in finish, (got, texts, finish)
+    # Completions: choices of each prompt in a row.
+    r = client.completions.create(model="smollm2", prompt=["One", "Two"], max_tokens=2,
+                                  temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text != "" and r.choices[2].text == r.choices[3].text
+    for bad in (0, 17):
+        try:
+            client.chat.completions.create(n=bad, **ask)
+        except openai.BadRequestError as e:
+            assert "'n'" in e.message, e.message
+        else:
+            raise AssertionError(f"n={bad} was accepted")
+
+
 @check("stop strings")
 def _():
     r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24, stop=["Paris"])
@@ -262,7 +297,7 @@ def _():
 
 @check("BadRequestError")
 def _():
-    for kwargs in ({"n": 2}, {"temperature": "hot"}, {"messages": []}):
+    for kwargs in ({"n": 99}, {"temperature": "hot"}, {"messages": []}):
         args = {"model": "smollm2", "messages": QUESTION, **kwargs}
         try:
             client.chat.completions.create(**args)

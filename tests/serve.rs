@@ -204,9 +204,9 @@ fn errors_have_openai_shapes_and_status_codes() {
     expect_error(&post("/v1/chat/completions", b"[1]"), 400);
     let e = post(
         "/v1/chat/completions",
-        chat("hi", json!({"n": 2})).to_string().as_bytes(),
+        chat("hi", json!({"n": 17})).to_string().as_bytes(),
     );
-    assert!(expect_error(&e, 400).contains("n=1"));
+    assert!(expect_error(&e, 400).contains("'n' must be an integer from 1 to 16"));
     let e = post(
         "/v1/chat/completions",
         chat("hi", json!({"temperature": -1}))

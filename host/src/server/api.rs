@@ -209,6 +209,7 @@ async fn generate(node: Arc<Node>, headers: HeaderMap, body: Body, kind: Kind) -
         prompts: req.prompts.clone(),
         options: req.options.clone(),
         key,
+        n: req.n,
     };
     let worker_node = node.clone();
     tokio::task::spawn_blocking(move || {
@@ -250,6 +251,8 @@ struct Formatter {
     usage: Usage,
     timings: Timings,
     done: usize,
+    /// Choices per prompt.
+    n: usize,
 }
 
 #[derive(Default)]
@@ -293,6 +296,7 @@ impl Formatter {
             },
             timings: Timings::default(),
             done: 0,
+            n: req.n.max(1),
         }
     }
 
@@ -508,9 +512,7 @@ impl Formatter {
                 usage,
                 timings,
             } => {
-                add_usage(&mut self.usage, &usage);
-                add_timings(&mut self.timings, &timings);
-                self.done += 1;
+                self.count_done(index, &usage, &timings);
                 let held = self.choices.get_mut(index).and_then(|c| c.held.take());
                 if let Some(chunk) = held {
                     let base = self.sent_calls(index, chunk.tool_calls.len());
@@ -525,6 +527,19 @@ impl Formatter {
                 false
             }
         }
+    }
+
+    /// Adds a finished choice's tokens and timings; the `n` choices of one prompt count
+    /// its prompt once, as OpenAI does.
+    fn count_done(&mut self, index: usize, usage: &Usage, timings: &Timings) {
+        let mut usage = *usage;
+        if !index.is_multiple_of(self.n) {
+            usage.prompt_tokens = 0;
+            usage.cached_tokens = 0;
+        }
+        add_usage(&mut self.usage, &usage);
+        add_timings(&mut self.timings, timings);
+        self.done += 1;
     }
 
     /// Counts `n` more streamed tool calls of choice `index`; returns the first one's index.
@@ -561,11 +576,11 @@ async fn collect(mut fmt: Formatter, first: Event, mut rx: mpsc::Receiver<Event>
     while let Some(ev) = next {
         match ev {
             Event::Chunk { index, chunk } => fmt.record(index, &chunk),
-            Event::Done { usage, timings, .. } => {
-                add_usage(&mut fmt.usage, &usage);
-                add_timings(&mut fmt.timings, &timings);
-                fmt.done += 1;
-            }
+            Event::Done {
+                index,
+                usage,
+                timings,
+            } => fmt.count_done(index, &usage, &timings),
             Event::Error(e) => return Err(e),
         }
         next = rx.recv().await;

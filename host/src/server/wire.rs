@@ -35,7 +35,13 @@ pub struct GenRequest {
     pub echo: bool,
     /// Device the client asked for (`gpu_preference`).
     pub gpu_preference: Option<String>,
+    /// Choices per prompt (`n`); `prompts` holds each prompt this many times in a row.
+    pub n: usize,
 }
+
+/// Most choices per prompt (`n`), and per request (prompts × `n`).
+const MAX_N: i64 = 16;
+const MAX_CHOICES: usize = 64;
 
 /// A JSON object body.
 pub struct Body(pub Map<String, Value>);
@@ -125,11 +131,7 @@ impl Body {
 /// Sampling options and stream settings shared by chat and completions.
 fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
     let model = b.string("model")?;
-    if let Some(n) = b.int_in("n", 1, i64::MAX).map_err(|_| n_error())? {
-        if n != 1 {
-            return Err(n_error());
-        }
-    }
+    let n = b.int_in("n", 1, MAX_N)?.unwrap_or(1) as usize;
     let max_tokens = match b.int_in("max_completion_tokens", 1, u32::MAX as i64)? {
         Some(n) => Some(n),
         None => b.int_in("max_tokens", 1, u32::MAX as i64)?,
@@ -242,11 +244,24 @@ fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
         logprobs,
         echo: false,
         gpu_preference: b.opt_string("gpu_preference")?,
+        n,
     })
 }
 
-fn n_error() -> ApiError {
-    ApiError::bad_param("n", "Only n=1 is supported: one choice per request.")
+/// Repeats each prompt `n` times in a row: one choice each.
+fn repeat_for_n(r: &mut GenRequest) -> Result<(), ApiError> {
+    if r.prompts.len() * r.n > MAX_CHOICES {
+        return Err(ApiError::bad_param(
+            "n",
+            format!("At most {MAX_CHOICES} choices per request (prompts × n)."),
+        ));
+    }
+    r.prompts = r
+        .prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p, r.n).cloned())
+        .collect();
+    Ok(())
 }
 
 /// Reads a `/v1/chat/completions` body.
@@ -265,6 +280,7 @@ pub fn chat_request(b: &Body) -> Result<GenRequest, ApiError> {
         ));
     }
     r.prompts = vec![Prompt::Chat(messages(b)?, context)];
+    repeat_for_n(&mut r)?;
     Ok(r)
 }
 
@@ -583,10 +599,10 @@ pub fn completion_request(b: &Body) -> Result<GenRequest, ApiError> {
         }
         Some(_) => return Err(bad()),
     };
-    if r.prompts.len() > 64 {
+    if r.prompts.len() > MAX_CHOICES {
         return Err(ApiError::bad_param(
             "prompt",
-            "At most 64 prompts per request.",
+            format!("At most {MAX_CHOICES} prompts per request."),
         ));
     }
     if r.prompts
@@ -598,6 +614,7 @@ pub fn completion_request(b: &Body) -> Result<GenRequest, ApiError> {
             "A token prompt must not be empty.",
         ));
     }
+    repeat_for_n(&mut r)?;
     Ok(r)
 }
 
@@ -771,7 +788,11 @@ mod tests {
         for (bad, param) in [
             (json!({"model": "m", "messages": []}), "messages"),
             (
-                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 17}),
+                "n",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}),
                 "n",
             ),
             (
@@ -848,6 +869,24 @@ mod tests {
             );
             assert!(e.message.contains(words), "{bad}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn n_repeats_each_prompt_in_a_row() {
+        let r =
+            completion_request(&body(json!({"model": "m", "prompt": ["a", "b"], "n": 3}))).unwrap();
+        let texts: Vec<&str> = r
+            .prompts
+            .iter()
+            .map(|p| match p {
+                Prompt::Text(t) => t.as_str(),
+                _ => panic!("not text"),
+            })
+            .collect();
+        assert_eq!((texts, r.n), (vec!["a", "a", "a", "b", "b", "b"], 3));
+        let many = json!({"model": "m", "prompt": vec!["x"; 5], "n": 16});
+        let e = completion_request(&body(many)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("n"), "{}", e.message);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Job {
     pub options: SamplingOptions,
     /// The conversation text, for slot affinity.
     pub key: String,
+    /// Choices per prompt: `prompts` holds each prompt this many times in a row.
+    pub n: usize,
 }
 
 /// llama.cpp's `timings` object. The first token belongs to the prompt phase: its time is
@@ -69,12 +71,16 @@ pub fn run(
             return;
         }
     };
+    let mut options = job.options.clone();
     for (index, prompt) in job.prompts.iter().enumerate() {
         let t0 = Instant::now();
+        // With a seed, the choices of one prompt differ from each other yet reproduce.
+        let choice = (index % job.n.max(1)) as u64;
+        options.seed = job.options.seed.map(|s| s.wrapping_add(choice));
         let started = match prompt {
-            Prompt::Chat(m, context) => inst.chat(&job.model, m, context, &job.options),
-            Prompt::Text(t) => inst.complete(&job.model, t, &job.options),
-            Prompt::Tokens(t) => inst.complete_tokens(&job.model, t, &job.options),
+            Prompt::Chat(m, context) => inst.chat(&job.model, m, context, &options),
+            Prompt::Text(t) => inst.complete(&job.model, t, &options),
+            Prompt::Tokens(t) => inst.complete_tokens(&job.model, t, &options),
         };
         let outcome = started.and_then(|mut stream| {
             let r = drive(
