@@ -1,6 +1,7 @@
 //! `wasmlm bench-serve`: the node's HTTP path against the in-process component path, sampling
-//! (temperature 1) against greedy decoding, JSON mode against free text, and aggregate decode
-//! throughput with several concurrent streams, in one run.
+//! (temperature 1) against greedy decoding, JSON mode against free text, aggregate decode
+//! throughput with several concurrent streams, and `n` choices in one request against as many
+//! requests in turn, in one run.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -141,6 +142,25 @@ fn http(addr: &str, model: &str, text: &str, gen: u32) -> Result<Sample> {
         decoded: n.saturating_sub(1),
         decode_time: last - first,
     })
+}
+
+/// The wall time of one non-streaming chat request for `n` sampled choices of `gen` tokens.
+fn http_choices(addr: &str, model: &str, text: &str, gen: u32, n: usize, seed: u64) -> Result<f64> {
+    let body = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": gen,
+        "temperature": 1.0,
+        "seed": seed,
+        "ignore_eos": true,
+        "n": n,
+    })
+    .to_string();
+    let t0 = Instant::now();
+    let (mut r, _) = post_json(addr, "/v1/chat/completions", &body)?;
+    let mut answer = String::new();
+    r.read_to_string(&mut answer)?;
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 /// Sends `POST path` with a JSON body on a new connection; returns the reader past the headers
@@ -303,6 +323,27 @@ pub fn run(
         println!(
             "streams={n} aggregate_tok_s={aggregate:.1} per_stream_decode_tok_s={per_stream:.1} vs_1_stream={:.2}",
             aggregate / b
+        );
+    }
+
+    // `n` choices in one request (spread over the idle slots, decoded in one batch) against
+    // the same choices (seed + i) as requests one after another.
+    if max_streams > 1 {
+        let k = max_streams;
+        let mut speedups = Vec::new();
+        for round in 0..rounds {
+            let text = prompt(2000 + round);
+            let mut in_turn = 0.0;
+            for i in 0..k {
+                in_turn += http_choices(&addr, &model, &text, gen, 1, 7 + i as u64)?;
+            }
+            let together = http_choices(&addr, &model, &text, gen, k, 7)?;
+            println!("round={round} n={k} one_request_s={together:.2} {k}_requests_in_turn_s={in_turn:.2}");
+            speedups.push(in_turn / together);
+        }
+        println!(
+            "median speedup of n={k} in one request over {k} requests in turn={:.2}",
+            median(speedups)
         );
     }
     Ok(())

@@ -203,18 +203,34 @@ async fn generate(node: Arc<Node>, headers: HeaderMap, body: Body, kind: Kind) -
         AcquireError::Busy => ApiError::busy(m.name()),
         AcquireError::Closed => ApiError::unavailable(format!("'{}' has no slots", m.name())),
     })?;
+    // Further choices (`n`, several prompts) run beside the first on the slots that are idle
+    // now, where the batcher decodes them in one pass; each slot runs its share in turn.
+    let mut leases = vec![lease];
+    while leases.len() < req.prompts.len() {
+        match m.pool.try_acquire(&key) {
+            Some(l) => leases.push(l),
+            None => break,
+        }
+    }
     let (tx, mut rx) = mpsc::channel(64);
-    let job = Job {
-        model: m.name().to_string(),
-        prompts: req.prompts.clone(),
-        options: req.options.clone(),
-        key,
-        n: req.n,
-    };
-    let worker_node = node.clone();
-    tokio::task::spawn_blocking(move || {
-        worker::run(&worker_node.runtime, lease, job, tx, &worker_node.metrics)
-    });
+    let share = leases.len();
+    for (k, lease) in leases.into_iter().enumerate() {
+        let job = Job {
+            model: m.name().to_string(),
+            prompts: (k..req.prompts.len())
+                .step_by(share)
+                .map(|i| (i, req.prompts[i].clone()))
+                .collect(),
+            options: req.options.clone(),
+            key: key.clone(),
+            n: req.n,
+        };
+        let (worker_node, tx) = (node.clone(), tx.clone());
+        tokio::task::spawn_blocking(move || {
+            worker::run(&worker_node.runtime, lease, job, tx, &worker_node.metrics)
+        });
+    }
+    drop(tx);
     // The first event decides the status: an error before any token is a plain error answer.
     let first = match rx.recv().await {
         Some(Event::Error(e)) => return Err(e),

@@ -118,6 +118,18 @@ impl SlotPool {
         rx.await.map_err(|_| AcquireError::Closed)
     }
 
+    /// An idle slot for `key` if there is one, without waiting: for the further choices of a
+    /// request that already holds one.
+    pub fn try_acquire(self: &Arc<Self>, key: &str) -> Option<SlotLease> {
+        let mut s = self.lock();
+        let i = best_slot(&s.idle, key)?;
+        let slot = s.idle.swap_remove(i);
+        Some(SlotLease {
+            pool: self.clone(),
+            slot: Some(slot),
+        })
+    }
+
     fn release(self: &Arc<Self>, mut slot: Slot) {
         slot.last_used = Instant::now();
         let mut s = self.lock();

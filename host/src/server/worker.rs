@@ -19,7 +19,8 @@ use crate::runtime::{Runtime, RuntimeError, Stream};
 pub struct Job {
     /// The model's name in the runtime.
     pub model: String,
-    pub prompts: Vec<Prompt>,
+    /// The prompts this slot runs, one after another, with their choice indices.
+    pub prompts: Vec<(usize, Prompt)>,
     pub options: SamplingOptions,
     /// The conversation text, for slot affinity.
     pub key: String,
@@ -72,7 +73,8 @@ pub fn run(
         }
     };
     let mut options = job.options.clone();
-    for (index, prompt) in job.prompts.iter().enumerate() {
+    for (index, prompt) in &job.prompts {
+        let index = *index;
         let t0 = Instant::now();
         // With a seed, the choices of one prompt differ from each other yet reproduce.
         let choice = (index % job.n.max(1)) as u64;
