@@ -378,8 +378,14 @@ pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
             format!("'tool_choice' {what} needs 'tools'."),
         )
     };
+    let bad_choice = || {
+        ApiError::bad_param(
+            "tool_choice",
+            "'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+        )
+    };
     let (tools, tool_choice) = match b.get("tool_choice") {
- None | Some(Value::Null) => (tools, None),
+        None | Some(Value::Null) => (tools, None),
         Some(Value::String(c)) if c == "auto" => (tools, None),
         Some(Value::String(c)) if c == "none" => (None, None),
         Some(Value::String(c)) if c == "required" => match tools {
@@ -393,18 +399,19 @@ pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
                 .and_then(Value::as_str)
                 .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"));
             let Some(name) = name else {
-                return Err(ApiError::bad_param(
-                    "tool_choice",
-                    "'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}.",
-                ));
+                return Err(bad_choice());
             };
             let Some(t) = tools else {
                 return Err(needs_tools("naming a function"));
             };
-            if !b.get("tools").and_then(Value::as_array).is_some_and(|list| {
-                list.iter()
-                    .any(|t| t["function"]["name"].as_str() == Some(name))
-            }) {
+            if !b
+                .get("tools")
+                .and_then(Value::as_array)
+                .is_some_and(|list| {
+                    list.iter()
+                        .any(|t| t["function"]["name"].as_str() == Some(name))
+                })
+            {
                 return Err(ApiError::bad_param(
                     "tool_choice",
                     format!("'tool_choice' names '{name}', which is not among the 'tools'."),
@@ -412,12 +419,7 @@ pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
             }
             (Some(t), Some(ToolChoice::Function(name.to_string())))
         }
-        Some(_) => {
-            return Err(ApiError::bad_param(
-                "tool_choice",
-                "'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}.",
-            ))
-        }
+        Some(_) => return Err(bad_choice()),
     };
     let kwargs = match b.get("chat_template_kwargs") {
         None => None,
