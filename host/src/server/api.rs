@@ -89,6 +89,16 @@ pub async fn completions(
     respond(generate(node, headers, body, Kind::Completion).await)
 }
 
+/// Whether a request's further choices should take other idle slots. Slots share no KV
+/// cache, so another slot computes the prompt again: that pays where decoding dominates. On
+/// this CPU prefill runs 4–9× decode's tok/s and four batched streams decode 1.85× one
+/// (docs/perf.md), so four choices on four slots win while the prompt is shorter than about
+/// 3.6× the tokens each may generate. The prompt's tokens are guessed from its bytes (about
+/// 4 a token); with no `max_tokens`, answers run long and spreading wins.
+fn spread_choices(prompt_bytes: usize, max_tokens: Option<u32>) -> bool {
+    max_tokens.is_none_or(|g| prompt_bytes / 4 <= 3 * g as usize)
+}
+
 /// The text a slot's caches will hold for these prompts, to route a conversation back to the
 /// slot that holds its prefix.
 fn affinity_key(prompts: &[Prompt]) -> String {
@@ -206,7 +216,8 @@ async fn generate(node: Arc<Node>, headers: HeaderMap, body: Body, kind: Kind) -
     // Further choices (`n`, several prompts) run beside the first on the slots that are idle
     // now, where the batcher decodes them in one pass; each slot runs its share in turn.
     let mut leases = vec![lease];
-    while leases.len() < req.prompts.len() {
+    let spread = spread_choices(key.len(), req.options.max_tokens);
+    while spread && leases.len() < req.prompts.len() {
         match m.pool.try_acquire(&key) {
             Some(l) => leases.push(l),
             None => break,
@@ -962,4 +973,19 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let mut e = ApiError::bad_request(format!("{method} is not allowed on {}", uri.path()));
     e.status = StatusCode::METHOD_NOT_ALLOWED;
     e.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread_choices;
+
+    #[test]
+    fn choices_spread_over_slots_unless_the_prompt_outweighs_the_answers() {
+        assert!(spread_choices(13, Some(16)));
+        assert!(spread_choices(2000, Some(200)));
+        assert!(spread_choices(100_000, None));
+        // A long document and one token each (logprob evals): one slot, the prompt once.
+        assert!(!spread_choices(8000, Some(1)));
+        assert!(!spread_choices(12_000, Some(100)));
+    }
 }

@@ -24,7 +24,7 @@ pub struct Job {
     pub options: SamplingOptions,
     /// The conversation text, for slot affinity.
     pub key: String,
-    /// Choices per prompt: `prompts` holds each prompt this many times in a row.
+    /// Choices per prompt: index `i` is choice `i % n` of its prompt.
     pub n: usize,
 }
 
