@@ -174,11 +174,11 @@ def _():
         client.chat.completions.create(
             model="smollm2", messages=CAT, max_tokens=8,
             response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": {
-                "type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}}}})
+                "type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Z]"}}}}})
     except openai.BadRequestError as e:
-        assert "maxLength" in e.message, e.message
+        assert "pattern" in e.message, e.message
     else:
-        raise AssertionError("a schema with maxLength was accepted")
+        raise AssertionError("a schema with pattern was accepted")
 
 
 @check("structured outputs: parse() with a pydantic model (json_schema)")
@@ -214,6 +214,48 @@ def _():
         assert c.finish_reason == "stop", c
         assert isinstance(c.message.parsed, Cat), c.message
         assert list(json.loads(c.message.content)) == ["name", "age", "color", "weight", "owner"]
+
+
+REVIEW = [SYSTEM, {"role": "user", "content": "Review the film Alien as JSON with a title, stars out of "
+                                               "five, a score from 0 to 1 and some tags."}]
+
+
+@check("structured outputs: pydantic bounds (string lengths, item counts, number ranges)")
+def _():
+    from typing import Annotated
+
+    import pydantic
+    from pydantic import Field
+
+    class Review(pydantic.BaseModel):
+        title: str = Field(min_length=3, max_length=12)
+        stars: int = Field(ge=1, le=5)
+        score: float = Field(gt=0, lt=1)
+        tags: list[Annotated[str, Field(max_length=10)]] = Field(min_length=1, max_length=3)
+
+    class Loose(pydantic.BaseModel):
+        title: str
+        stars: int
+        score: float
+        tags: list[str]
+
+    # The same fields without their bounds: the answers break them (else this proves nothing).
+    loose = openai.lib._parsing._completions.type_to_response_format_param(Loose)
+    broken = 0
+    for seed in range(4):
+        r = client.chat.completions.create(model="smollm2", messages=REVIEW, temperature=1.0, seed=seed,
+                                           max_tokens=120, response_format=loose)
+        try:
+            Review.model_validate_json(r.choices[0].message.content)
+        except pydantic.ValidationError:
+            broken += 1
+    assert broken >= 2, f"only {broken} of 4 unbounded answers break the bounds: this check proves nothing"
+    # With them, every answer validates: parse() raises on one that does not.
+    for seed in range(4):
+        r = client.beta.chat.completions.parse(model="smollm2", messages=REVIEW, response_format=Review,
+                                               temperature=1.0, seed=seed, max_tokens=120)
+        c = r.choices[0]
+        assert c.finish_reason == "stop" and isinstance(c.message.parsed, Review), c
 
 
 FORECAST = [SYSTEM, {"role": "user", "content": "What is the weather in Paris, in celsius?"}]
@@ -272,9 +314,9 @@ def _():
     print(f"    'required' called {sorted(names)}")
     # A function that is not among the tools, or a schema keyword the node cannot follow.
     bad_tool = openai.pydantic_function_tool(GetTime, name="Later")
-    bad_tool["function"]["parameters"]["properties"]["timezone"]["maxLength"] = 8
+    bad_tool["function"]["parameters"]["properties"]["timezone"]["pattern"] = "^[A-Z]"
     for tool_choice, words in (({"type": "function", "function": {"name": "GetStock"}}, "GetStock"),
-                               ({"type": "function", "function": {"name": "Later"}}, "maxLength")):
+                               ({"type": "function", "function": {"name": "Later"}}, "pattern")):
         try:
             client.chat.completions.create(model="smollm2", messages=FORECAST, max_tokens=8,
                                            tools=tools + [bad_tool], tool_choice=tool_choice)

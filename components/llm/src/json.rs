@@ -48,11 +48,17 @@ enum Node {
     Object(Vec<Prop>),
     /// An object of any keys, each value of this node.
     Map(NodeId),
-    /// An array, each item of this node.
-    Array(NodeId),
-    String,
-    Number,
-    Integer,
+    /// An array, each item of this node, with this many items.
+    Array {
+        item: NodeId,
+        items: Count,
+    },
+    /// A string of this many characters (code points, as JSON Schema counts them).
+    String(Count),
+    /// A number in this range.
+    Number(Range),
+    /// An integer in this range.
+    Integer(Range),
     Boolean,
     Null,
     /// Exactly one of these JSON texts (`enum`, `const`), compact as serde_json writes them.
@@ -68,6 +74,61 @@ enum Node {
     },
     /// The node a `$ref` names.
     Ref(NodeId),
+}
+
+/// How many items an array, or characters a string, may have (`minItems`/`maxItems`,
+/// `minLength`/`maxLength`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Count {
+    min: u32,
+    max: u32,
+}
+
+impl Count {
+    const ANY: Count = Count {
+        min: 0,
+        max: u32::MAX,
+    };
+}
+
+/// Largest magnitude a bounded number may reach, and most digits it may have: the digits
+/// are kept as one integer, below 2^53, so that the value the checker compares is the one
+/// a JSON parser reads (`m / 10^k` in floating point rounds once, as parsing does).
+const BOUNDED_DIGITS: u8 = 15;
+const BOUNDED_MAGNITUDE: f64 = 1e15;
+
+/// The values a number may take (`minimum`, `maximum`, `exclusiveMinimum`,
+/// `exclusiveMaximum`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Range {
+    lo: f64,
+    lo_open: bool,
+    hi: f64,
+    hi_open: bool,
+}
+
+impl Range {
+    const ANY: Range = Range {
+        lo: f64::NEG_INFINITY,
+        lo_open: false,
+        hi: f64::INFINITY,
+        hi_open: false,
+    };
+
+    fn bounded(&self) -> bool {
+        *self != Range::ANY
+    }
+
+    fn holds(&self, v: f64) -> bool {
+        (v > self.lo || (v == self.lo && !self.lo_open))
+            && (v < self.hi || (v == self.hi && !self.hi_open))
+    }
+
+    /// Whether some value from `a` to `b` (each end included or not) is in the range.
+    fn meets(&self, a: f64, a_in: bool, b: f64, b_in: bool) -> bool {
+        (b > self.lo || (b == self.lo && b_in && !self.lo_open))
+            && (a < self.hi || (a == self.hi && a_in && !self.hi_open))
+    }
 }
 
 /// A property of an object node.
@@ -88,7 +149,14 @@ pub struct Grammar {
 
 impl Grammar {
     fn base() -> Vec<Node> {
-        vec![Node::Any, Node::Map(ANY), Node::Array(ANY)]
+        vec![
+            Node::Any,
+            Node::Map(ANY),
+            Node::Array {
+                item: ANY,
+                items: Count::ANY,
+            },
+        ]
     }
 
     /// Any JSON object (JSON mode).
@@ -102,7 +170,10 @@ impl Grammar {
     /// The grammar of a JSON Schema whose root is an object. Supported: `type` (one or a
     /// list), `properties` (written in their order), `required`, `additionalProperties`,
     /// `items`, `enum`, `const`, `anyOf`/`oneOf` whose branches start with different
-    /// characters or are objects told apart by their first property, and `$ref` into `$defs`/`definitions` (recursion included); annotations
+    /// characters or are objects told apart by their first property, `$ref` into
+    /// `$defs`/`definitions` (recursion included), `minLength`/`maxLength`,
+    /// `minItems`/`maxItems`, and `minimum`/`maximum`/`exclusiveMinimum`/`exclusiveMaximum`
+    /// (a bounded number is written without an exponent, in at most 15 digits); annotations
     /// (`title`, `description`, `format`, ...) are ignored. Any other keyword is an error
     /// naming it, rather than output that does not follow it.
     pub fn from_schema(schema: &str) -> Result<Self, String> {
@@ -228,9 +299,9 @@ impl Grammar {
                 number | bit(b'{') | bit(b'[') | bit(b'"') | bit(b't') | bit(b'f') | bit(b'n')
             }
             Node::Object(_) | Node::Map(_) | Node::Tagged { .. } => bit(b'{'),
-            Node::Array(_) => bit(b'['),
-            Node::String => bit(b'"'),
-            Node::Number | Node::Integer => number,
+            Node::Array { .. } => bit(b'['),
+            Node::String(_) => bit(b'"'),
+            Node::Number(_) | Node::Integer(_) => number,
             Node::Boolean => bit(b't') | bit(b'f'),
             Node::Null => bit(b'n'),
             // serde_json's texts start with an ASCII byte.
@@ -254,6 +325,22 @@ impl Grammar {
         active[i] = false;
         memo[i] = Some(m);
         Ok(m)
+    }
+
+    /// How many characters a string of `node` may have.
+    fn chars(&self, node: NodeId) -> Count {
+        match self.nodes[node as usize] {
+            Node::String(count) => count,
+            _ => Count::ANY,
+        }
+    }
+
+    /// The range of a bounded number node.
+    fn range(&self, node: NodeId) -> Option<Range> {
+        match self.nodes[node as usize] {
+            Node::Number(r) | Node::Integer(r) if r.bounded() => Some(r),
+            _ => None,
+        }
     }
 
     fn props(&self, node: NodeId) -> &[Prop] {
@@ -307,7 +394,106 @@ const KEYWORDS: &[&str] = &[
     "anyOf",
     "oneOf",
     "$ref",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
 ];
+
+/// Keywords that bound a value of one type, and that type.
+const BOUNDS: &[(&str, &str)] = &[
+    ("minLength", "string"),
+    ("maxLength", "string"),
+    ("minItems", "array"),
+    ("maxItems", "array"),
+    ("minimum", "number"),
+    ("maximum", "number"),
+    ("exclusiveMinimum", "number"),
+    ("exclusiveMaximum", "number"),
+];
+
+/// The `min`/`max` count keywords of `obj` (`minLength`, `maxItems`, ...).
+fn count(obj: &serde_json::Map<String, Value>, min: &str, max: &str) -> Result<Count, String> {
+    let get = |k: &str, default: u32| match obj.get(k) {
+        None => Ok(default),
+        Some(v) => match v.as_u64() {
+            // A count past any output is no bound.
+            Some(n) => Ok(n.min(u64::from(u32::MAX)) as u32),
+            None => Err(format!("'{k}' must be a whole number, not {v}")),
+        },
+    };
+    let c = Count {
+        min: get(min, 0)?,
+        max: get(max, u32::MAX)?,
+    };
+    if c.min > c.max {
+        return Err(format!("'{min}' is above '{max}': nothing matches"));
+    }
+    Ok(c)
+}
+
+/// The range the bound keywords of `obj` give a number (an integer if `integer`).
+fn range(obj: &serde_json::Map<String, Value>, integer: bool) -> Result<Range, String> {
+    let number = |k: &str| match obj.get(k) {
+        None => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| format!("'{k}' must be a number, not {v}")),
+    };
+    let mut r = Range::ANY;
+    if let Some(lo) = number("minimum")? {
+        r.lo = lo;
+    }
+    if let Some(hi) = number("maximum")? {
+        r.hi = hi;
+    }
+    // Draft 4 writes `"exclusiveMinimum": true` beside `minimum`; later drafts a number.
+    match obj.get("exclusiveMinimum") {
+        Some(Value::Bool(open)) => r.lo_open = *open,
+        _ => {
+            if let Some(lo) = number("exclusiveMinimum")?.filter(|&lo| lo >= r.lo) {
+                (r.lo, r.lo_open) = (lo, true);
+            }
+        }
+    }
+    match obj.get("exclusiveMaximum") {
+        Some(Value::Bool(open)) => r.hi_open = *open,
+        _ => {
+            if let Some(hi) = number("exclusiveMaximum")?.filter(|&hi| hi <= r.hi) {
+                (r.hi, r.hi_open) = (hi, true);
+            }
+        }
+    }
+    if r.lo >= BOUNDED_MAGNITUDE || r.hi <= -BOUNDED_MAGNITUDE {
+        return Err(format!(
+            "a bounded number must be able to lie within ±{BOUNDED_MAGNITUDE:e}"
+        ));
+    }
+    let empty = if integer {
+        let lo = if r.lo_open {
+            r.lo.floor() + 1.0
+        } else {
+            r.lo.ceil()
+        };
+        let hi = if r.hi_open {
+            r.hi.ceil() - 1.0
+        } else {
+            r.hi.floor()
+        };
+        lo > hi
+    } else {
+        !r.meets(r.lo, !r.lo_open, r.hi, !r.hi_open)
+    };
+    if empty {
+        return Err("the bounds leave no number between them".into());
+    }
+    Ok(r)
+}
 
 struct Compiler<'a> {
     root: &'a Value,
@@ -379,7 +565,11 @@ impl Compiler<'_> {
                 self.typed("object", obj)
             }
             None if obj.contains_key("items") => self.typed("array", obj),
-            None => Ok(ANY),
+            None => match BOUNDS.iter().find(|(k, _)| obj.contains_key(*k)) {
+                // A bound on one type beside any value of the others is not followed.
+                Some((k, t)) => Err(format!("'{k}' needs \"type\": \"{t}\"")),
+                None => Ok(ANY),
+            },
             Some(Value::String(t)) => self.typed(t, obj),
             Some(Value::Array(types)) => {
                 let names: Vec<&str> = types.iter().filter_map(Value::as_str).collect();
@@ -403,16 +593,33 @@ impl Compiler<'_> {
     fn typed(&mut self, t: &str, obj: &serde_json::Map<String, Value>) -> Result<NodeId, String> {
         match t {
             "object" => self.object(obj),
-            "array" => match obj.get("items") {
-                None | Some(Value::Bool(true)) => Ok(ANY_ARRAY),
-                Some(items) => {
-                    let item = self.node(items)?;
-                    self.add(Node::Array(item))
+            "array" => {
+                let items = count(obj, "minItems", "maxItems")?;
+                // An open array counts its items in 16 bits.
+                if items.min > u32::from(u16::MAX) {
+                    return Err(format!("'minItems' above {} is not supported", u16::MAX));
                 }
-            },
-            "string" => self.add(Node::String),
-            "number" => self.add(Node::Number),
-            "integer" => self.add(Node::Integer),
+                let item = match obj.get("items") {
+                    None | Some(Value::Bool(true)) => ANY,
+                    Some(items) => self.node(items)?,
+                };
+                if item == ANY && items == Count::ANY {
+                    return Ok(ANY_ARRAY);
+                }
+                self.add(Node::Array { item, items })
+            }
+            "string" => {
+                let chars = count(obj, "minLength", "maxLength")?;
+                self.add(Node::String(chars))
+            }
+            "number" => {
+                let r = range(obj, false)?;
+                self.add(Node::Number(r))
+            }
+            "integer" => {
+                let r = range(obj, true)?;
+                self.add(Node::Integer(r))
+            }
             "boolean" => self.add(Node::Boolean),
             "null" => self.add(Node::Null),
             _ => Err(format!("unknown type '{t}'")),
@@ -590,7 +797,8 @@ enum Num {
 }
 
 impl Num {
-    fn next(self, b: u8, integer: bool) -> Option<Num> {
+    /// The state after `b`; `integer` takes no fraction, `bounded` no exponent.
+    fn next(self, b: u8, integer: bool, bounded: bool) -> Option<Num> {
         let digit = b.is_ascii_digit();
         Some(match (self, b) {
             (Num::Minus, b'0') => Num::Zero,
@@ -599,6 +807,7 @@ impl Num {
             _ if integer => return None,
             (Num::Zero | Num::Int, b'.') => Num::Dot,
             (Num::Dot | Num::Frac, _) if digit => Num::Frac,
+            _ if bounded => return None,
             (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
             (Num::Exp, b'+' | b'-') => Num::ExpSign,
             (Num::Exp | Num::ExpSign | Num::ExpDigits, _) if digit => Num::ExpDigits,
@@ -629,21 +838,30 @@ enum Lex {
     Colon,
     /// After a value: `,` or the closer of the innermost container.
     After,
-    /// Inside a string; `escape` is 0 outside an escape, 1 after `\`, and 2..=5 inside
-    /// `\u` with `escape - 1` hex digits to go.
+    /// Inside a string of `node` (a key's if `key`), `chars` characters written; `escape` is
+    /// 0 outside an escape, 1 after `\`, 2..=5 inside `\u` with `escape - 1` hex digits to
+    /// go, and 6 after `\uD` (3 to go: a surrogate pair's first half may follow); `utf8`
+    /// is what a character begun awaits (see [`utf8_lead`]).
     Str {
         key: bool,
         escape: u8,
+        node: NodeId,
+        chars: u32,
+        utf8: u8,
     },
+    /// Inside a number of `node`. A bounded one also keeps its digits as the integer `m`,
+    /// `frac` of them after the point, `digits` in all, and whether it is negative.
     Number {
         num: Num,
         integer: bool,
+        node: NodeId,
+        neg: bool,
+        digits: u8,
+        frac: u8,
+        m: u64,
     },
     /// Inside literal `LITERALS[word]`, `at` bytes of it written.
-    Literal {
-        word: u8,
-        at: u8,
-    },
+    Literal { word: u8, at: u8 },
     /// `at` bytes into one of the texts of `node` whose bits are set in `choices`: the keys
     /// of an object node (`key`) or the values of an enum.
     Match {
@@ -657,11 +875,11 @@ enum Lex {
 }
 
 /// An open object or array: its node, and for an object node the index of the first
-/// property that may still come.
+/// property that may still come, for an array the items begun.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Frame {
     node: NodeId,
-    next: u8,
+    next: u16,
 }
 
 /// How far a text is into a value of a [`Grammar`], as the state after its bytes.
@@ -724,26 +942,33 @@ impl JsonPrefix {
     /// Whether the text is inside a string and outside an escape, where every byte but `"`,
     /// `\` and control characters is text that leaves the state as it is.
     fn in_plain_string(&self) -> bool {
-        matches!(self.lex, Lex::Str { escape: 0, .. })
+        matches!(
+            self.lex,
+            Lex::Str {
+                escape: 0,
+                utf8: 0,
+                ..
+            }
+        )
+    }
+
+    /// How many more characters the string being written may take, if it has a maximum.
+    fn string_room(&self, g: &Grammar) -> Option<u32> {
+        match self.lex {
+            Lex::Str { node, chars, .. } => {
+                let max = g.chars(node).max;
+                (max != u32::MAX).then(|| max.saturating_sub(chars))
+            }
+            _ => None,
+        }
     }
 
     /// Feeds one byte; false if it leaves the grammar.
     pub fn push(&mut self, g: &Grammar, b: u8) -> bool {
         match self.lex {
             Lex::Done => false,
-            Lex::Str { key, escape } => self.string_byte(key, escape, b),
-            Lex::Number { num, integer } => match num.next(b, integer) {
-                Some(num) => {
-                    self.lex = Lex::Number { num, integer };
-                    true
-                }
-                // The byte that ends a number belongs to what follows it.
-                None if num.complete() => {
-                    self.lex = Lex::After;
-                    self.push(g, b)
-                }
-                None => false,
-            },
+            Lex::Str { .. } => self.string_byte(g, b),
+            Lex::Number { .. } => self.number_byte(g, b),
             Lex::Literal { word, at } => {
                 let lit = LITERALS[word as usize];
                 if lit[at as usize] != b {
@@ -814,7 +1039,14 @@ impl JsonPrefix {
                         let all = all_bits(values.len());
                         return self.match_byte(g, top.node, all, 0, false, b);
                     }
-                    Node::Map(v) | Node::Array(v) => *v,
+                    Node::Map(v) => *v,
+                    Node::Array { item, items } => {
+                        if u32::from(top.next) >= items.max {
+                            return false;
+                        }
+                        self.frames[self.depth as usize - 1].next = top.next.saturating_add(1);
+                        *item
+                    }
                     _ => return false,
                 };
                 self.value_start(g, value, b)
@@ -824,6 +1056,9 @@ impl JsonPrefix {
                     self.lex = Lex::Str {
                         key: true,
                         escape: 0,
+                        node: ANY,
+                        chars: 0,
+                        utf8: 0,
                     };
                     true
                 }
@@ -836,7 +1071,8 @@ impl JsonPrefix {
             }
             (Lex::After, b',') => {
                 self.lex = match node {
-                    Node::Array(_) => Lex::Value,
+                    Node::Array { items, .. } if u32::from(top.next) >= items.max => return false,
+                    Node::Array { .. } => Lex::Value,
                     Node::Object(_) if Self::key_choices(g, top) == 0 => return false,
                     _ => Lex::Key,
                 };
@@ -850,17 +1086,28 @@ impl JsonPrefix {
 
     fn value_start(&mut self, g: &Grammar, node: NodeId, b: u8) -> bool {
         let number = |integer| {
-            match b {
-                b'-' => Some(Num::Minus),
-                b'0' => Some(Num::Zero),
-                b'1'..=b'9' => Some(Num::Int),
-                _ => None,
-            }
-            .map(|num| Lex::Number { num, integer })
+            let (num, neg, digits, m) = match b {
+                b'-' => (Num::Minus, true, 0, 0),
+                b'0' => (Num::Zero, false, 1, 0),
+                b'1'..=b'9' => (Num::Int, false, 1, u64::from(b - b'0')),
+                _ => return None,
+            };
+            Some(Lex::Number {
+                num,
+                integer,
+                node,
+                neg,
+                digits,
+                frac: 0,
+                m,
+            })
         };
         let string = Lex::Str {
             key: false,
             escape: 0,
+            node,
+            chars: 0,
+            utf8: 0,
         };
         let literal = |word| Lex::Literal { word, at: 1 };
         let lex = match &g.nodes[node as usize] {
@@ -876,10 +1123,10 @@ impl JsonPrefix {
             Node::Object(_) | Node::Map(_) | Node::Tagged { .. } => {
                 return b == b'{' && self.open(node, false)
             }
-            Node::Array(_) => return b == b'[' && self.open(node, true),
-            Node::String => (b == b'"').then_some(string),
-            Node::Number => number(false),
-            Node::Integer => number(true),
+            Node::Array { .. } => return b == b'[' && self.open(node, true),
+            Node::String(_) => (b == b'"').then_some(string),
+            Node::Number(_) => number(false),
+            Node::Integer(_) => number(true),
             Node::Boolean => match b {
                 b't' => Some(literal(0)),
                 b'f' => Some(literal(1)),
@@ -904,9 +1151,112 @@ impl JsonPrefix {
         match lex {
             Some(lex) => {
                 self.lex = lex;
-                true
+                self.number_can_end_in_range(g)
             }
             None => false,
+        }
+    }
+
+    /// One byte in a number: the byte that ends it belongs to what follows it.
+    fn number_byte(&mut self, g: &Grammar, b: u8) -> bool {
+        let Lex::Number {
+            num,
+            integer,
+            node,
+            neg,
+            digits,
+            frac,
+            m,
+        } = self.lex
+        else {
+            return false;
+        };
+        let range = g.range(node);
+        match num.next(b, integer, range.is_some()) {
+            Some(next) => {
+                let (mut digits, mut frac, mut m) = (digits, frac, m);
+                if range.is_some() && b.is_ascii_digit() {
+                    if digits == BOUNDED_DIGITS {
+                        return false;
+                    }
+                    digits += 1;
+                    frac += u8::from(next == Num::Frac);
+                    m = m * 10 + u64::from(b - b'0');
+                }
+                self.lex = Lex::Number {
+                    num: next,
+                    integer,
+                    node,
+                    neg,
+                    digits,
+                    frac,
+                    m,
+                };
+                self.number_can_end_in_range(g)
+            }
+            None if num.complete() => {
+                if let Some(r) = range {
+                    let v = m as f64 / 10f64.powi(i32::from(frac));
+                    if !r.holds(if neg { -v } else { v }) {
+                        return false;
+                    }
+                }
+                self.lex = Lex::After;
+                self.push(g, b)
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the number being written (if one, and bounded) can still end in its range.
+    fn number_can_end_in_range(&self, g: &Grammar) -> bool {
+        let Lex::Number {
+            num,
+            integer,
+            node,
+            neg,
+            digits,
+            frac,
+            m,
+        } = self.lex
+        else {
+            return true;
+        };
+        let Some(r) = g.range(node) else {
+            return true;
+        };
+        let ten = |n: u8| 10f64.powi(i32::from(n));
+        let room = BOUNDED_DIGITS - digits;
+        // Where the magnitude can end up: from `a` (included) to `b` (included or not),
+        // mirrored for a negative number.
+        let meets = |a: f64, b: f64, b_in: bool| {
+            if neg {
+                r.meets(-b, b_in, -a, true)
+            } else {
+                r.meets(a, true, b, b_in)
+            }
+        };
+        let m = m as f64;
+        match num {
+            Num::Minus if integer => meets(0.0, ten(BOUNDED_DIGITS) - 1.0, true),
+            Num::Minus => meets(0.0, ten(BOUNDED_DIGITS), false),
+            Num::Zero => meets(0.0, if integer { 0.0 } else { 1.0 }, integer),
+            // More digits scale it by 10^j; a number's fraction fills the gaps while there
+            // is room for one.
+            Num::Int => (0..=room).any(|j| {
+                let (a, b) = (m * ten(j), (m + 1.0) * ten(j));
+                if integer || j == room {
+                    meets(a, b - 1.0, true)
+                } else {
+                    meets(a, b, false)
+                }
+            }),
+            Num::Dot | Num::Frac if room == 0 => {
+                num == Num::Frac && meets(m / ten(frac), m / ten(frac), true)
+            }
+            Num::Dot | Num::Frac => meets(m / ten(frac), (m + 1.0) / ten(frac), false),
+            // Bounded numbers take no exponent.
+            Num::Exp | Num::ExpSign | Num::ExpDigits => false,
         }
     }
 
@@ -929,7 +1279,7 @@ impl JsonPrefix {
             // A key is a quoted string, so a whole key is no other key's beginning.
             if key {
                 if let Some(i) = bits(on).find(|&i| text(i).len() == at as usize) {
-                    self.frames[self.depth as usize - 1].next = i as u8 + 1;
+                    self.frames[self.depth as usize - 1].next = i as u16 + 1;
                     self.lex = Lex::Colon;
                     return true;
                 }
@@ -961,18 +1311,64 @@ impl JsonPrefix {
         self.push(g, b)
     }
 
-    fn string_byte(&mut self, key: bool, escape: u8, b: u8) -> bool {
+    fn string_byte(&mut self, g: &Grammar, b: u8) -> bool {
+        let Lex::Str {
+            key,
+            escape,
+            node,
+            mut chars,
+            utf8,
+        } = self.lex
+        else {
+            return false;
+        };
+        if utf8 != 0 {
+            let Some(utf8) = utf8_continue(utf8, b) else {
+                return false;
+            };
+            self.lex = Lex::Str {
+                key,
+                escape,
+                node,
+                chars,
+                utf8,
+            };
+            return true;
+        }
+        let count = g.chars(node);
+        let mut utf8 = 0;
         let escape = match (escape, b) {
             (0, b'"') => {
+                if chars < count.min {
+                    return false;
+                }
                 self.lex = if key { Lex::Colon } else { Lex::After };
                 return true;
             }
-            (0, b'\\') => 1,
             // Control characters must be escaped; any other byte is text (UTF-8 included).
             (0, 0..=0x1f) => return false,
-            (0, _) => 0,
+            // Any other byte starts a character (an escape is one): it must be valid UTF-8,
+            // or the text is not JSON.
+            (0, _) => {
+                let Some(lead) = utf8_lead(b) else {
+                    return false;
+                };
+                if chars >= count.max {
+                    return false;
+                }
+                chars += 1;
+                utf8 = lead;
+                u8::from(b == b'\\')
+            }
             (1, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => 0,
             (1, b'u') => 5,
+            (5, b'd' | b'D') => 6,
+            // `\uD800` to `\uDBFF` is the first half of a pair, one character with its second.
+            (6, b'8'..=b'9' | b'a'..=b'b' | b'A'..=b'B') => {
+                chars -= 1;
+                3
+            }
+            (6, _) if b.is_ascii_hexdigit() => 3,
             (2..=5, _) if b.is_ascii_hexdigit() => {
                 if escape == 2 {
                     0
@@ -982,7 +1378,13 @@ impl JsonPrefix {
             }
             _ => return false,
         };
-        self.lex = Lex::Str { key, escape };
+        self.lex = Lex::Str {
+            key,
+            escape,
+            node,
+            chars,
+            utf8,
+        };
         true
     }
 
@@ -1005,7 +1407,7 @@ impl JsonPrefix {
             return false;
         };
         let ok = match &g.nodes[top.node as usize] {
-            Node::Array(_) => array,
+            Node::Array { items, .. } => array && u32::from(top.next) >= items.min,
             Node::Map(_) => !array,
             // An object closes once no required property is left.
             Node::Object(props) => !array && props[top.next as usize..].iter().all(|p| !p.required),
@@ -1022,6 +1424,36 @@ impl JsonPrefix {
         };
         true
     }
+}
+
+/// What a string awaits after the byte `b` starts a character: the number of UTF-8
+/// continuation bytes (low two bits) and which range the first must be in (the bits above;
+/// see [`utf8_continue`]), so that the text stays what `str::from_utf8` takes: no overlong
+/// form, no surrogate, nothing past U+10FFFF. `None` if no character starts with `b`.
+fn utf8_lead(b: u8) -> Option<u8> {
+    Some(match b {
+        0x00..=0x7f => 0,
+        0xc2..=0xdf => 1,
+        0xe0 => 2 | 1 << 2,
+        0xed => 2 | 2 << 2,
+        0xe1..=0xef => 2,
+        0xf0 => 3 | 3 << 2,
+        0xf4 => 3 | 4 << 2,
+        0xf1..=0xf3 => 3,
+        _ => return None,
+    })
+}
+
+/// What a string awaits after continuation byte `b`, if `utf8` takes it.
+fn utf8_continue(utf8: u8, b: u8) -> Option<u8> {
+    let (lo, hi) = match utf8 >> 2 {
+        1 => (0xa0, 0xbf),
+        2 => (0x80, 0x9f),
+        3 => (0x90, 0xbf),
+        4 => (0x80, 0x8f),
+        _ => (0x80, 0xbf),
+    };
+    (lo..=hi).contains(&b).then(|| (utf8 & 3) - 1)
 }
 
 /// JSON's whitespace.
@@ -1042,12 +1474,16 @@ pub struct TokenTable {
     after_blank: Vec<Vec<u32>>,
     /// Tokens of whitespace alone.
     blank: Vec<u32>,
-    /// Tokens that are not plain string text: empty, or holding `"`, `\` or a control
-    /// character.
+    /// Tokens that are not plain string text: empty, holding `"`, `\` or a control
+    /// character, or not whole UTF-8 characters (byte-level BPE splits some).
     not_plain: Vec<u32>,
+    /// The other tokens by how many characters they start (bytes but UTF-8 continuation
+    /// bytes): what they add to a string's length.
+    plain_by_chars: Vec<Vec<u32>>,
 }
 
-/// Whether a string's text may hold `b` without it changing the string's state.
+/// Whether a string's text may hold `b` without it changing the string's state (beyond
+/// its length).
 fn plain_byte(b: u8) -> bool {
     b >= 0x20 && b != b'"' && b != b'\\'
 }
@@ -1059,6 +1495,7 @@ impl TokenTable {
         let mut after_blank = vec![Vec::new(); 256];
         let mut blank = Vec::new();
         let mut not_plain = Vec::new();
+        let mut plain_by_chars: Vec<Vec<u32>> = Vec::new();
         let mut tokens = 0;
         for (t, piece) in pieces.into_iter().enumerate() {
             let t = t as u32;
@@ -1068,8 +1505,16 @@ impl TokenTable {
                 (_, Some(&solid)) => after_blank[solid as usize].push(t),
                 (_, None) => blank.push(t),
             }
-            if piece.is_empty() || !piece.iter().all(|&b| plain_byte(b)) {
-                not_plain.push(t);
+            let text = std::str::from_utf8(piece).ok();
+            match text.filter(|t| !t.is_empty() && t.bytes().all(plain_byte)) {
+                None => not_plain.push(t),
+                Some(text) => {
+                    let chars = text.chars().count();
+                    if plain_by_chars.len() <= chars {
+                        plain_by_chars.resize(chars + 1, Vec::new());
+                    }
+                    plain_by_chars[chars].push(t);
+                }
             }
             tokens += 1;
         }
@@ -1079,6 +1524,7 @@ impl TokenTable {
             after_blank,
             blank,
             not_plain,
+            plain_by_chars,
         }
     }
 
@@ -1093,12 +1539,21 @@ impl TokenTable {
         logits: &mut [f32],
     ) -> bool {
         if state.in_plain_string() {
-            // Inside a string nearly every token is text that changes nothing: only the
-            // others need trying.
+            // Inside a string nearly every token is text that changes nothing but the
+            // string's length: only the others need trying.
             for &t in &self.not_plain {
                 if let Some(l) = logits.get_mut(t as usize) {
                     let p = piece(t);
                     if p.is_empty() || !state.accepts(g, p) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            // Unless the string has a length to keep to: then those that would pass it go.
+            if let Some(room) = state.string_room(g) {
+                let too_long = self.plain_by_chars.iter().skip(room as usize + 1);
+                for &t in too_long.flatten() {
+                    if let Some(l) = logits.get_mut(t as usize) {
                         *l = f32::NEG_INFINITY;
                     }
                 }
@@ -1229,6 +1684,51 @@ mod tests {
                 !serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()),
                 "{text} is a JSON object"
             );
+        }
+    }
+
+    #[test]
+    fn strings_hold_whole_utf8_characters_only() {
+        // Byte-level BPE vocabularies split characters across tokens: a string must not
+        // close on half of one, nor hold bytes no UTF-8 text has.
+        let g = any();
+        let mut ok: Vec<Vec<u8>> = Vec::new();
+        for c in [
+            '\u{e9}',
+            '\u{20ac}',
+            '\u{1f600}',
+            '\u{7ff}',
+            '\u{800}',
+            '\u{ffff}',
+            '\u{10ffff}',
+        ] {
+            ok.push(format!("{{\"a\":\"x{c}\"}}").into_bytes());
+        }
+        for doc in &ok {
+            assert!(fed(&g, doc).is_some_and(|s| s.is_done()), "{doc:x?}");
+            // Cut before its last byte, the character cannot be closed.
+            let cut = &doc[..doc.len() - 3];
+            assert!(!fed(&g, cut).unwrap().accepts(&g, b"\"}"), "{cut:x?}");
+        }
+        for bad in [
+            &b"\x80"[..],
+            b"\xc3",
+            b"\xc3\x28",
+            b"\xc0\x80",
+            b"\xc1\xbf",
+            b"\xe0\x80\x80",
+            b"\xed\xa0\x80",
+            b"\xf0\x80\x80\x80",
+            b"\xf4\x90\x80\x80",
+            b"\xf5\x80\x80\x80",
+            b"\xff",
+        ] {
+            let doc = [&b"{\"a\":\"x"[..], bad, b"\"}"].concat();
+            assert!(std::str::from_utf8(&doc).is_err());
+            assert!(fed(&g, &doc).is_none(), "{doc:x?}");
+            // In a map's key too.
+            let key = [&b"{\""[..], bad, b"\":1}"].concat();
+            assert!(fed(&g, &key).is_none(), "{key:x?}");
         }
     }
 
@@ -1515,10 +2015,10 @@ mod tests {
         let err = tool_grammar(&[(
             "f",
             Some(serde_json::json!({"type": "object",
-            "properties": {"a": {"type": "string", "maxLength": 3}}})),
+            "properties": {"a": {"type": "string", "pattern": "^x"}}})),
         )])
         .unwrap_err();
-        assert!(err.contains("'f'") && err.contains("maxLength"), "{err}");
+        assert!(err.contains("'f'") && err.contains("pattern"), "{err}");
         assert!(tool_grammar(&[]).is_err());
         // Parameters of `{}` take any object.
         let open = tool_grammar(&[("f", Some(serde_json::json!({})))]).unwrap();
@@ -1584,6 +2084,38 @@ mod tests {
             ),
             (r#"{"type":"object","minProperties":1}"#, "minProperties"),
             (
+                r#"{"type":"object","properties":{"a":{"type":"integer","multipleOf":2}}}"#,
+                "multipleOf",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","minLength":-1}}}"#,
+                "whole number",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"array","minItems":3,"maxItems":2}}}"#,
+                "nothing matches",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"number","minimum":2,"exclusiveMaximum":2}}}"#,
+                "no number",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"integer","exclusiveMinimum":1,"maximum":1.5}}}"#,
+                "no number",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"number","minimum":"1"}}}"#,
+                "must be a number",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"integer","minimum":1e16}}}"#,
+                "1e15",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"maxLength":3}}}"#,
+                "needs \"type\": \"string\"",
+            ),
+            (
                 r#"{"type":"object","properties":{"a":{"type":"string"}},"required":["b"]}"#,
                 "'b'",
             ),
@@ -1618,6 +2150,164 @@ mod tests {
                 Ok(_) if words.is_empty() => {}
                 Ok(_) => panic!("{schema} compiled"),
                 Err(e) => assert!(e.contains(words), "{schema}: {e}"),
+            }
+        }
+    }
+
+    /// pydantic's `Field(min_length=2, max_length=4)`, `conlist(str, min_length=1,
+    /// max_length=2)`, `Field(ge=1, le=5)` on an int, `Field(ge=0, le=1)` on a float,
+    /// `Field(gt=0)`, and an integer from 10 to 20 below zero.
+    const BOUNDED: &str = r#"{"type": "object", "properties": {
+        "s": {"type": "string", "minLength": 2, "maxLength": 4},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 2},
+        "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "pos": {"type": "number", "exclusiveMinimum": 0},
+        "neg": {"type": "integer", "minimum": -20, "maximum": -10},
+        "old": {"type": "number", "maximum": 1, "exclusiveMaximum": true}
+    }}"#;
+
+    #[test]
+    fn lengths_counts_and_ranges_are_kept() {
+        let g = Grammar::from_schema(BOUNDED).unwrap();
+        let ok = |doc: &str| whole(&g, &format!("{{{doc}}}"));
+        for doc in [
+            r#""s":"ab""#,
+            r#""s":"abcd""#,
+            "\"s\":\"caf\u{e9}\"",
+            r#""s":"\u00e9\n""#,
+            r#""s":"\uD83D\uDE00x""#,
+            "\"s\":\"\u{1f600}\u{1f600}\u{1f600}\u{1f600}\"",
+            r#""tags":["a"]"#,
+            r#""tags":[ "a" , "b" ]"#,
+            r#""stars":1"#,
+            r#""stars":5"#,
+            r#""score":0"#,
+            r#""score":1"#,
+            r#""score":0.25"#,
+            r#""score":1.000"#,
+            r#""score":-0"#,
+            r#""pos":0.001"#,
+            r#""pos":7"#,
+            r#""neg":-10"#,
+            r#""neg":-20"#,
+            r#""neg":-15"#,
+            r#""old":0.5"#,
+            r#""old":-3"#,
+        ] {
+            assert!(ok(doc), "{doc}");
+        }
+        for doc in [
+            r#""s":"a""#,
+            r#""s":"""#,
+            r#""s":"abcde""#,
+            "\"s\":\"caf\u{e9}s\"",
+            r#""s":"\uD83D\uDE00""#,
+            r#""s":"\n\t\"\\x""#,
+            r#""tags":[]"#,
+            r#""tags":["a","b","c"]"#,
+            r#""stars":0"#,
+            r#""stars":6"#,
+            r#""stars":10"#,
+            r#""stars":-1"#,
+            r#""stars":1.0"#,
+            r#""score":1.01"#,
+            r#""score":-0.1"#,
+            r#""score":2"#,
+            r#""score":1e0"#,
+            r#""pos":0"#,
+            r#""pos":0.000"#,
+            r#""pos":-1"#,
+            r#""neg":-9"#,
+            r#""neg":-21"#,
+            r#""neg":0"#,
+            r#""neg":-100"#,
+            r#""old":1"#,
+            r#""old":1.0"#,
+        ] {
+            assert!(!ok(doc), "{doc}");
+        }
+        // Refused where no completion is left: 10 to 20 below zero may start `-1` or
+        // `-2`, not `-3`, and `-2` must end at once or be `-20`.
+        let at = |text: &str| fed(&g, text.as_bytes()).is_some();
+        assert!(at(r#"{"neg":-1"#) && at(r#"{"neg":-2"#) && !at(r#"{"neg":-3"#));
+        assert!(at(r#"{"neg":-20"#) && !at(r#"{"neg":-21"#) && !at(r#"{"neg":-2}"#));
+        assert!(!at(r#"{"stars":0"#) && !at(r#"{"score":1.1"#) && at(r#"{"score":0.9"#));
+    }
+
+    /// Every text of up to `len` bytes over `alphabet`, in length order.
+    fn texts(alphabet: &[u8], len: usize) -> Vec<Vec<u8>> {
+        let mut all = vec![Vec::new()];
+        let mut last = vec![Vec::new()];
+        for _ in 0..len {
+            last = last
+                .iter()
+                .flat_map(|t: &Vec<u8>| {
+                    alphabet.iter().map(move |&b| {
+                        let mut t = t.clone();
+                        t.push(b);
+                        t
+                    })
+                })
+                .collect();
+            all.extend(last.iter().cloned());
+        }
+        all
+    }
+
+    #[test]
+    fn a_bounded_number_is_accepted_exactly_when_its_value_is_in_range() {
+        // Against serde_json's reading of the text, every number of up to five bytes over
+        // a small alphabet, for ranges open and closed, and every accepted prefix can still
+        // be finished.
+        let ranges = [
+            r#""minimum": 1, "maximum": 5"#,
+            r#""minimum": 0, "maximum": 1"#,
+            r#""exclusiveMinimum": 0, "exclusiveMaximum": 1"#,
+            r#""minimum": -20, "maximum": -10"#,
+            r#""minimum": 0.25"#,
+            r#""maximum": -0.5"#,
+            r#""minimum": 10, "maximum": 10"#,
+            r#""minimum": 0.05, "maximum": 0.1"#,
+        ];
+        let numbers = texts(b"-0125.", 5);
+        let endings = texts(b"}0123456789.-", 4);
+        for range in ranges {
+            for ty in ["number", "integer"] {
+                let schema = format!(
+                    r#"{{"type":"object","properties":{{"n":{{"type":"{ty}",{range}}}}},"required":["n"]}}"#
+                );
+                let Ok(g) = Grammar::from_schema(&schema) else {
+                    // No integer between 0 and 1, or 0.05 and 0.1.
+                    assert_eq!(ty, "integer", "{schema}");
+                    continue;
+                };
+                let bounds: Value = serde_json::from_str(&format!("{{{range}}}")).unwrap();
+                let b = |k: &str| bounds.get(k).and_then(Value::as_f64);
+                let holds = |v: f64| {
+                    b("minimum").is_none_or(|lo| v >= lo)
+                        && b("maximum").is_none_or(|hi| v <= hi)
+                        && b("exclusiveMinimum").is_none_or(|lo| v > lo)
+                        && b("exclusiveMaximum").is_none_or(|hi| v < hi)
+                };
+                for n in &numbers {
+                    let text = String::from_utf8_lossy(n);
+                    let doc = format!("{{\"n\":{text}}}");
+                    let want = serde_json::from_str::<Value>(&doc).is_ok_and(|d| {
+                        let v = &d["n"];
+                        // `-0` is an integer, though serde_json reads it as a float.
+                        (ty == "number" || !text.contains('.')) && v.as_f64().is_some_and(holds)
+                    });
+                    assert_eq!(whole(&g, &doc), want, "{doc} as {ty} with {range}");
+                    let prefix = format!("{{\"n\":{text}");
+                    if let Some(s) = fed(&g, prefix.as_bytes()) {
+                        let done = endings.iter().any(|t| {
+                            let mut e = s;
+                            e.push_all(&g, t) && e.is_done()
+                        });
+                        assert!(done, "{prefix} as {ty} with {range}: no way to finish");
+                    }
+                }
             }
         }
     }
@@ -1680,6 +2370,17 @@ mod tests {
         ] {
             v.push(p.as_bytes().to_vec());
         }
+        // Pieces of characters, as byte-level BPE has them: "é" and "😀" split.
+        for p in [
+            &b"\xc3"[..],
+            b"\xa9",
+            b"caf\xc3",
+            b"\xa9\"",
+            b"\xf0\x9f",
+            b"\x98\x80",
+        ] {
+            v.push(p.to_vec());
+        }
         v
     }
 
@@ -1729,6 +2430,17 @@ mod tests {
             &[
                 br#"{"name": "Tom", "age": 12, "c": "a b", "n": 10}"#,
                 b"{\"name\":\"x\",\"c\":\"a\" ,\"n\":1 }",
+            ],
+        );
+        // Strings near their length limits (multi-character tokens are cut off as room runs
+        // out), arrays at their counts, numbers near their bounds.
+        let g = Grammar::from_schema(BOUNDED).unwrap();
+        check_table(
+            &g,
+            &[
+                "{\"s\":\"caf\u{e9}\",\"tags\":[\"a b\", \"\"]}".as_bytes(),
+                br#"{"s": "\u00e9\"", "stars": 5, "score": 0.5, "neg": -12, "old": 0.75}"#,
+                br#"{"s":"ab","pos":12,"neg":-20}"#,
             ],
         );
         let vocab = vocab();
