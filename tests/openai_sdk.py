@@ -15,6 +15,21 @@ SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 QUESTION = [SYSTEM, {"role": "user", "content": "Name the capital of France."}]
 
 
+def node_post(path, body):
+    """POSTs `body` to one of the node's own (non-OpenAI) routes and returns its JSON."""
+    import urllib.request
+    req = urllib.request.Request(
+        BASE.rsplit("/v1", 1)[0] + path, data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def token_id(model, text):
+    (t,) = node_post("/tokenize", {"model": model, "content": text})["tokens"]
+    return t
+
+
 def check(name):
     def wrap(f):
         f()
@@ -214,6 +229,26 @@ def _():
         assert c.finish_reason == "stop", c
         assert isinstance(c.message.parsed, Cat), c.message
         assert list(json.loads(c.message.content)) == ["name", "age", "color", "weight", "owner"]
+
+
+@check("logit_bias: -100 bans a token, 100 all but forces it")
+def _():
+    paris = token_id("smollm2", " Paris")
+    tokens = lambda r: [t.token for t in r.choices[0].logprobs.content]
+    ask = lambda **kw: client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0,
+                                                      max_tokens=8, logprobs=True, **kw)
+    assert " Paris" in tokens(ask()), tokens(ask())
+    banned = ask(logit_bias={str(paris): -100})
+    assert " Paris" not in tokens(banned), tokens(banned)
+    assert tokens(ask(logit_bias={str(paris): 100}))[0] == " Paris"
+    for bad, words in (({"Paris": 1}, "logit_bias"), ({str(paris): 101}, "logit_bias"),
+                       ({"99999999": 1}, "outside the vocabulary")):
+        try:
+            ask(logit_bias=bad)
+        except openai.BadRequestError as e:
+            assert words in e.message, e.message
+        else:
+            raise AssertionError(f"logit_bias {bad} was accepted")
 
 
 REVIEW = [SYSTEM, {"role": "user", "content": "Review the film Alien as JSON with a title, stars out of "
@@ -486,6 +521,41 @@ def _():
         with urllib.request.urlopen(req, timeout=60) as r:
             prompt = json.loads(r.read())["prompt"]
         assert prompt == row["rendered"], (row, prompt)
+
+
+@check("qwen3: a thinking model reasons before JSON output and a required call")
+def _():
+    # The random model is steered into an (empty) think block with logit_bias: `<think>` may
+    # come first besides the object's `{`, and after `</think>` the constraint holds.
+    think, unthink = token_id("qwen3", "<think>"), token_id("qwen3", "</think>")
+    bias = {str(think): 90, str(unthink): 100}
+    tokens = lambda c: [t.token for t in c.logprobs.content]
+    r = client.chat.completions.create(
+        model="qwen3", messages=WEATHER, temperature=0, max_tokens=40, logprobs=True,
+        logit_bias=bias, response_format={"type": "json_object"})
+    c = r.choices[0]
+    assert tokens(c)[:2] == ["<think>", "</think>"], tokens(c)
+    # (The bias goes on: `</think>` is text to Qwen3's vocabulary, and fills the strings.)
+    assert c.message.content.startswith("{"), c.message
+    if c.finish_reason == "stop":
+        assert isinstance(json.loads(c.message.content), dict), c.message.content
+    flag = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}}]
+    r = client.chat.completions.create(
+        model="qwen3", messages=WEATHER, temperature=0, max_tokens=80, logprobs=True,
+        logit_bias=bias, tools=flag, tool_choice="required")
+    c = r.choices[0]
+    assert tokens(c)[:2] == ["<think>", "</think>"], tokens(c)
+    assert c.finish_reason == "tool_calls" and c.message.content is None, c
+    (call,) = c.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["ok"], bool)
+    # With thinking off the template closes the block itself: the object starts at once.
+    r = client.chat.completions.create(
+        model="qwen3", messages=WEATHER, temperature=0, max_tokens=4, logprobs=True,
+        logit_bias=bias, response_format={"type": "json_object"},
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    c = r.choices[0]
+    assert c.message.content.startswith("{") and tokens(c)[0] != "<think>", tokens(c)
 
 
 @check("qwen3: tool_choice 'required' without tools is a BadRequestError")

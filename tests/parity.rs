@@ -458,8 +458,8 @@ fn component_imports_only_wasi_nn_and_wasi() {
         .map(|(name, _)| name.to_string())
         .collect();
     for e in [
-        "wasmlm:llm/generation@0.3.0",
-        "wasmlm:llm/tokenization@0.3.0",
+        "wasmlm:llm/generation@0.4.0",
+        "wasmlm:llm/tokenization@0.4.0",
         "fermyon:spin/llm@2.0.0",
     ] {
         assert!(
@@ -653,6 +653,7 @@ fn qwen3_chat(
         max_tokens: Some(200),
         // A random model cannot write this text: the output is constrained to it.
         choices: vec![choice.to_string()],
+        logit_bias: Vec::new(),
         ..default_options()
     };
     let mut s = inst.chat(QWEN3, &msgs, context, &options).unwrap();

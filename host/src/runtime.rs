@@ -86,6 +86,7 @@ pub fn default_options() -> SamplingOptions {
         top_logprobs: None,
         ignore_eos: None,
         choices: Vec::new(),
+        logit_bias: Vec::new(),
         format: None,
     }
 }

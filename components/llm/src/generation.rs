@@ -37,10 +37,34 @@ pub struct Generation {
     choices: Vec<Vec<u32>>,
     /// Structured output: the grammar, and how far the output is into it.
     json: Option<(Grammar, JsonPrefix)>,
+    /// A thinking model under structured output: its reasoning is free, the grammar holds
+    /// from the end of it.
+    think: Option<ThinkFirst>,
+    /// Added to these tokens' logits (OpenAI's `logit_bias`).
+    logit_bias: Vec<(u32, f32)>,
     /// Splits a chat answer into reasoning, text and tool calls.
     parser: Option<ResponseParser>,
     cancelled: bool,
     done: bool,
+}
+
+/// Where a thinking model's reasoning stands, under structured output.
+#[derive(Clone, Copy, Debug)]
+struct ThinkFirst {
+    /// The `<think>` and `</think>` tokens.
+    open: u32,
+    close: u32,
+    state: Thinking,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Thinking {
+    /// The first token: `<think>`, or the answer's first.
+    MayOpen,
+    /// Reasoning: any token but an end of generation, until `</think>`.
+    Inside,
+    /// The answer, held to the grammar.
+    Over,
 }
 
 /// Sampler settings from the WIT options, defaults filled in and checked.
@@ -97,6 +121,16 @@ impl Generation {
                 Some((g, JsonPrefix::new()))
             }
         };
+        if let Some(&(bad, _)) = options
+            .logit_bias
+            .iter()
+            .find(|&&(t, _)| t >= model.vocab_size)
+        {
+            return Err(Error::InvalidInput(format!(
+                "logit_bias: token id {bad} is outside the vocabulary (size {})",
+                model.vocab_size
+            )));
+        }
         if json.is_some() && !choices.is_empty() {
             return Err(Error::InvalidInput(
                 "choices and a JSON output format cannot be combined".into(),
@@ -122,6 +156,8 @@ impl Generation {
             stop: StopMatcher::new(&options.stop),
             choices,
             json,
+            think: None,
+            logit_bias: options.logit_bias.clone(),
             parser: None,
             cancelled: false,
             done: false,
@@ -141,6 +177,19 @@ impl Generation {
     /// Keeps the output to `grammar` (a tool call the request requires).
     pub fn with_grammar(mut self, grammar: Grammar) -> Self {
         self.json = Some((grammar, JsonPrefix::new()));
+        self
+    }
+
+    /// Lets a thinking model reason before its structured output, given its `<think>` and
+    /// `</think>` tokens: `<think>` may be its first token (unless `opened`: the prompt wrote
+    /// it), and the grammar holds after `</think>`.
+    pub fn thinking_first(mut self, tags: Option<(u32, u32)>, opened: bool) -> Self {
+        let state = if opened {
+            Thinking::Inside
+        } else {
+            Thinking::MayOpen
+        };
+        self.think = tags.map(|(open, close)| ThinkFirst { open, close, state });
         self
     }
 
@@ -208,11 +257,31 @@ impl Generation {
     /// (structured output) of a JSON object of the grammar. Fails when no token is left.
     fn constrain(&self, logits: &mut [f32]) -> Result<(), Error> {
         if let Some((grammar, json)) = &self.json {
+            let think = self.think.filter(|t| t.state != Thinking::Over);
+            if let Some(ThinkFirst {
+                state: Thinking::Inside,
+                ..
+            }) = think
+            {
+                // The answer must still come: the reasoning cannot end the generation.
+                for &t in &self.model.eog {
+                    if let Some(l) = logits.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                return Ok(());
+            }
+            let open = think.and_then(|t| Some((t.open, *logits.get(t.open as usize)?)));
             let tok = self.model.tokenizer.borrow();
             // Control and end-of-generation tokens are masked: the object must close first,
             // and then generation ends by itself.
             let piece = |t| self.model.json_piece(&tok, t);
-            if !self.model.json_tokens().mask(grammar, json, piece, logits) {
+            let any = self.model.json_tokens().mask(grammar, json, piece, logits);
+            // Or the model opens its reasoning.
+            if let Some((t, l)) = open {
+                logits[t as usize] = l;
+            }
+            if !any && open.is_none() {
                 return Err(Error::InvalidInput(
                     "no token of the vocabulary continues the JSON output".into(),
                 ));
@@ -248,6 +317,11 @@ impl Generation {
             Some(l) => l,
             None => self.compute_next()?,
         };
+        for &(t, bias) in &self.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         self.constrain(&mut logits)?;
         let choice = self
             .sampler
@@ -282,7 +356,21 @@ impl Generation {
         let text = {
             let tok = self.model.tokenizer.borrow();
             let piece = tok.piece(token);
-            if let Some((grammar, json)) = &mut self.json {
+            // Reasoning, `<think>` and `</think>` included, is not part of the structured
+            // output.
+            let reasoning = match &mut self.think {
+                Some(t) => {
+                    let was = t.state;
+                    t.state = match was {
+                        Thinking::MayOpen if token == t.open => Thinking::Inside,
+                        Thinking::Inside if token != t.close => Thinking::Inside,
+                        _ => Thinking::Over,
+                    };
+                    was == Thinking::Inside || t.state == Thinking::Inside
+                }
+                None => false,
+            };
+            if let Some((grammar, json)) = self.json.as_mut().filter(|_| !reasoning) {
                 // The mask let only tokens through that the state accepts.
                 json.push_all(grammar, piece);
             }

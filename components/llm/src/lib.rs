@@ -79,10 +79,18 @@ impl gen::Guest for Component {
         let ids = m.tokenize(&prompt, true)?;
         let tools = model::extras(&context)?.tools;
         let parse_tools = tools.is_some();
-        // With thinking off, Qwen3's template writes an empty `<think></think>` itself.
         let opened = prompt.trim_end().ends_with("<think>");
-        // JSON mode constrains the whole output to the object, so it is all content: no
-        // think block, no tool call can be written.
+        // A thinking model reasons before a JSON answer or a required call too (as vLLM's
+        // reasoning parsers let it): the constraint holds from `</think>`. Not when the
+        // template closed the block itself (Qwen3 with thinking off writes an empty one).
+        let think_tags = {
+            let tok = m.tokenizer.borrow();
+            tok.token_id("<think>").zip(tok.token_id("</think>"))
+        }
+        .filter(|_| m.thinks && !prompt.trim_end().ends_with("</think>"));
+        let thinks = think_tags.is_some();
+        // JSON mode constrains the answer to the object, so it is all content: no tool call
+        // can be written.
         let json = matches!(
             options.format,
             Some(OutputFormat::JsonObject | OutputFormat::JsonSchema(_))
@@ -99,11 +107,19 @@ impl gen::Guest for Component {
             return Ok(stream(
                 Generation::new(m, ids, &options)?
                     .with_grammar(grammar)
-                    .with_parser(response::ResponseParser::forced_call()),
+                    .thinking_first(think_tags, opened)
+                    .with_parser(response::ResponseParser::forced_call(thinks, opened)),
             ));
         }
-        let parser =
-            response::ResponseParser::new(m.thinks && !json, opened && !json, parse_tools && !json);
+        if json {
+            let parser = response::ResponseParser::new(thinks, opened && thinks, false);
+            return Ok(stream(
+                Generation::new(m, ids, &options)?
+                    .thinking_first(think_tags, opened)
+                    .with_parser(parser),
+            ));
+        }
+        let parser = response::ResponseParser::new(m.thinks, opened, parse_tools);
         Ok(stream(
             Generation::new(m, ids, &options)?.with_parser(parser),
         ))
@@ -249,6 +265,7 @@ impl spin::Guest for Component {
             top_logprobs: None,
             ignore_eos: None,
             choices: Vec::new(),
+            logit_bias: Vec::new(),
             format: None,
         };
         let s = <Component as gen::Guest>::complete(model, prompt, options).map_err(spin_error)?;

@@ -35,8 +35,8 @@ pub struct ResponseParser {
     calls: usize,
     /// Strip newlines at the start of the next reasoning or content text.
     skip_newlines: bool,
-    /// The whole answer is one call's `{"name": ..., "arguments": {...}}` (a required tool
-    /// call): held to the end, then a tool call (or, cut short, content).
+    /// The answer (after any reasoning) is one call's `{"name": ..., "arguments": {...}}`
+    /// (a required tool call): held to the end, then a tool call (or, cut short, content).
     forced_call: bool,
 }
 
@@ -59,11 +59,12 @@ impl ResponseParser {
         }
     }
 
-    /// A parser for an answer that is one tool call's JSON object and nothing else.
-    pub fn forced_call() -> Self {
+    /// A parser for an answer that is one tool call's JSON object and nothing else, after
+    /// the reasoning of a `thinking` model.
+    pub fn forced_call(thinking: bool, prompt_opened_think: bool) -> Self {
         Self {
             forced_call: true,
-            ..Self::new(false, false, false)
+            ..Self::new(thinking, prompt_opened_think, false)
         }
     }
 
@@ -76,16 +77,15 @@ impl ResponseParser {
     pub fn push(&mut self, text: &str) -> Parsed {
         self.held.push_str(text);
         let mut out = Parsed::default();
-        if !self.forced_call {
-            self.drain(&mut out, false);
-        }
+        self.drain(&mut out, false);
         out
     }
 
     /// Ends the answer: held text goes where it was heading; an unclosed tool call is text.
     pub fn finish(&mut self) -> Parsed {
         let mut out = Parsed::default();
-        if self.forced_call {
+        self.drain(&mut out, true);
+        if self.forced_call && self.mode == Mode::Content {
             match parse_call(&self.held, 0) {
                 Some(call) => {
                     self.calls = 1;
@@ -95,7 +95,6 @@ impl ResponseParser {
             }
             return out;
         }
-        self.drain(&mut out, true);
         let rest = std::mem::take(&mut self.held);
         match self.mode {
             Mode::Reasoning => out.reasoning.push_str(rest.trim_end_matches('\n')),
@@ -147,6 +146,8 @@ impl ResponseParser {
                     self.held.drain(..keep);
                     return;
                 }
+                // A required call's text is held whole.
+                Mode::Content if self.forced_call => return,
                 Mode::Content => {
                     if self.parse_tools {
                         if let Some(i) = self.held.find(CALL_OPEN) {
@@ -242,8 +243,39 @@ mod tests {
     }
 
     #[test]
+    fn a_forced_call_may_follow_reasoning() {
+        let pieces = [
+            "<think>",
+            "\nParis, so get_weather.\n",
+            "</think>",
+            "{\"name\": \"get_weather\", \"arguments\": {}}",
+        ];
+        let mut p = ResponseParser::forced_call(true, false);
+        // The reasoning streams as it comes; the call is held to the end.
+        let early: Vec<Parsed> = pieces.iter().map(|x| p.push(x)).collect();
+        assert_eq!(early[1].reasoning, "Paris, so get_weather.");
+        assert!(early
+            .iter()
+            .all(|x| x.content.is_empty() && x.tool_calls.is_empty()));
+        let end = p.finish();
+        assert_eq!(end.tool_calls[0].name, "get_weather");
+        assert_eq!(end.content, "");
+        // Or the model calls at once, or the prompt opened the block; cut short in the
+        // reasoning, there is no call and no content.
+        let out = run(&mut ResponseParser::forced_call(true, false), &pieces[3..]);
+        assert_eq!((out.tool_calls.len(), out.reasoning.as_str()), (1, ""));
+        let out = run(&mut ResponseParser::forced_call(true, true), &pieces[1..]);
+        assert_eq!(out.tool_calls.len(), 1);
+        assert_eq!(out.reasoning, "Paris, so get_weather.");
+        let mut p = ResponseParser::forced_call(true, false);
+        let out = run(&mut p, &pieces[..2]);
+        assert_eq!((out.content.as_str(), p.made_calls()), ("", false));
+        assert_eq!(out.reasoning, "Paris, so get_weather.");
+    }
+
+    #[test]
     fn a_forced_call_is_held_to_the_end_and_becomes_a_call() {
-        let mut p = ResponseParser::forced_call();
+        let mut p = ResponseParser::forced_call(false, false);
         let out = run(
             &mut p,
             &[
@@ -260,7 +292,7 @@ mod tests {
             ("get_weather", r#"{"city":"Paris"}"#)
         );
         // Cut short (max_tokens), the text is content and no call was made.
-        let mut p = ResponseParser::forced_call();
+        let mut p = ResponseParser::forced_call(false, false);
         let out = run(&mut p, &["{\"name\": \"get_", "weather\", \"argu"]);
         assert_eq!(out.content, "{\"name\": \"get_weather\", \"argu");
         assert!(out.tool_calls.is_empty() && !p.made_calls());

@@ -223,13 +223,10 @@ fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
         top_logprobs,
         ignore_eos: b.bool("ignore_eos")?,
         choices: choices(b)?,
+        logit_bias: logit_bias(b)?,
         format: output_format(b)?,
     };
-    if matches!(
-        options.format,
-        Some(OutputFormat::JsonObject | OutputFormat::JsonSchema(_))
-    ) && !options.choices.is_empty()
-    {
+    if json_format(&options) && !options.choices.is_empty() {
         return Err(ApiError::bad_param(
             "response_format",
             "'response_format' and 'guided_choice' cannot be combined.",
@@ -268,11 +265,7 @@ fn repeat_for_n(r: &mut GenRequest) -> Result<(), ApiError> {
 pub fn chat_request(b: &Body) -> Result<GenRequest, ApiError> {
     let mut r = common(b, true)?;
     let context = chat_context(b)?;
-    let constrained = !r.options.choices.is_empty()
-        || matches!(
-            r.options.format,
-            Some(OutputFormat::JsonObject | OutputFormat::JsonSchema(_))
-        );
+    let constrained = !r.options.choices.is_empty() || json_format(&r.options);
     if context.tool_choice.is_some() && constrained {
         return Err(ApiError::bad_param(
             "tool_choice",
@@ -323,6 +316,30 @@ fn output_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
 }
 
 /// vLLM's `guided_choice` (or `structured_outputs.choice`): the output must be one of these.
+/// OpenAI's `logit_bias`: token id (as a string) to a bias from -100 to 100.
+fn logit_bias(b: &Body) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(v) = b.get("logit_bias") else {
+        return Ok(Vec::new());
+    };
+    let bad = || {
+        ApiError::bad_param(
+            "logit_bias",
+            "'logit_bias' must map token ids to numbers from -100 to 100.",
+        )
+    };
+    let map = v.as_object().ok_or_else(bad)?;
+    map.iter()
+        .map(|(id, bias)| {
+            let id = id.parse::<u32>().map_err(|_| bad())?;
+            let bias = bias
+                .as_f64()
+                .filter(|x| (-100.0..=100.0).contains(x))
+                .ok_or_else(bad)?;
+            Ok((id, bias as f32))
+        })
+        .collect()
+}
+
 fn choices(b: &Body) -> Result<Vec<String>, ApiError> {
     let (key, v) = match (b.get("guided_choice"), b.get("structured_outputs")) {
         (Some(v), _) => ("guided_choice", v),
@@ -350,9 +367,18 @@ fn choices(b: &Body) -> Result<Vec<String>, ApiError> {
     Ok(out)
 }
 
+/// Whether the output is held to JSON (`response_format` `json_object` or `json_schema`).
+fn json_format(options: &SamplingOptions) -> bool {
+    matches!(
+        options.format,
+        Some(OutputFormat::JsonObject | OutputFormat::JsonSchema(_))
+    )
+}
+
 /// What a chat body gives the template besides messages: `tools` (unless `tool_choice` is
 /// "none") and `chat_template_kwargs`.
 pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
+    let mut names = Vec::new();
     let tools = match b.get("tools") {
         None | Some(Value::Null) => None,
         Some(Value::Array(list)) => {
@@ -360,13 +386,15 @@ pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
                 let name = t
                     .get("function")
                     .and_then(|f| f.get("name"))
-                    .and_then(Value::as_str);
-                if t.get("type").and_then(Value::as_str) != Some("function") || name.is_none() {
+                    .and_then(Value::as_str)
+                    .filter(|_| t.get("type").and_then(Value::as_str) == Some("function"));
+                let Some(name) = name else {
                     return Err(ApiError::bad_param(
                         &format!("tools[{i}]"),
                         "each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}.",
                     ));
-                }
+                };
+                names.push(name);
             }
             (!list.is_empty()).then(|| Value::Array(list.clone()).to_string())
         }
@@ -404,14 +432,7 @@ pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
             let Some(t) = tools else {
                 return Err(needs_tools("naming a function"));
             };
-            if !b
-                .get("tools")
-                .and_then(Value::as_array)
-                .is_some_and(|list| {
-                    list.iter()
-                        .any(|t| t["function"]["name"].as_str() == Some(name))
-                })
-            {
+            if !names.contains(&name) {
                 return Err(ApiError::bad_param(
                     "tool_choice",
                     format!("'tool_choice' names '{name}', which is not among the 'tools'."),

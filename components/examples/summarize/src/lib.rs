@@ -205,6 +205,7 @@ fn no_options() -> SamplingOptions {
         top_logprobs: None,
         ignore_eos: None,
         choices: Vec::new(),
+        logit_bias: Vec::new(),
         format: None,
     }
 }
