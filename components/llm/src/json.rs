@@ -9,6 +9,10 @@
 
 use std::collections::HashMap;
 
+use regex_automata::dfa::{dense, Automaton, StartKind};
+use regex_automata::util::primitives::StateID;
+use regex_automata::util::start;
+use regex_automata::{Anchored, MatchKind};
 use serde_json::Value;
 
 /// Deepest nesting of objects and arrays.
@@ -53,8 +57,9 @@ enum Node {
         item: NodeId,
         items: Count,
     },
-    /// A string of this many characters (code points, as JSON Schema counts them).
-    String(Count),
+    /// A string of this many characters (code points, as JSON Schema counts them) that
+    /// matches the grammar's pattern of this index, if any.
+    String(Count, Option<u16>),
     /// A number in this range.
     Number(Range),
     /// An integer in this range.
@@ -145,6 +150,100 @@ struct Prop {
 pub struct Grammar {
     nodes: Vec<Node>,
     root: NodeId,
+    /// The strings' `pattern`s (and `format`s).
+    patterns: Vec<Pattern>,
+}
+
+/// Most patterns a schema may have, and most bytes each one's DFA (and its building) may
+/// take: a request's grammar stays within a few MiB.
+const MAX_PATTERNS: usize = 32;
+const MAX_PATTERN_BYTES: usize = 256 << 10;
+
+/// RFC 3339's `full-date`, each month with its own days (29 February in leap years only)
+/// and years from 0001, as a date parser checks.
+const DATE: &str = r"(([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)-((0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|(0[13-9]|1[0-2])-(29|30)|(0[13578]|1[02])-31)|([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29)";
+
+/// RFC 3339's `full-time`: hours, minutes, seconds, a fraction, an offset.
+const TIME: &str =
+    r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])";
+
+/// The pattern of a `format` the compiler follows (RFC 3339's `date-time` with `T`,
+/// `date` and `time`; a UUID; an IPv4 address); others are annotations.
+fn format_pattern(format: &str) -> Option<String> {
+    let octet = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+    Some(match format {
+        "date-time" => format!("^{DATE}T{TIME}$"),
+        "date" => format!("^{DATE}$"),
+        "time" => format!("^{TIME}$"),
+        "uuid" => {
+            r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$".into()
+        }
+        "ipv4" => format!(r"^({octet}\.){{3}}{octet}$"),
+        _ => return None,
+    })
+}
+
+/// A string's `pattern`: a DFA over the string's text (escapes decoded) that finds a match
+/// anywhere in it, as JSON Schema's patterns (and pydantic's) are searched, not anchored.
+#[derive(Debug)]
+struct Pattern {
+    dfa: dense::DFA<Vec<u32>>,
+    start: StateID,
+}
+
+impl Pattern {
+    /// The state of a string that holds a match already: nothing after it undoes that.
+    const MATCHED: u32 = u32::MAX;
+
+    fn new(regex: &str) -> Result<Self, String> {
+        let bad = |e: String| format!("the pattern {regex:?} is not supported: {e}");
+        let dfa = dense::Builder::new()
+            .configure(
+                dense::DFA::config()
+                    .start_kind(StartKind::Unanchored)
+                    .match_kind(MatchKind::All)
+                    .dfa_size_limit(Some(MAX_PATTERN_BYTES))
+                    .determinize_size_limit(Some(MAX_PATTERN_BYTES)),
+            )
+            .build(regex)
+            .map_err(|e| bad(e.to_string()))?;
+        let start = dfa
+            .start_state(&start::Config::new().anchored(Anchored::No))
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Self { dfa, start })
+    }
+
+    /// The state after the text's byte `b`; `None` where no match can follow any more.
+    fn step(&self, state: u32, b: u8) -> Option<u32> {
+        if state == Self::MATCHED {
+            return Some(state);
+        }
+        let next = self
+            .dfa
+            .next_state(StateID::new_unchecked(state as usize), b);
+        // A DFA's match shows one byte late: the text before `b` held it.
+        if self.dfa.is_match_state(next) {
+            return Some(Self::MATCHED);
+        }
+        (!self.dfa.is_dead_state(next) && !self.dfa.is_quit_state(next)).then(|| next.as_u32())
+    }
+
+    /// Whether `text` can follow `state`.
+    fn takes(&self, state: u32, text: &[u8]) -> bool {
+        text.iter()
+            .try_fold(state, |s, &b| self.step(s, b))
+            .is_some()
+    }
+
+    /// Whether a text that ends in `state` matches.
+    fn matched(&self, state: u32) -> bool {
+        state == Self::MATCHED || {
+            let end = self
+                .dfa
+                .next_eoi_state(StateID::new_unchecked(state as usize));
+            self.dfa.is_match_state(end)
+        }
+    }
 }
 
 impl Grammar {
@@ -164,6 +263,7 @@ impl Grammar {
         Self {
             nodes: Self::base(),
             root: ANY_OBJECT,
+            patterns: Vec::new(),
         }
     }
 
@@ -172,10 +272,11 @@ impl Grammar {
     /// `items`, `enum`, `const`, `anyOf`/`oneOf` whose branches start with different
     /// characters or are objects told apart by their first property, `$ref` into
     /// `$defs`/`definitions` (recursion included), `minLength`/`maxLength`,
-    /// `minItems`/`maxItems`, and `minimum`/`maximum`/`exclusiveMinimum`/`exclusiveMaximum`
-    /// (a bounded number is written without an exponent, in at most 15 digits); annotations
-    /// (`title`, `description`, `format`, ...) are ignored. Any other keyword is an error
-    /// naming it, rather than output that does not follow it.
+    /// `minItems`/`maxItems`, `minimum`/`maximum`/`exclusiveMinimum`/`exclusiveMaximum` (a
+    /// bounded number is written without an exponent, in at most 15 digits), `pattern`, and
+    /// the `format`s of [`format_pattern`]; other formats and annotations (`title`,
+    /// `description`, ...) are ignored. Any other keyword is an error naming it, rather than
+    /// output that does not follow it.
     pub fn from_schema(schema: &str) -> Result<Self, String> {
         let root: Value =
             serde_json::from_str(schema).map_err(|e| format!("the schema is not JSON: {e}"))?;
@@ -184,10 +285,12 @@ impl Grammar {
             nodes: Self::base(),
             refs: HashMap::new(),
             depth: 0,
+            patterns: Vec::new(),
         };
         let top = c.node(&root)?;
         let g = Self {
             nodes: c.nodes,
+            patterns: c.patterns,
             root: top,
         };
         if g.first_bytes()?[top as usize] != 1 << b'{' {
@@ -207,6 +310,7 @@ impl Grammar {
             nodes: Self::base(),
             refs: HashMap::new(),
             depth: 0,
+            patterns: Vec::new(),
         };
         let mut calls = Vec::new();
         let mut arguments = Vec::new();
@@ -248,6 +352,7 @@ impl Grammar {
         };
         let g = Self {
             nodes: c.nodes,
+            patterns: c.patterns,
             root,
         };
         let first = g.first_bytes()?;
@@ -300,7 +405,7 @@ impl Grammar {
             }
             Node::Object(_) | Node::Map(_) | Node::Tagged { .. } => bit(b'{'),
             Node::Array { .. } => bit(b'['),
-            Node::String(_) => bit(b'"'),
+            Node::String(..) => bit(b'"'),
             Node::Number(_) | Node::Integer(_) => number,
             Node::Boolean => bit(b't') | bit(b'f'),
             Node::Null => bit(b'n'),
@@ -330,8 +435,16 @@ impl Grammar {
     /// How many characters a string of `node` may have.
     fn chars(&self, node: NodeId) -> Count {
         match self.nodes[node as usize] {
-            Node::String(count) => count,
+            Node::String(count, _) => count,
             _ => Count::ANY,
+        }
+    }
+
+    /// The pattern a string of `node` must match.
+    fn pattern(&self, node: NodeId) -> Option<&Pattern> {
+        match self.nodes[node as usize] {
+            Node::String(_, Some(p)) => self.patterns.get(p as usize),
+            _ => None,
         }
     }
 
@@ -396,6 +509,7 @@ const KEYWORDS: &[&str] = &[
     "$ref",
     "minLength",
     "maxLength",
+    "pattern",
     "minItems",
     "maxItems",
     "minimum",
@@ -408,6 +522,7 @@ const KEYWORDS: &[&str] = &[
 const BOUNDS: &[(&str, &str)] = &[
     ("minLength", "string"),
     ("maxLength", "string"),
+    ("pattern", "string"),
     ("minItems", "array"),
     ("maxItems", "array"),
     ("minimum", "number"),
@@ -502,6 +617,7 @@ struct Compiler<'a> {
     /// How deep `node` is in itself: nesting and `$ref` chains, which serde_json's own
     /// nesting limit does not bound.
     depth: usize,
+    patterns: Vec<Pattern>,
 }
 
 impl Compiler<'_> {
@@ -610,7 +726,30 @@ impl Compiler<'_> {
             }
             "string" => {
                 let chars = count(obj, "minLength", "maxLength")?;
-                self.add(Node::String(chars))
+                let format = obj.get("format").and_then(Value::as_str);
+                let regex = match (obj.get("pattern"), format.and_then(format_pattern)) {
+                    (None, None) => None,
+                    (Some(Value::String(p)), None) => Some(p.clone()),
+                    (None, Some(regex)) => Some(regex),
+                    (Some(Value::String(_)), Some(_)) => {
+                        return Err(format!(
+                            "'pattern' beside \"format\": {:?} is not supported",
+                            format.unwrap_or_default()
+                        ))
+                    }
+                    (Some(p), _) => return Err(format!("'pattern' must be a string, not {p}")),
+                };
+                let pattern = match regex {
+                    None => None,
+                    Some(_) if self.patterns.len() == MAX_PATTERNS => {
+                        return Err(format!("more than {MAX_PATTERNS} patterns"))
+                    }
+                    Some(regex) => {
+                        self.patterns.push(Pattern::new(&regex)?);
+                        Some((self.patterns.len() - 1) as u16)
+                    }
+                };
+                self.add(Node::String(chars, pattern))
             }
             "number" => {
                 let r = range(obj, false)?;
@@ -841,13 +980,15 @@ enum Lex {
     /// Inside a string of `node` (a key's if `key`), `chars` characters written; `escape` is
     /// 0 outside an escape, 1 after `\`, 2..=5 inside `\u` with `escape - 1` hex digits to
     /// go, and 6 after `\uD` (3 to go: a surrogate pair's first half may follow); `utf8`
-    /// is what a character begun awaits (see [`utf8_lead`]).
+    /// is what a character begun awaits (see [`utf8_lead`]), `pattern` the state of the
+    /// node's pattern, if it has one.
     Str {
         key: bool,
         escape: u8,
         node: NodeId,
         chars: u32,
         utf8: u8,
+        pattern: u32,
     },
     /// Inside a number of `node`. A bounded one also keeps its digits as the integer `m`,
     /// `frac` of them after the point, `digits` in all, and whether it is negative.
@@ -939,17 +1080,20 @@ impl JsonPrefix {
         s.push_all(g, bytes)
     }
 
-    /// Whether the text is inside a string and outside an escape, where every byte but `"`,
-    /// `\` and control characters is text that leaves the state as it is.
-    fn in_plain_string(&self) -> bool {
-        matches!(
-            self.lex,
+    /// Whether the text is inside a string, outside an escape and a character, where every
+    /// byte but `"`, `\` and control characters is text that leaves the state as it is but
+    /// for its length and its pattern's state; and that pattern, if the string has one.
+    fn in_string_text<'g>(&self, g: &'g Grammar) -> Option<Option<(&'g Pattern, u32)>> {
+        match self.lex {
             Lex::Str {
                 escape: 0,
                 utf8: 0,
+                node,
+                pattern,
                 ..
-            }
-        )
+            } => Some(g.pattern(node).map(|p| (p, pattern))),
+            _ => None,
+        }
     }
 
     /// How many more characters the string being written may take, if it has a maximum.
@@ -1059,6 +1203,7 @@ impl JsonPrefix {
                         node: ANY,
                         chars: 0,
                         utf8: 0,
+                        pattern: 0,
                     };
                     true
                 }
@@ -1108,6 +1253,7 @@ impl JsonPrefix {
             node,
             chars: 0,
             utf8: 0,
+            pattern: g.pattern(node).map_or(0, |p| p.start.as_u32()),
         };
         let literal = |word| Lex::Literal { word, at: 1 };
         let lex = match &g.nodes[node as usize] {
@@ -1124,7 +1270,7 @@ impl JsonPrefix {
                 return b == b'{' && self.open(node, false)
             }
             Node::Array { .. } => return b == b'[' && self.open(node, true),
-            Node::String(_) => (b == b'"').then_some(string),
+            Node::String(..) => (b == b'"').then_some(string),
             Node::Number(_) => number(false),
             Node::Integer(_) => number(true),
             Node::Boolean => match b {
@@ -1318,28 +1464,26 @@ impl JsonPrefix {
             node,
             mut chars,
             utf8,
+            pattern,
         } = self.lex
         else {
             return false;
         };
-        if utf8 != 0 {
-            let Some(utf8) = utf8_continue(utf8, b) else {
-                return false;
-            };
-            self.lex = Lex::Str {
-                key,
-                escape,
-                node,
-                chars,
-                utf8,
-            };
-            return true;
-        }
         let count = g.chars(node);
-        let mut utf8 = 0;
+        let mut next_utf8 = 0;
+        // The byte of the string's text that `b` writes, if it writes one (escapes decoded).
+        let mut text = None;
         let escape = match (escape, b) {
+            _ if utf8 != 0 => {
+                let Some(u) = utf8_continue(utf8, b) else {
+                    return false;
+                };
+                next_utf8 = u;
+                text = Some(b);
+                0
+            }
             (0, b'"') => {
-                if chars < count.min {
+                if chars < count.min || g.pattern(node).is_some_and(|p| !p.matched(pattern)) {
                     return false;
                 }
                 self.lex = if key { Lex::Colon } else { Lex::After };
@@ -1357,10 +1501,38 @@ impl JsonPrefix {
                     return false;
                 }
                 chars += 1;
-                utf8 = lead;
-                u8::from(b == b'\\')
+                next_utf8 = lead;
+                if b == b'\\' {
+                    // Under a pattern, only if an escape can write what comes next.
+                    if let Some(p) = g.pattern(node) {
+                        let escaped = [b'"', b'\\', b'/', 8, 12, b'\n', b'\r', b'\t'];
+                        if !escaped.iter().any(|&t| p.step(pattern, t).is_some()) {
+                            return false;
+                        }
+                    }
+                    1
+                } else {
+                    text = Some(b);
+                    0
+                }
             }
-            (1, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => 0,
+            (1, b'"' | b'\\' | b'/') => {
+                text = Some(b);
+                0
+            }
+            (1, b'b' | b'f' | b'n' | b'r' | b't') => {
+                text = Some(match b {
+                    b'b' => 8,
+                    b'f' => 12,
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    _ => b'\t',
+                });
+                0
+            }
+            // A pattern reads the text a byte at a time: a character is written as itself
+            // there, not as `\u` (control characters but the five above are left out).
+            (1, b'u') if g.pattern(node).is_some() => return false,
             (1, b'u') => 5,
             (5, b'd' | b'D') => 6,
             // `\uD800` to `\uDBFF` is the first half of a pair, one character with its second.
@@ -1378,12 +1550,20 @@ impl JsonPrefix {
             }
             _ => return false,
         };
+        let pattern = match (g.pattern(node), text) {
+            (Some(p), Some(t)) => match p.step(pattern, t) {
+                Some(state) => state,
+                None => return false,
+            },
+            _ => pattern,
+        };
         self.lex = Lex::Str {
             key,
             escape,
             node,
             chars,
-            utf8,
+            utf8: next_utf8,
+            pattern,
         };
         true
     }
@@ -1538,9 +1718,9 @@ impl TokenTable {
         piece: impl Fn(u32) -> &'p [u8],
         logits: &mut [f32],
     ) -> bool {
-        if state.in_plain_string() {
+        if let Some(pattern) = state.in_string_text(g) {
             // Inside a string nearly every token is text that changes nothing but the
-            // string's length: only the others need trying.
+            // string's length (and its pattern's state): only the others need trying.
             for &t in &self.not_plain {
                 if let Some(l) = logits.get_mut(t as usize) {
                     let p = piece(t);
@@ -1555,6 +1735,16 @@ impl TokenTable {
                 for &t in too_long.flatten() {
                     if let Some(l) = logits.get_mut(t as usize) {
                         *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            // And under a pattern, those its DFA takes: text is the token's bytes here.
+            if let Some((p, at)) = pattern {
+                for &t in self.plain_by_chars.iter().flatten() {
+                    if let Some(l) = logits.get_mut(t as usize) {
+                        if *l > f32::NEG_INFINITY && !p.takes(at, piece(t)) {
+                            *l = f32::NEG_INFINITY;
+                        }
                     }
                 }
             }
@@ -1579,7 +1769,8 @@ impl TokenTable {
         // token checks), so one blank decides for all tokens that start blank. In a match (a
         // key, an enum value) a blank is text of a key or value that holds one, or the gap
         // after a whole value, and the four differ: there every token that starts blank is
-        // tried, if any blank can come at all.
+        // tried, if any blank can come at all. (In a string only the space is text; the
+        // others must be escaped.)
         let matching = matches!(state.lex, Lex::Match { .. });
         let mut after_blank = *state;
         let one_blank = !matching && after_blank.push(g, b' ');
@@ -2015,10 +2206,10 @@ mod tests {
         let err = tool_grammar(&[(
             "f",
             Some(serde_json::json!({"type": "object",
-            "properties": {"a": {"type": "string", "pattern": "^x"}}})),
+            "properties": {"a": {"type": "integer", "multipleOf": 2}}})),
         )])
         .unwrap_err();
-        assert!(err.contains("'f'") && err.contains("pattern"), "{err}");
+        assert!(err.contains("'f'") && err.contains("multipleOf"), "{err}");
         assert!(tool_grammar(&[]).is_err());
         // Parameters of `{}` take any object.
         let open = tool_grammar(&[("f", Some(serde_json::json!({})))]).unwrap();
@@ -2079,8 +2270,20 @@ mod tests {
         for (schema, words) in [
             (r#"{"type":"string"}"#, "root must be an object"),
             (
-                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"x"}}}"#,
-                "pattern",
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"(?=x)"}}}"#,
+                "pattern \"(?=x)\" is not supported",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"x","format":"date"}}}"#,
+                "beside",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":5}}}"#,
+                "must be a string",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^\\w{1000}$"}}}"#,
+                "not supported",
             ),
             (r#"{"type":"object","minProperties":1}"#, "minProperties"),
             (
@@ -2233,6 +2436,85 @@ mod tests {
         assert!(at(r#"{"neg":-1"#) && at(r#"{"neg":-2"#) && !at(r#"{"neg":-3"#));
         assert!(at(r#"{"neg":-20"#) && !at(r#"{"neg":-21"#) && !at(r#"{"neg":-2}"#));
         assert!(!at(r#"{"stars":0"#) && !at(r#"{"score":1.1"#) && at(r#"{"score":0.9"#));
+    }
+
+    /// Patterns and the formats the compiler follows, as pydantic writes them:
+    /// `constr(pattern=...)`, `datetime`, `date`, `UUID`, `IPv4Address`; and a pattern
+    /// searched anywhere in the string, one that needs an escaped newline, and one with a
+    /// length.
+    const PATTERNED: &str = r#"{"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]+$"},
+        "when": {"type": "string", "format": "date-time"},
+        "day": {"type": "string", "format": "date"},
+        "id": {"type": "string", "format": "uuid"},
+        "ip": {"type": "string", "format": "ipv4"},
+        "free": {"type": "string", "pattern": "cat"},
+        "lines": {"type": "string", "pattern": "^a\nb$"},
+        "short": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3},
+        "mail": {"type": "string", "format": "email"}
+    }}"#;
+
+    #[test]
+    fn patterns_and_formats_are_kept() {
+        let g = Grammar::from_schema(PATTERNED).unwrap();
+        let ok = |doc: &str| whole(&g, &format!("{{{doc}}}"));
+        for doc in [
+            r#""code":"ABC-12""#,
+            r#""when":"2024-05-01T12:30:00Z""#,
+            r#""when":"2024-05-01T23:59:59.125+02:00""#,
+            r#""day":"2024-02-29""#,
+            r#""day":"2000-02-29""#,
+            r#""day":"2023-04-30""#,
+            r#""day":"2023-12-31""#,
+            r#""day":"0001-01-01""#,
+            r#""day":"0400-02-29""#,
+            r#""id":"123e4567-e89b-12d3-a456-426614174000""#,
+            r#""ip":"192.168.0.1""#,
+            r#""free":"my cat!""#,
+            r#""free":"cat""#,
+            "\"free\":\"caf\u{e9} cat \u{1f600}\"",
+            r#""lines":"a\nb""#,
+            r#""short":"abc""#,
+            // Formats it does not follow stay annotations.
+            r#""mail":"not an address""#,
+        ] {
+            assert!(ok(doc), "{doc}");
+        }
+        for doc in [
+            r#""code":"AB-1""#,
+            r#""code":"abc-1""#,
+            r#""code":"ABC-""#,
+            r#""code":"ABC-1x""#,
+            r#""when":"2024-05-01 12:30:00Z""#,
+            r#""when":"2024-05-01T12:30:00""#,
+            r#""when":"2024-13-01T12:30:00Z""#,
+            r#""day":"2024-5-1""#,
+            r#""day":"2023-02-29""#,
+            r#""day":"1900-02-29""#,
+            r#""day":"2024-02-30""#,
+            r#""day":"2024-04-31""#,
+            r#""day":"2024-00-10""#,
+            r#""day":"0000-01-01""#,
+            r#""day":"0000-02-29""#,
+            r#""id":"123e4567e89b12d3a456426614174000""#,
+            r#""ip":"256.1.1.1""#,
+            r#""free":"dog""#,
+            r#""free":"ca""#,
+            r#""lines":"ab""#,
+            // A pattern reads characters as themselves, not as `\u` escapes.
+            r#""lines":"a\u000ab""#,
+            r#""short":"abcd""#,
+            r#""short":"ab1""#,
+        ] {
+            assert!(!ok(doc), "{doc}");
+        }
+        // Refused at the byte after which no match can come.
+        let at = |text: &str| fed(&g, text.as_bytes()).is_some();
+        assert!(at(r#"{"code":"AB"#) && !at(r#"{"code":"A1"#));
+        assert!(at(r#"{"day":"2024-1"#) && !at(r#"{"day":"2024-2"#));
+        assert!(at(r#"{"free":"xyz"#) && !at(r#"{"free":"xyz""#));
+        // An escape only where one can write what the pattern takes next.
+        assert!(!at(r#"{"code":"ABC\"#) && at(r#"{"lines":"a\"#));
     }
 
     /// Every text of up to `len` bytes over `alphabet`, in length order.
@@ -2430,6 +2712,15 @@ mod tests {
             &[
                 br#"{"name": "Tom", "age": 12, "c": "a b", "n": 10}"#,
                 b"{\"name\":\"x\",\"c\":\"a\" ,\"n\":1 }",
+            ],
+        );
+        // Strings under patterns: text that changes the state, blanks included.
+        let g = Grammar::from_schema(PATTERNED).unwrap();
+        check_table(
+            &g,
+            &[
+                br#"{"code": "ABC-12", "free": "a b cat", "short": "a"}"#,
+                "{\"free\": \"caf\u{e9} \\n\\t the cat\", \"lines\":\"a\\nb\"}".as_bytes(),
             ],
         );
         // Strings near their length limits (multi-character tokens are cut off as room runs
