@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use regex_automata::dfa::{dense, Automaton, StartKind};
+use regex_automata::nfa::thompson;
 use regex_automata::util::primitives::StateID;
 use regex_automata::util::start;
 use regex_automata::{Anchored, MatchKind};
@@ -196,8 +197,13 @@ impl Pattern {
     const MATCHED: u32 = u32::MAX;
 
     fn new(regex: &str) -> Result<Self, String> {
+        if regex.len() > MAX_TEXT * 4 {
+            return Err(format!("a pattern longer than {} bytes", MAX_TEXT * 4));
+        }
         let bad = |e: String| format!("the pattern {regex:?} is not supported: {e}");
         let dfa = dense::Builder::new()
+            // A hostile `(a{1000}){1000}` stops here, before it takes the memory.
+            .thompson(thompson::Config::new().nfa_size_limit(Some(MAX_PATTERN_BYTES)))
             .configure(
                 dense::DFA::config()
                     .start_kind(StartKind::Unanchored)
@@ -2283,6 +2289,10 @@ mod tests {
             ),
             (
                 r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^\\w{1000}$"}}}"#,
+                "not supported",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"(a{1000}){1000}"}}}"#,
                 "not supported",
             ),
             (r#"{"type":"object","minProperties":1}"#, "minProperties"),

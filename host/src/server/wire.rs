@@ -315,7 +315,6 @@ fn output_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
     }
 }
 
-/// vLLM's `guided_choice` (or `structured_outputs.choice`): the output must be one of these.
 /// OpenAI's `logit_bias`: token id (as a string) to a bias from -100 to 100.
 fn logit_bias(b: &Body) -> Result<Vec<(u32, f32)>, ApiError> {
     let Some(v) = b.get("logit_bias") else {
@@ -340,6 +339,7 @@ fn logit_bias(b: &Body) -> Result<Vec<(u32, f32)>, ApiError> {
         .collect()
 }
 
+/// vLLM's `guided_choice` (or `structured_outputs.choice`): the output must be one of these.
 fn choices(b: &Body) -> Result<Vec<String>, ApiError> {
     let (key, v) = match (b.get("guided_choice"), b.get("structured_outputs")) {
         (Some(v), _) => ("guided_choice", v),
