@@ -501,7 +501,7 @@ const ANNOTATIONS: &[&str] = &[
     "writeOnly",
 ];
 
-/// Keywords the compiler follows.
+/// Keywords the compiler follows, besides [`BOUNDS`].
 const KEYWORDS: &[&str] = &[
     "type",
     "properties",
@@ -513,15 +513,6 @@ const KEYWORDS: &[&str] = &[
     "anyOf",
     "oneOf",
     "$ref",
-    "minLength",
-    "maxLength",
-    "pattern",
-    "minItems",
-    "maxItems",
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
 ];
 
 /// Keywords that bound a value of one type, and that type.
@@ -536,6 +527,11 @@ const BOUNDS: &[(&str, &str)] = &[
     ("exclusiveMinimum", "number"),
     ("exclusiveMaximum", "number"),
 ];
+
+/// Whether the compiler follows keyword `k`.
+fn followed(k: &str) -> bool {
+    KEYWORDS.contains(&k) || BOUNDS.iter().any(|(b, _)| *b == k)
+}
 
 /// The `min`/`max` count keywords of `obj` (`minLength`, `maxItems`, ...).
 fn count(obj: &serde_json::Map<String, Value>, min: &str, max: &str) -> Result<Count, String> {
@@ -654,15 +650,12 @@ impl Compiler<'_> {
         };
         if let Some(k) = obj
             .keys()
-            .find(|k| !ANNOTATIONS.contains(&k.as_str()) && !KEYWORDS.contains(&k.as_str()))
+            .find(|k| !ANNOTATIONS.contains(&k.as_str()) && !followed(k))
         {
             return Err(format!("the keyword '{k}' is not supported"));
         }
         if let Some(r) = obj.get("$ref") {
-            if let Some(k) = obj
-                .keys()
-                .find(|k| KEYWORDS.contains(&k.as_str()) && *k != "$ref")
-            {
+            if let Some(k) = obj.keys().find(|k| followed(k) && *k != "$ref") {
                 return Err(format!("'{k}' beside '$ref' is not supported"));
             }
             return self.reference(r);
@@ -966,6 +959,89 @@ impl Num {
     }
 }
 
+/// A bounded number's sign and digits, kept as the one integer `m` (see
+/// [`BOUNDED_DIGITS`]), `frac` of its `count` digits after the point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Digits {
+    neg: bool,
+    count: u8,
+    frac: u8,
+    m: u64,
+}
+
+impl Digits {
+    /// The number begun by `b` (`-` or a digit).
+    fn start(b: u8) -> Self {
+        let digit = b.is_ascii_digit();
+        Self {
+            neg: b == b'-',
+            count: u8::from(digit),
+            frac: 0,
+            m: if digit { u64::from(b - b'0') } else { 0 },
+        }
+    }
+
+    /// Adds digit `b` (after the point if `fraction`); false if there is no room for it.
+    fn push(&mut self, b: u8, fraction: bool) -> bool {
+        if self.count == BOUNDED_DIGITS {
+            return false;
+        }
+        self.count += 1;
+        self.frac += u8::from(fraction);
+        self.m = self.m * 10 + u64::from(b - b'0');
+        true
+    }
+
+    /// The number's value, as a JSON parser reads its text: `m / 10^frac` rounds once.
+    fn value(&self) -> f64 {
+        let v = self.m as f64 / 10f64.powi(i32::from(self.frac));
+        if self.neg {
+            -v
+        } else {
+            v
+        }
+    }
+
+    /// Whether a number at `num` (an integer if `integer`) with these digits can still end
+    /// in `r`.
+    fn can_end_in(&self, r: Range, num: Num, integer: bool) -> bool {
+        let ten = |n: u8| 10f64.powi(i32::from(n));
+        let room = BOUNDED_DIGITS - self.count;
+        // Where the magnitude can end up: from `a` (included) to `b` (included or not),
+        // mirrored for a negative number.
+        let meets = |a: f64, b: f64, b_in: bool| {
+            if self.neg {
+                r.meets(-b, b_in, -a, true)
+            } else {
+                r.meets(a, true, b, b_in)
+            }
+        };
+        let m = self.m as f64;
+        match num {
+            Num::Minus if integer => meets(0.0, ten(BOUNDED_DIGITS) - 1.0, true),
+            Num::Minus => meets(0.0, ten(BOUNDED_DIGITS), false),
+            Num::Zero => meets(0.0, if integer { 0.0 } else { 1.0 }, integer),
+            // More digits scale it by 10^j; a number's fraction fills the gaps while there
+            // is room for one.
+            Num::Int => (0..=room).any(|j| {
+                let (a, b) = (m * ten(j), (m + 1.0) * ten(j));
+                if integer || j == room {
+                    meets(a, b - 1.0, true)
+                } else {
+                    meets(a, b, false)
+                }
+            }),
+            Num::Dot | Num::Frac if room == 0 => num == Num::Frac && r.holds(self.value()),
+            Num::Dot | Num::Frac => {
+                let f = ten(self.frac);
+                meets(m / f, (m + 1.0) / f, false)
+            }
+            // Bounded numbers take no exponent.
+            Num::Exp | Num::ExpSign | Num::ExpDigits => false,
+        }
+    }
+}
+
 /// What the next byte may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lex {
@@ -996,16 +1072,12 @@ enum Lex {
         utf8: u8,
         pattern: u32,
     },
-    /// Inside a number of `node`. A bounded one also keeps its digits as the integer `m`,
-    /// `frac` of them after the point, `digits` in all, and whether it is negative.
+    /// Inside a number of `node`; a bounded one also keeps its `digits`.
     Number {
         num: Num,
         integer: bool,
         node: NodeId,
-        neg: bool,
-        digits: u8,
-        frac: u8,
-        m: u64,
+        digits: Digits,
     },
     /// Inside literal `LITERALS[word]`, `at` bytes of it written.
     Literal { word: u8, at: u8 },
@@ -1237,20 +1309,17 @@ impl JsonPrefix {
 
     fn value_start(&mut self, g: &Grammar, node: NodeId, b: u8) -> bool {
         let number = |integer| {
-            let (num, neg, digits, m) = match b {
-                b'-' => (Num::Minus, true, 0, 0),
-                b'0' => (Num::Zero, false, 1, 0),
-                b'1'..=b'9' => (Num::Int, false, 1, u64::from(b - b'0')),
+            let num = match b {
+                b'-' => Num::Minus,
+                b'0' => Num::Zero,
+                b'1'..=b'9' => Num::Int,
                 _ => return None,
             };
             Some(Lex::Number {
                 num,
                 integer,
                 node,
-                neg,
-                digits,
-                frac: 0,
-                m,
+                digits: Digits::start(b),
             })
         };
         let string = Lex::Str {
@@ -1315,10 +1384,7 @@ impl JsonPrefix {
             num,
             integer,
             node,
-            neg,
-            digits,
-            frac,
-            m,
+            mut digits,
         } = self.lex
         else {
             return false;
@@ -1326,32 +1392,20 @@ impl JsonPrefix {
         let range = g.range(node);
         match num.next(b, integer, range.is_some()) {
             Some(next) => {
-                let (mut digits, mut frac, mut m) = (digits, frac, m);
-                if range.is_some() && b.is_ascii_digit() {
-                    if digits == BOUNDED_DIGITS {
-                        return false;
-                    }
-                    digits += 1;
-                    frac += u8::from(next == Num::Frac);
-                    m = m * 10 + u64::from(b - b'0');
+                if range.is_some() && b.is_ascii_digit() && !digits.push(b, next == Num::Frac) {
+                    return false;
                 }
                 self.lex = Lex::Number {
                     num: next,
                     integer,
                     node,
-                    neg,
                     digits,
-                    frac,
-                    m,
                 };
                 self.number_can_end_in_range(g)
             }
             None if num.complete() => {
-                if let Some(r) = range {
-                    let v = m as f64 / 10f64.powi(i32::from(frac));
-                    if !r.holds(if neg { -v } else { v }) {
-                        return false;
-                    }
+                if range.is_some_and(|r| !r.holds(digits.value())) {
+                    return false;
                 }
                 self.lex = Lex::After;
                 self.push(g, b)
@@ -1362,53 +1416,16 @@ impl JsonPrefix {
 
     /// Whether the number being written (if one, and bounded) can still end in its range.
     fn number_can_end_in_range(&self, g: &Grammar) -> bool {
-        let Lex::Number {
-            num,
-            integer,
-            node,
-            neg,
-            digits,
-            frac,
-            m,
-        } = self.lex
-        else {
-            return true;
-        };
-        let Some(r) = g.range(node) else {
-            return true;
-        };
-        let ten = |n: u8| 10f64.powi(i32::from(n));
-        let room = BOUNDED_DIGITS - digits;
-        // Where the magnitude can end up: from `a` (included) to `b` (included or not),
-        // mirrored for a negative number.
-        let meets = |a: f64, b: f64, b_in: bool| {
-            if neg {
-                r.meets(-b, b_in, -a, true)
-            } else {
-                r.meets(a, true, b, b_in)
-            }
-        };
-        let m = m as f64;
-        match num {
-            Num::Minus if integer => meets(0.0, ten(BOUNDED_DIGITS) - 1.0, true),
-            Num::Minus => meets(0.0, ten(BOUNDED_DIGITS), false),
-            Num::Zero => meets(0.0, if integer { 0.0 } else { 1.0 }, integer),
-            // More digits scale it by 10^j; a number's fraction fills the gaps while there
-            // is room for one.
-            Num::Int => (0..=room).any(|j| {
-                let (a, b) = (m * ten(j), (m + 1.0) * ten(j));
-                if integer || j == room {
-                    meets(a, b - 1.0, true)
-                } else {
-                    meets(a, b, false)
-                }
-            }),
-            Num::Dot | Num::Frac if room == 0 => {
-                num == Num::Frac && meets(m / ten(frac), m / ten(frac), true)
-            }
-            Num::Dot | Num::Frac => meets(m / ten(frac), (m + 1.0) / ten(frac), false),
-            // Bounded numbers take no exponent.
-            Num::Exp | Num::ExpSign | Num::ExpDigits => false,
+        match self.lex {
+            Lex::Number {
+                num,
+                integer,
+                node,
+                digits,
+            } => g
+                .range(node)
+                .is_none_or(|r| digits.can_end_in(r, num, integer)),
+            _ => true,
         }
     }
 
@@ -1476,6 +1493,7 @@ impl JsonPrefix {
             return false;
         };
         let count = g.chars(node);
+        let p = g.pattern(node);
         let mut next_utf8 = 0;
         // The byte of the string's text that `b` writes, if it writes one (escapes decoded).
         let mut text = None;
@@ -1489,7 +1507,7 @@ impl JsonPrefix {
                 0
             }
             (0, b'"') => {
-                if chars < count.min || g.pattern(node).is_some_and(|p| !p.matched(pattern)) {
+                if chars < count.min || p.is_some_and(|p| !p.matched(pattern)) {
                     return false;
                 }
                 self.lex = if key { Lex::Colon } else { Lex::After };
@@ -1510,9 +1528,9 @@ impl JsonPrefix {
                 next_utf8 = lead;
                 if b == b'\\' {
                     // Under a pattern, only if an escape can write what comes next.
-                    if let Some(p) = g.pattern(node) {
-                        let escaped = [b'"', b'\\', b'/', 8, 12, b'\n', b'\r', b'\t'];
-                        if !escaped.iter().any(|&t| p.step(pattern, t).is_some()) {
+                    if let Some(p) = p {
+                        let mut escapes = (0..=u8::MAX).filter_map(unescape);
+                        if !escapes.any(|t| p.step(pattern, t).is_some()) {
                             return false;
                         }
                     }
@@ -1522,23 +1540,14 @@ impl JsonPrefix {
                     0
                 }
             }
-            (1, b'"' | b'\\' | b'/') => {
-                text = Some(b);
-                0
-            }
-            (1, b'b' | b'f' | b'n' | b'r' | b't') => {
-                text = Some(match b {
-                    b'b' => 8,
-                    b'f' => 12,
-                    b'n' => b'\n',
-                    b'r' => b'\r',
-                    _ => b'\t',
-                });
+            (1, _) if unescape(b).is_some() => {
+                text = unescape(b);
                 0
             }
             // A pattern reads the text a byte at a time: a character is written as itself
-            // there, not as `\u` (control characters but the five above are left out).
-            (1, b'u') if g.pattern(node).is_some() => return false,
+            // there, not as `\u` (control characters but the five short escapes are left
+            // out).
+            (1, b'u') if p.is_some() => return false,
             (1, b'u') => 5,
             (5, b'd' | b'D') => 6,
             // `\uD800` to `\uDBFF` is the first half of a pair, one character with its second.
@@ -1556,7 +1565,7 @@ impl JsonPrefix {
             }
             _ => return false,
         };
-        let pattern = match (g.pattern(node), text) {
+        let pattern = match (p, text) {
             (Some(p), Some(t)) => match p.step(pattern, t) {
                 Some(state) => state,
                 None => return false,
@@ -1640,6 +1649,19 @@ fn utf8_continue(utf8: u8, b: u8) -> Option<u8> {
         _ => (0x80, 0xbf),
     };
     (lo..=hi).contains(&b).then(|| (utf8 & 3) - 1)
+}
+
+/// The text byte that the short escape `\c` writes, if `c` makes one.
+fn unescape(c: u8) -> Option<u8> {
+    Some(match c {
+        b'"' | b'\\' | b'/' => c,
+        b'b' => 8,
+        b'f' => 12,
+        b'n' => b'\n',
+        b'r' => b'\r',
+        b't' => b'\t',
+        _ => return None,
+    })
 }
 
 /// JSON's whitespace.
