@@ -190,11 +190,24 @@ fn format_pattern(format: &str) -> Option<String> {
 struct Pattern {
     dfa: dense::DFA<Vec<u32>>,
     start: StateID,
+    /// The fewest characters that take each state (by index) to a match through text a
+    /// string can hold here ([`Pattern::NEVER`] where none does): a state that is not
+    /// dead may still need a character a string cannot write, or more than its
+    /// `maxLength` leaves, and the output must not walk into it.
+    need: Vec<u32>,
+}
+
+/// Whether a string under a pattern can hold text byte `b`: as itself, or as a short
+/// escape (`\n`); other control characters would need `\u`, refused there.
+fn pattern_text_byte(b: u8) -> bool {
+    matches!(b, 8..=10 | 12 | 13 | 0x20..=0xbf | 0xc2..=0xf4)
 }
 
 impl Pattern {
     /// The state of a string that holds a match already: nothing after it undoes that.
     const MATCHED: u32 = u32::MAX;
+    /// The need of a state from which no match can be reached.
+    const NEVER: u32 = u32::MAX;
 
     fn new(regex: &str) -> Result<Self, String> {
         if regex.len() > MAX_TEXT * 4 {
@@ -216,11 +229,106 @@ impl Pattern {
         let start = dfa
             .start_state(&start::Config::new().anchored(Anchored::No))
             .map_err(|e| bad(e.to_string()))?;
-        Ok(Self { dfa, start })
+        let mut p = Self {
+            dfa,
+            start,
+            need: Vec::new(),
+        };
+        p.need = p.needs();
+        if p.need_of(start.as_u32()) == Self::NEVER {
+            return Err(format!(
+                "no text a JSON string can hold matches the pattern {regex:?} (control \
+                 characters other than \\b \\f \\n \\r \\t cannot be written under a pattern)"
+            ));
+        }
+        Ok(p)
     }
 
-    /// The state after the text's byte `b`; `None` where no match can follow any more.
-    fn step(&self, state: u32, b: u8) -> Option<u32> {
+    /// The fewest characters from each state to a match (see [`Pattern::need`]): a walk of
+    /// the DFA from its start over the bytes a string can hold, then a 0-1 breadth-first
+    /// search back from the states that match (a UTF-8 continuation byte adds no character).
+    fn needs(&self) -> Vec<u32> {
+        let dfa = &self.dfa;
+        let index = |id: StateID| id.as_usize() >> dfa.stride2();
+        // The DFA's transitions are the same for all bytes of a class: one byte of each
+        // class that a string can hold, and whether some byte of it adds no character.
+        let classes = dfa.byte_classes();
+        let mut class_byte: Vec<Option<(u8, u32)>> = vec![None; classes.alphabet_len()];
+        for b in (0..=u8::MAX).filter(|&b| pattern_text_byte(b)) {
+            let chars = u32::from(!(0x80..=0xbf).contains(&b));
+            let c = &mut class_byte[classes.get(b) as usize];
+            *c = Some(c.map_or((b, chars), |(r, n)| (r, n.min(chars))));
+        }
+        // Reversed edges (to, from, characters); the match sink is index `usize::MAX`.
+        let matched = usize::MAX;
+        let mut back: Vec<(usize, usize, u32)> = Vec::new();
+        let mut seen = vec![false; index(self.start) + 1];
+        seen[index(self.start)] = true;
+        let mut found = vec![self.start];
+        let mut ends = Vec::new();
+        while let Some(s) = found.pop() {
+            if dfa.is_match_state(dfa.next_eoi_state(s)) {
+                ends.push(index(s));
+            }
+            for &(b, chars) in class_byte.iter().flatten() {
+                let t = dfa.next_state(s, b);
+                if dfa.is_dead_state(t) || dfa.is_quit_state(t) {
+                    continue;
+                }
+                if dfa.is_match_state(t) {
+                    back.push((matched, index(s), chars));
+                    continue;
+                }
+                back.push((index(t), index(s), chars));
+                if seen.len() <= index(t) {
+                    seen.resize(index(t) + 1, false);
+                }
+                if !seen[index(t)] {
+                    seen[index(t)] = true;
+                    found.push(t);
+                }
+            }
+        }
+        back.sort_unstable();
+        let edges_to = |to: usize| {
+            let at = back.partition_point(|e| e.0 < to);
+            back[at..].iter().take_while(move |e| e.0 == to)
+        };
+        let mut need = vec![Self::NEVER; seen.len()];
+        let mut queue: std::collections::VecDeque<(usize, u32)> =
+            ends.iter().map(|&s| (s, 0)).collect();
+        queue.push_front((matched, 0));
+        while let Some((s, n)) = queue.pop_front() {
+            if s != matched {
+                if need[s] <= n {
+                    continue;
+                }
+                need[s] = n;
+            }
+            for &(_, from, chars) in edges_to(s) {
+                if need[from] > n + chars {
+                    if chars == 0 {
+                        queue.push_front((from, n));
+                    } else {
+                        queue.push_back((from, n + chars));
+                    }
+                }
+            }
+        }
+        need
+    }
+
+    /// The fewest characters that take `state` to a match ([`Pattern::NEVER`] if none).
+    fn need_of(&self, state: u32) -> u32 {
+        if state == Self::MATCHED {
+            return 0;
+        }
+        let index = state as usize >> self.dfa.stride2();
+        self.need.get(index).copied().unwrap_or(Self::NEVER)
+    }
+
+    /// The state after the text's byte `b`, whatever follows.
+    fn next(&self, state: u32, b: u8) -> Option<u32> {
         if state == Self::MATCHED {
             return Some(state);
         }
@@ -234,11 +342,19 @@ impl Pattern {
         (!self.dfa.is_dead_state(next) && !self.dfa.is_quit_state(next)).then(|| next.as_u32())
     }
 
-    /// Whether `text` can follow `state`.
-    fn takes(&self, state: u32, text: &[u8]) -> bool {
+    /// The state after the text's byte `b`, if a match can still follow it in at most
+    /// `room` more characters.
+    fn step(&self, state: u32, b: u8, room: u32) -> Option<u32> {
+        self.next(state, b).filter(|&s| self.need_of(s) <= room)
+    }
+
+    /// Whether `text` can follow `state` with a match still in reach of `room` characters
+    /// after it. (A state that cannot reach a match leads only to such states, so the
+    /// text's end decides.)
+    fn takes(&self, state: u32, text: &[u8], room: u32) -> bool {
         text.iter()
-            .try_fold(state, |s, &b| self.step(s, b))
-            .is_some()
+            .try_fold(state, |s, &b| self.next(s, b))
+            .is_some_and(|s| self.need_of(s) <= room)
     }
 
     /// Whether a text that ends in `state` matches.
@@ -744,7 +860,16 @@ impl Compiler<'_> {
                         return Err(format!("more than {MAX_PATTERNS} patterns"))
                     }
                     Some(regex) => {
-                        self.patterns.push(Pattern::new(&regex)?);
+                        let p = Pattern::new(&regex)?;
+                        let need = p.need_of(p.start.as_u32());
+                        if need > chars.max {
+                            return Err(format!(
+                                "the pattern {regex:?} needs {need} characters, more than \
+                                 'maxLength' {}",
+                                chars.max
+                            ));
+                        }
+                        self.patterns.push(p);
                         Some((self.patterns.len() - 1) as u16)
                     }
                 };
@@ -1530,7 +1655,8 @@ impl JsonPrefix {
                     // Under a pattern, only if an escape can write what comes next.
                     if let Some(p) = p {
                         let mut escapes = (0..=u8::MAX).filter_map(unescape);
-                        if !escapes.any(|t| p.step(pattern, t).is_some()) {
+                        let room = count.max.saturating_sub(chars);
+                        if !escapes.any(|t| p.step(pattern, t, room).is_some()) {
                             return false;
                         }
                     }
@@ -1566,7 +1692,7 @@ impl JsonPrefix {
             _ => return false,
         };
         let pattern = match (p, text) {
-            (Some(p), Some(t)) => match p.step(pattern, t) {
+            (Some(p), Some(t)) => match p.step(pattern, t, count.max.saturating_sub(chars)) {
                 Some(state) => state,
                 None => return false,
             },
@@ -1766,12 +1892,17 @@ impl TokenTable {
                     }
                 }
             }
-            // And under a pattern, those its DFA takes: text is the token's bytes here.
+            // And under a pattern, those its DFA takes (text is the token's bytes here)
+            // with a match still in reach of the length left.
             if let Some((p, at)) = pattern {
-                for &t in self.plain_by_chars.iter().flatten() {
-                    if let Some(l) = logits.get_mut(t as usize) {
-                        if *l > f32::NEG_INFINITY && !p.takes(at, piece(t)) {
-                            *l = f32::NEG_INFINITY;
+                let room = state.string_room(g).unwrap_or(u32::MAX);
+                for (chars, tokens) in self.plain_by_chars.iter().enumerate() {
+                    let room = room.saturating_sub(chars as u32);
+                    for &t in tokens {
+                        if let Some(l) = logits.get_mut(t as usize) {
+                            if *l > f32::NEG_INFINITY && !p.takes(at, piece(t), room) {
+                                *l = f32::NEG_INFINITY;
+                            }
                         }
                     }
                 }
@@ -2374,6 +2505,14 @@ mod tests {
                 r#"{"type":"object","properties":{"a":{"type":"date"}}}"#,
                 "date",
             ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^x\\x01$"}}}"#,
+                "no text a JSON string can hold",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","format":"date","maxLength":9}}}"#,
+                "needs 10 characters, more than 'maxLength' 9",
+            ),
             ("not json", "not JSON"),
             (
                 r#"{"type":"object","properties":{"a":{"enum":[]}}}"#,
@@ -2483,7 +2622,10 @@ mod tests {
         "free": {"type": "string", "pattern": "cat"},
         "lines": {"type": "string", "pattern": "^a\nb$"},
         "short": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3},
-        "mail": {"type": "string", "format": "email"}
+        "mail": {"type": "string", "format": "email"},
+        "trap": {"type": "string", "pattern": "^(ab\\x01|cd)$"},
+        "tight": {"type": "string", "pattern": "cat", "maxLength": 4},
+        "tab": {"type": "string", "pattern": "^a\\tb$", "maxLength": 3}
     }}"#;
 
     #[test]
@@ -2509,6 +2651,10 @@ mod tests {
             r#""short":"abc""#,
             // Formats it does not follow stay annotations.
             r#""mail":"not an address""#,
+            r#""trap":"cd""#,
+            r#""tight":"xcat""#,
+            r#""tight":"cat!""#,
+            r#""tab":"a\tb""#,
         ] {
             assert!(ok(doc), "{doc}");
         }
@@ -2537,6 +2683,7 @@ mod tests {
             r#""lines":"a\u000ab""#,
             r#""short":"abcd""#,
             r#""short":"ab1""#,
+            r#""tight":"xxcat""#,
         ] {
             assert!(!ok(doc), "{doc}");
         }
@@ -2547,6 +2694,12 @@ mod tests {
         assert!(at(r#"{"free":"xyz"#) && !at(r#"{"free":"xyz""#));
         // An escape only where one can write what the pattern takes next.
         assert!(!at(r#"{"code":"ABC\"#) && at(r#"{"lines":"a\"#));
+        // Not where the match would need a character a string cannot hold under a pattern
+        // (`\x01` only as `\u0001`), or more characters than `maxLength` leaves.
+        assert!(at(r#"{"trap":"c"#) && !at(r#"{"trap":"a"#));
+        assert!(at(r#"{"tight":"x"#) && !at(r#"{"tight":"xx"#) && !at(r#"{"tight":"cx"#));
+        assert!(at(r#"{"tight":"ca"#) && at(r#"{"tight":"xca"#) && !at(r#"{"tight":"xcb"#));
+        assert!(at(r#"{"tab":"a\"#) && at(r#"{"tab":"a\t"#) && !at(r#"{"tab":"a\n"#));
     }
 
     /// Every text of up to `len` bytes over `alphabet`, in length order.
@@ -2753,6 +2906,9 @@ mod tests {
             &[
                 br#"{"code": "ABC-12", "free": "a b cat", "short": "a"}"#,
                 "{\"free\": \"caf\u{e9} \\n\\t the cat\", \"lines\":\"a\\nb\"}".as_bytes(),
+                br#"{"trap": "cd", "tight": "xcat", "tab": "a\tb"}"#,
+                br#"{"tight": "acat"}"#,
+                br#"{"tight": "cat "}"#,
             ],
         );
         // Strings near their length limits (multi-character tokens are cut off as room runs
