@@ -294,7 +294,8 @@ def _():
 
 
 BOOKING = [SYSTEM, {"role": "user", "content": "Book a table for two at a Paris restaurant next Friday "
-                                                "evening, as JSON: a booking code, the time and an id."}]
+                                                "evening, as JSON: a booking code, the time, an id and "
+                                                "the guest's user name."}]
 
 
 @check("structured outputs: pydantic patterns and formats (pattern, datetime, date, UUID)")
@@ -310,12 +311,16 @@ def _():
         at: datetime.datetime
         day: datetime.date
         id: uuid.UUID
+        # A Unicode class counted to 20 would be a DFA of megabytes: followed as `^\w*$` and
+        # a length of 3..=20 characters.
+        guest: str = Field(pattern=r"^\w{3,20}$")
 
     class Loose(pydantic.BaseModel):
         code: str
         at: str
         day: str
         id: str
+        guest: str
 
     loose = openai.lib._parsing._completions.type_to_response_format_param(Loose)
     broken = 0

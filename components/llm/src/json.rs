@@ -14,6 +14,7 @@ use regex_automata::nfa::thompson;
 use regex_automata::util::primitives::StateID;
 use regex_automata::util::start;
 use regex_automata::{Anchored, MatchKind};
+use regex_syntax::hir::{Hir, HirKind, Look, Repetition};
 use serde_json::Value;
 
 /// Deepest nesting of objects and arrays.
@@ -209,14 +210,35 @@ impl Pattern {
     /// The need of a state from which no match can be reached.
     const NEVER: u32 = u32::MAX;
 
-    fn new(regex: &str) -> Result<Self, String> {
+    /// The pattern of `regex`, and the length in characters it sets a string (see
+    /// [`counted`]).
+    fn new(regex: &str) -> Result<(Self, Count), String> {
         if regex.len() > MAX_TEXT * 4 {
             return Err(format!("a pattern longer than {} bytes", MAX_TEXT * 4));
         }
         let bad = |e: String| format!("the pattern {regex:?} is not supported: {e}");
+        let hir = regex_automata::util::syntax::parse(regex).map_err(|e| {
+            bad(match &e {
+                regex_syntax::Error::Parse(e) => {
+                    format!("{} at byte {}", e.kind(), e.span().start.offset)
+                }
+                regex_syntax::Error::Translate(e) => {
+                    format!("{} at byte {}", e.kind(), e.span().start.offset)
+                }
+                e => e.to_string(),
+            })
+        })?;
+        let (hir, length) = counted(hir);
+        let nfa = thompson::Compiler::new()
+            .configure(
+                thompson::Config::new()
+                    // A hostile `(a{1000}){1000}` stops here, before it takes the memory.
+                    .nfa_size_limit(Some(MAX_PATTERN_BYTES))
+                    .which_captures(thompson::WhichCaptures::None),
+            )
+            .build_from_hir(&hir)
+            .map_err(|e| bad(e.to_string()))?;
         let dfa = dense::Builder::new()
-            // A hostile `(a{1000}){1000}` stops here, before it takes the memory.
-            .thompson(thompson::Config::new().nfa_size_limit(Some(MAX_PATTERN_BYTES)))
             .configure(
                 dense::DFA::config()
                     .start_kind(StartKind::Unanchored)
@@ -224,7 +246,7 @@ impl Pattern {
                     .dfa_size_limit(Some(MAX_PATTERN_BYTES))
                     .determinize_size_limit(Some(MAX_PATTERN_BYTES)),
             )
-            .build(regex)
+            .build_from_nfa(&nfa)
             .map_err(|e| bad(e.to_string()))?;
         let start = dfa
             .start_state(&start::Config::new().anchored(Anchored::No))
@@ -241,7 +263,7 @@ impl Pattern {
                  characters other than \\b \\f \\n \\r \\t cannot be written under a pattern)"
             ));
         }
-        Ok(p)
+        Ok((p, length))
     }
 
     /// The fewest characters from each state to a match (see [`Pattern::need`]): a walk of
@@ -366,6 +388,45 @@ impl Pattern {
             self.dfa.is_match_state(end)
         }
     }
+}
+
+/// A whole-string pattern of one character repeated, `^C{m,n}$` (C a class, `.`, or one
+/// character; pydantic's `constr(pattern=r"^\w{3,20}$")`), as `^C*$` and a length of
+/// `m..=n` characters: a DFA counts by copying itself, and a Unicode class copied 20
+/// times takes megabytes (`^\w{3,20}$`: 3 MiB), while the string counts its characters
+/// anyway. Other patterns are left as they are, with any length.
+fn counted(hir: Hir) -> (Hir, Count) {
+    let one_char = |h: &Hir| match h.kind() {
+        HirKind::Class(_) => true,
+        HirKind::Literal(lit) => std::str::from_utf8(&lit.0).is_ok_and(|t| t.chars().count() == 1),
+        _ => false,
+    };
+    if let HirKind::Concat(parts) = hir.kind() {
+        if let [start, middle, end] = parts.as_slice() {
+            let mut middle = middle;
+            while let HirKind::Capture(c) = middle.kind() {
+                middle = &*c.sub;
+            }
+            let anchored = *start.kind() == HirKind::Look(Look::Start)
+                && *end.kind() == HirKind::Look(Look::End);
+            if let HirKind::Repetition(r) = middle.kind() {
+                if anchored && one_char(&r.sub) {
+                    let any = Hir::repetition(Repetition {
+                        min: 0,
+                        max: None,
+                        greedy: true,
+                        sub: r.sub.clone(),
+                    });
+                    let length = Count {
+                        min: r.min,
+                        max: r.max.unwrap_or(u32::MAX),
+                    };
+                    return (Hir::concat(vec![start.clone(), any, end.clone()]), length);
+                }
+            }
+        }
+    }
+    (hir, Count::ANY)
 }
 
 impl Grammar {
@@ -840,7 +901,7 @@ impl Compiler<'_> {
                 self.add(Node::Array { item, items })
             }
             "string" => {
-                let chars = count(obj, "minLength", "maxLength")?;
+                let mut chars = count(obj, "minLength", "maxLength")?;
                 let format = obj.get("format").and_then(Value::as_str);
                 let regex = match (obj.get("pattern"), format.and_then(format_pattern)) {
                     (None, None) => None,
@@ -860,7 +921,17 @@ impl Compiler<'_> {
                         return Err(format!("more than {MAX_PATTERNS} patterns"))
                     }
                     Some(regex) => {
-                        let p = Pattern::new(&regex)?;
+                        let (p, length) = Pattern::new(&regex)?;
+                        chars = Count {
+                            min: chars.min.max(length.min),
+                            max: chars.max.min(length.max),
+                        };
+                        if chars.min > chars.max {
+                            return Err(format!(
+                                "the pattern {regex:?} and 'minLength'/'maxLength' leave no \
+                                 length: nothing matches"
+                            ));
+                        }
                         let need = p.need_of(p.start.as_u32());
                         if need > chars.max {
                             return Err(format!(
@@ -2430,7 +2501,7 @@ mod tests {
             (r#"{"type":"string"}"#, "root must be an object"),
             (
                 r#"{"type":"object","properties":{"a":{"type":"string","pattern":"(?=x)"}}}"#,
-                "pattern \"(?=x)\" is not supported",
+                "pattern \"(?=x)\" is not supported: look-around",
             ),
             (
                 r#"{"type":"object","properties":{"a":{"type":"string","pattern":"x","format":"date"}}}"#,
@@ -2441,7 +2512,7 @@ mod tests {
                 "must be a string",
             ),
             (
-                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^\\w{1000}$"}}}"#,
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^\\w{1000}x$"}}}"#,
                 "not supported",
             ),
             (
@@ -2508,6 +2579,10 @@ mod tests {
             (
                 r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^x\\x01$"}}}"#,
                 "no text a JSON string can hold",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^\\w{2,4}$","minLength":5}}}"#,
+                "leave no length",
             ),
             (
                 r#"{"type":"object","properties":{"a":{"type":"string","format":"date","maxLength":9}}}"#,
@@ -2625,7 +2700,9 @@ mod tests {
         "mail": {"type": "string", "format": "email"},
         "trap": {"type": "string", "pattern": "^(ab\\x01|cd)$"},
         "tight": {"type": "string", "pattern": "cat", "maxLength": 4},
-        "tab": {"type": "string", "pattern": "^a\\tb$", "maxLength": 3}
+        "tab": {"type": "string", "pattern": "^a\\tb$", "maxLength": 3},
+        "user": {"type": "string", "pattern": "^\\w{3,20}$"},
+        "name": {"type": "string", "pattern": "^([\\p{L} ]{1,40})$", "maxLength": 10}
     }}"#;
 
     #[test]
@@ -2655,6 +2732,11 @@ mod tests {
             r#""tight":"xcat""#,
             r#""tight":"cat!""#,
             r#""tab":"a\tb""#,
+            r#""user":"abc""#,
+            r#""user":"a_very_long_name_890""#,
+            "\"user\":\"\u{e9}t\u{e9}\"",
+            r#""name":"Ada""#,
+            r#""name":"Ada Byron""#,
         ] {
             assert!(ok(doc), "{doc}");
         }
@@ -2684,6 +2766,12 @@ mod tests {
             r#""short":"abcd""#,
             r#""short":"ab1""#,
             r#""tight":"xxcat""#,
+            r#""user":"ab""#,
+            r#""user":"a_very_long_name_8901""#,
+            r#""user":"a b c""#,
+            r#""name":"""#,
+            r#""name":"Ada Lovelace""#,
+            r#""name":"Ada1""#,
         ] {
             assert!(!ok(doc), "{doc}");
         }
@@ -2909,6 +2997,7 @@ mod tests {
                 br#"{"trap": "cd", "tight": "xcat", "tab": "a\tb"}"#,
                 br#"{"tight": "acat"}"#,
                 br#"{"tight": "cat "}"#,
+                "{\"user\": \"\u{e9}t\u{e9}_1\", \"name\": \"Ada B\"}".as_bytes(),
             ],
         );
         // Strings near their length limits (multi-character tokens are cut off as room runs
