@@ -10,13 +10,10 @@
 use std::cell::OnceCell;
 use std::collections::HashMap;
 
-use regex_automata::dfa::{dense, Automaton, StartKind};
-use regex_automata::nfa::thompson;
-use regex_automata::util::primitives::StateID;
-use regex_automata::util::start;
-use regex_automata::{Anchored, MatchKind};
 use regex_syntax::hir::{Hir, HirKind, Look, Repetition};
 use serde_json::Value;
+
+use crate::pattern::{self, Mode, Pattern, Trie};
 
 /// Deepest nesting of objects and arrays.
 const MAX_DEPTH: usize = 64;
@@ -157,10 +154,9 @@ pub struct Grammar {
     patterns: Vec<Pattern>,
 }
 
-/// Most patterns a schema may have, and most bytes each one's DFA (and its building) may
-/// take: a request's grammar stays within a few MiB.
+/// Most patterns a schema may have: with [`pattern::MAX_PATTERN_BYTES`] each, a request's
+/// grammar stays within a few MiB.
 const MAX_PATTERNS: usize = 32;
-const MAX_PATTERN_BYTES: usize = 256 << 10;
 
 /// RFC 3339's `full-date`, each month with its own days (29 February in leap years only)
 /// and years from 0001, as a date parser checks.
@@ -184,202 +180,6 @@ fn format_pattern(format: &str) -> Option<String> {
         "ipv4" => format!(r"^({octet}\.){{3}}{octet}$"),
         _ => return None,
     })
-}
-
-/// A string's `pattern`: a DFA over the string's text (escapes decoded) that finds a match
-/// anywhere in it, as JSON Schema's patterns (and pydantic's) are searched, not anchored.
-#[derive(Debug)]
-struct Pattern {
-    dfa: dense::DFA<Vec<u32>>,
-    start: StateID,
-    /// The fewest characters that take each state (by index) to a match through text a
-    /// string can hold here ([`Pattern::NEVER`] where none does): a state that is not
-    /// dead may still need a character a string cannot write, or more than its
-    /// `maxLength` leaves, and the output must not walk into it.
-    need: Vec<u32>,
-}
-
-/// Whether a string under a pattern can hold text byte `b`: as itself, or as a short
-/// escape (`\n`); other control characters would need `\u`, refused there.
-fn pattern_text_byte(b: u8) -> bool {
-    matches!(b, 8..=10 | 12 | 13 | 0x20..=0xbf | 0xc2..=0xf4)
-}
-
-impl Pattern {
-    /// The state of a string that holds a match already: nothing after it undoes that.
-    const MATCHED: u32 = u32::MAX;
-    /// The need of a state from which no match can be reached.
-    const NEVER: u32 = u32::MAX;
-
-    /// The pattern of `regex`, and the length in characters it sets a string (see
-    /// [`counted`]).
-    fn new(regex: &str) -> Result<(Self, Count), String> {
-        if regex.len() > MAX_TEXT * 4 {
-            return Err(format!("a pattern longer than {} bytes", MAX_TEXT * 4));
-        }
-        let bad = |e: String| format!("the pattern {regex:?} is not supported: {e}");
-        let hir = regex_automata::util::syntax::parse(regex).map_err(|e| {
-            bad(match &e {
-                regex_syntax::Error::Parse(e) => {
-                    format!("{} at byte {}", e.kind(), e.span().start.offset)
-                }
-                regex_syntax::Error::Translate(e) => {
-                    format!("{} at byte {}", e.kind(), e.span().start.offset)
-                }
-                e => e.to_string(),
-            })
-        })?;
-        let (hir, length) = counted(hir);
-        let nfa = thompson::Compiler::new()
-            .configure(
-                thompson::Config::new()
-                    // A hostile `(a{1000}){1000}` stops here, before it takes the memory.
-                    .nfa_size_limit(Some(MAX_PATTERN_BYTES))
-                    .which_captures(thompson::WhichCaptures::None),
-            )
-            .build_from_hir(&hir)
-            .map_err(|e| bad(e.to_string()))?;
-        let dfa = dense::Builder::new()
-            .configure(
-                dense::DFA::config()
-                    .start_kind(StartKind::Unanchored)
-                    .match_kind(MatchKind::All)
-                    .dfa_size_limit(Some(MAX_PATTERN_BYTES))
-                    .determinize_size_limit(Some(MAX_PATTERN_BYTES)),
-            )
-            .build_from_nfa(&nfa)
-            .map_err(|e| bad(e.to_string()))?;
-        let start = dfa
-            .start_state(&start::Config::new().anchored(Anchored::No))
-            .map_err(|e| bad(e.to_string()))?;
-        let mut p = Self {
-            dfa,
-            start,
-            need: Vec::new(),
-        };
-        p.need = p.needs();
-        if p.need_of(start.as_u32()) == Self::NEVER {
-            return Err(format!(
-                "no text a JSON string can hold matches the pattern {regex:?} (control \
-                 characters other than \\b \\f \\n \\r \\t cannot be written under a pattern)"
-            ));
-        }
-        Ok((p, length))
-    }
-
-    /// The fewest characters from each state to a match (see [`Pattern::need`]): a walk of
-    /// the DFA from its start over the bytes a string can hold, then a 0-1 breadth-first
-    /// search back from the states that match (a UTF-8 continuation byte adds no character).
-    fn needs(&self) -> Vec<u32> {
-        let dfa = &self.dfa;
-        let index = |id: StateID| id.as_usize() >> dfa.stride2();
-        // The DFA's transitions are the same for all bytes of a class: one byte of each
-        // class that a string can hold, and whether some byte of it adds no character.
-        let classes = dfa.byte_classes();
-        let mut class_byte: Vec<Option<(u8, u32)>> = vec![None; classes.alphabet_len()];
-        for b in (0..=u8::MAX).filter(|&b| pattern_text_byte(b)) {
-            let chars = u32::from(!(0x80..=0xbf).contains(&b));
-            let c = &mut class_byte[classes.get(b) as usize];
-            *c = Some(c.map_or((b, chars), |(r, n)| (r, n.min(chars))));
-        }
-        // Reversed edges (to, from, characters); the match sink is index `usize::MAX`.
-        let matched = usize::MAX;
-        let mut back: Vec<(usize, usize, u32)> = Vec::new();
-        let mut seen = vec![false; index(self.start) + 1];
-        seen[index(self.start)] = true;
-        let mut found = vec![self.start];
-        let mut ends = Vec::new();
-        while let Some(s) = found.pop() {
-            if dfa.is_match_state(dfa.next_eoi_state(s)) {
-                ends.push(index(s));
-            }
-            for &(b, chars) in class_byte.iter().flatten() {
-                let t = dfa.next_state(s, b);
-                if dfa.is_dead_state(t) || dfa.is_quit_state(t) {
-                    continue;
-                }
-                if dfa.is_match_state(t) {
-                    back.push((matched, index(s), chars));
-                    continue;
-                }
-                back.push((index(t), index(s), chars));
-                if seen.len() <= index(t) {
-                    seen.resize(index(t) + 1, false);
-                }
-                if !seen[index(t)] {
-                    seen[index(t)] = true;
-                    found.push(t);
-                }
-            }
-        }
-        back.sort_unstable();
-        let edges_to = |to: usize| {
-            let at = back.partition_point(|e| e.0 < to);
-            back[at..].iter().take_while(move |e| e.0 == to)
-        };
-        let mut need = vec![Self::NEVER; seen.len()];
-        let mut queue: std::collections::VecDeque<(usize, u32)> =
-            ends.iter().map(|&s| (s, 0)).collect();
-        queue.push_front((matched, 0));
-        while let Some((s, n)) = queue.pop_front() {
-            if s != matched {
-                if need[s] <= n {
-                    continue;
-                }
-                need[s] = n;
-            }
-            for &(_, from, chars) in edges_to(s) {
-                if need[from] > n + chars {
-                    if chars == 0 {
-                        queue.push_front((from, n));
-                    } else {
-                        queue.push_back((from, n + chars));
-                    }
-                }
-            }
-        }
-        need
-    }
-
-    /// The fewest characters that take `state` to a match ([`Pattern::NEVER`] if none).
-    fn need_of(&self, state: u32) -> u32 {
-        if state == Self::MATCHED {
-            return 0;
-        }
-        let index = state as usize >> self.dfa.stride2();
-        self.need.get(index).copied().unwrap_or(Self::NEVER)
-    }
-
-    /// The state after the text's byte `b`, whatever follows.
-    fn next(&self, state: u32, b: u8) -> Option<u32> {
-        if state == Self::MATCHED {
-            return Some(state);
-        }
-        let next = self
-            .dfa
-            .next_state(StateID::new_unchecked(state as usize), b);
-        // A DFA's match shows one byte late: the text before `b` held it.
-        if self.dfa.is_match_state(next) {
-            return Some(Self::MATCHED);
-        }
-        (!self.dfa.is_dead_state(next) && !self.dfa.is_quit_state(next)).then(|| next.as_u32())
-    }
-
-    /// The state after the text's byte `b`, if a match can still follow it in at most
-    /// `room` more characters.
-    fn step(&self, state: u32, b: u8, room: u32) -> Option<u32> {
-        self.next(state, b).filter(|&s| self.need_of(s) <= room)
-    }
-
-    /// Whether a text that ends in `state` matches.
-    fn matched(&self, state: u32) -> bool {
-        state == Self::MATCHED || {
-            let end = self
-                .dfa
-                .next_eoi_state(StateID::new_unchecked(state as usize));
-            self.dfa.is_match_state(end)
-        }
-    }
 }
 
 /// A whole-string pattern of one character repeated, `^C{m,n}$` (C a class, `.`, or one
@@ -913,7 +713,8 @@ impl Compiler<'_> {
                         return Err(format!("more than {MAX_PATTERNS} patterns"))
                     }
                     Some(regex) => {
-                        let (p, length) = Pattern::new(&regex)?;
+                        let (hir, length) = counted(pattern::parse(&regex)?);
+                        let p = Pattern::new(&hir, &regex, Mode::Search)?;
                         chars = Count {
                             min: chars.min.max(length.min),
                             max: chars.max.min(length.max),
@@ -924,7 +725,7 @@ impl Compiler<'_> {
                                  length: nothing matches"
                             ));
                         }
-                        let need = p.need_of(p.start.as_u32());
+                        let need = p.need_of(p.start);
                         if need > chars.max {
                             return Err(format!(
                                 "the pattern {regex:?} needs {need} characters, more than \
@@ -1516,7 +1317,7 @@ impl JsonPrefix {
             node,
             chars: 0,
             utf8: 0,
-            pattern: g.pattern(node).map_or(0, |p| p.start.as_u32()),
+            pattern: g.pattern(node).map_or(0, |p| p.start),
         };
         let literal = |word| Lex::Literal { word, at: 1 };
         let lex = match &g.nodes[node as usize] {
@@ -1880,93 +1681,6 @@ pub struct TokenTable {
     /// The same tokens as a trie of their bytes, walked under a pattern: built at its first use
     /// (a sort of the vocabulary: 30 ms for Qwen3's, natively).
     plain_trie: OnceCell<Trie>,
-}
-
-/// Tokens as a trie of their bytes, its nodes in depth-first order, so that a walk that
-/// runs a pattern's DFA along it steps once per shared prefix, not once per token byte,
-/// and drops a whole subtree where the DFA dies.
-#[derive(Default)]
-struct Trie {
-    /// Each node's last byte (its path from the root spells its text).
-    byte: Vec<u8>,
-    /// Each node's depth (0 for the root's children).
-    depth: Vec<u16>,
-    /// The characters each node's text starts (bytes but UTF-8 continuation bytes).
-    chars: Vec<u16>,
-    /// The node after each node's subtree.
-    skip: Vec<u32>,
-    /// The tokens, in the order of their nodes; node `i`'s subtree holds
-    /// `tokens[first[i]..first[skip[i]]]`, its own text `tokens[first[i]..first[i + 1]]`.
-    tokens: Vec<u32>,
-    first: Vec<u32>,
-}
-
-impl Trie {
-    /// The trie of `(text, token)`.
-    fn new(mut texts: Vec<(&[u8], u32)>) -> Self {
-        texts.sort_unstable();
-        let mut t = Trie::default();
-        // The nodes of the last text's path, by depth.
-        let mut path: Vec<usize> = Vec::new();
-        let mut last: &[u8] = &[];
-        for (text, token) in texts {
-            let shared = last.iter().zip(text).take_while(|(a, b)| a == b).count();
-            for i in path.drain(shared..) {
-                t.skip[i] = t.byte.len() as u32;
-            }
-            for (d, &b) in text.iter().enumerate().skip(shared) {
-                let parent_chars = d.checked_sub(1).map_or(0, |_| t.chars[path[d - 1]]);
-                path.push(t.byte.len());
-                t.byte.push(b);
-                t.depth.push(d as u16);
-                t.chars
-                    .push(parent_chars + u16::from(!(0x80..=0xbf).contains(&b)));
-                t.skip.push(0);
-                t.first.push(t.tokens.len() as u32);
-            }
-            t.tokens.push(token);
-            last = text;
-        }
-        for i in path {
-            t.skip[i] = t.byte.len() as u32;
-        }
-        t.first.push(t.tokens.len() as u32);
-        t
-    }
-
-    /// The tokens of node `i`'s subtree.
-    fn subtree(&self, i: usize) -> &[u32] {
-        let end = self.first[self.skip[i] as usize];
-        &self.tokens[self.first[i] as usize..end as usize]
-    }
-
-    /// The tokens whose text `p` takes from `state`, a match still in reach of `room`
-    /// characters after it: calls `refuse` with each of the others.
-    fn walk(&self, p: &Pattern, state: u32, room: u32, mut refuse: impl FnMut(u32)) {
-        let mut states = vec![state; 1];
-        let mut i = 0;
-        while i < self.byte.len() {
-            let d = self.depth[i] as usize;
-            let chars = u32::from(self.chars[i]);
-            // Past the room, or the pattern dead, or its match out of reach: and so for all
-            // longer texts below it (each character more uses as much room as it can bring
-            // the match nearer).
-            let next = p
-                .next(states[d], self.byte[i])
-                .filter(|&s| chars <= room && p.need_of(s) <= room - chars);
-            match next {
-                Some(s) => {
-                    states.truncate(d + 1);
-                    states.push(s);
-                    i += 1;
-                }
-                None => {
-                    self.subtree(i).iter().for_each(|&t| refuse(t));
-                    i = self.skip[i] as usize;
-                }
-            }
-        }
-    }
 }
 
 /// Whether a string's text may hold `b` without it changing the string's state (beyond
@@ -3046,29 +2760,6 @@ mod tests {
                 assert!(any, "after {shown:?}: the next byte alone is a token");
             }
         }
-    }
-
-    #[test]
-    fn a_trie_node_holds_the_tokens_of_its_text_and_its_subtree_those_below() {
-        let texts: [&[u8]; 8] = [b"ab", b"a", b"abc", b"b", b"ab", b"\xc3\xa9", b"abd", b"c"];
-        let trie = Trie::new(texts.iter().copied().zip(0..).collect());
-        let mut path: Vec<u8> = Vec::new();
-        for i in 0..trie.byte.len() {
-            path.truncate(trie.depth[i] as usize);
-            path.push(trie.byte[i]);
-            let own = &trie.tokens[trie.first[i] as usize..trie.first[i + 1] as usize];
-            let mut want: Vec<u32> = (0..8).filter(|&t| texts[t as usize] == path).collect();
-            assert_eq!(own, want.as_slice(), "{path:?}");
-            let mut below = trie.subtree(i).to_vec();
-            below.sort();
-            want = (0..8)
-                .filter(|&t| texts[t as usize].starts_with(&path))
-                .collect();
-            assert_eq!(below, want, "{path:?}");
-            let chars = std::str::from_utf8(&path).map_or(1, |t| t.chars().count());
-            assert_eq!(trie.chars[i] as usize, chars, "{path:?}");
-        }
-        assert_eq!(trie.tokens.len(), 8);
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod lanes;
 mod metadata;
 mod model;
 mod nn;
+pub mod pattern;
 pub mod response;
 pub mod sampling;
 pub mod spm;
