@@ -339,6 +339,53 @@ def _():
         assert c.finish_reason == "stop" and isinstance(c.message.parsed, Booking), c
 
 
+WALL = [SYSTEM, {"role": "user", "content": "When did the Berlin wall fall? Give the date."}]
+DATE = r"(19|20)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+
+
+@check("vLLM's guided_regex and structured_outputs.regex: the whole answer matches")
+def _():
+    import re
+
+    free = client.chat.completions.create(model="smollm2", messages=WALL, temperature=0, max_tokens=60)
+    assert not re.fullmatch(DATE, free.choices[0].message.content), "the free answer matches: proves nothing"
+    r = client.chat.completions.create(model="smollm2", messages=WALL, temperature=0, max_tokens=60,
+                                       extra_body={"guided_regex": DATE})
+    c = r.choices[0]
+    # Nothing can follow the day: the answer ends there.
+    assert re.fullmatch(DATE, c.message.content) and c.finish_reason == "stop", c
+    # Sampled and streamed, through vLLM's newer key.
+    for seed in (1, 2, 3):
+        stream = client.chat.completions.create(
+            model="smollm2", messages=WALL, temperature=1.0, seed=seed, max_tokens=60, stream=True,
+            extra_body={"structured_outputs": {"regex": DATE}})
+        text, finish = "", None
+        for chunk in stream:
+            for ch in chunk.choices:
+                text += ch.delta.content or ""
+                finish = ch.finish_reason or finish
+        assert re.fullmatch(DATE, text) and finish == "stop", (seed, text, finish)
+    # Raw completions too; a regex that can go on ends at the model's end of turn (or at
+    # max_tokens), matched either way.
+    r = client.completions.create(model="smollm2", prompt="The Berlin wall fell on", temperature=0,
+                                  max_tokens=20, extra_body={"guided_regex": " " + DATE})
+    assert re.fullmatch(" " + DATE, r.choices[0].text), r.choices[0]
+    open_ended = r"(Yes|No)[a-z ,.]*"
+    r = client.chat.completions.create(
+        model="smollm2", temperature=0, max_tokens=40, extra_body={"guided_regex": open_ended},
+        messages=[SYSTEM, {"role": "user", "content": "Is Paris in France? Answer and explain."}])
+    assert re.fullmatch(open_ended, r.choices[0].message.content), r.choices[0]
+    for extra, words in (({"guided_regex": "(?=a)"}, "look-around"),
+                         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "cannot be combined"),
+                         ({"structured_outputs": {"grammar": "root ::= x"}}, "not supported")):
+        try:
+            client.chat.completions.create(model="smollm2", messages=WALL, max_tokens=8, extra_body=extra)
+        except openai.BadRequestError as e:
+            assert words in e.message, e.message
+        else:
+            raise AssertionError(f"{extra} was accepted")
+
+
 FORECAST = [SYSTEM, {"role": "user", "content": "What is the weather in Paris, in celsius?"}]
 
 

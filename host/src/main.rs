@@ -117,6 +117,9 @@ struct RunArgs {
     /// The answer is one JSON object that follows this JSON Schema (its text).
     #[arg(long)]
     json_schema: Option<String>,
+    /// The whole answer matches this regular expression (Rust `regex` syntax).
+    #[arg(long, conflicts_with_all = ["json", "json_schema"])]
+    regex: Option<String>,
     /// The prompt.
     prompt: String,
 }
@@ -391,10 +394,11 @@ fn run(a: RunArgs) -> Result<()> {
         repeat_penalty: Some(a.repeat_penalty),
         seed: a.seed,
         stop: a.stop.clone(),
-        format: match (&a.json_schema, a.json) {
-            (Some(schema), _) => Some(OutputFormat::JsonSchema(schema.clone())),
-            (None, true) => Some(OutputFormat::JsonObject),
-            (None, false) => None,
+        format: match (&a.json_schema, a.json, &a.regex) {
+            (Some(schema), _, _) => Some(OutputFormat::JsonSchema(schema.clone())),
+            (None, true, _) => Some(OutputFormat::JsonObject),
+            (None, false, Some(regex)) => Some(OutputFormat::Regex(regex.clone())),
+            (None, false, None) => None,
         },
         ..default_options()
     };

@@ -10,6 +10,7 @@ use crate::bindings::exports::wasmlm::llm::types::{
 use crate::json::{Grammar, JsonPrefix};
 use crate::model::{common_prefix, Model};
 use crate::nn::Sequence;
+use crate::pattern::{self, Mode, Pattern};
 use crate::response::ResponseParser;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
@@ -37,6 +38,8 @@ pub struct Generation {
     choices: Vec<Vec<u32>>,
     /// Structured output: the grammar, and how far the output is into it.
     json: Option<(Grammar, JsonPrefix)>,
+    /// A regular expression the whole output must match, and its state after the output.
+    regex: Option<(Pattern, u32)>,
     /// A thinking model under structured output: its reasoning is free, the grammar holds
     /// from the end of it.
     think: Option<ThinkFirst>,
@@ -111,16 +114,26 @@ impl Generation {
         if choices.iter().any(Vec::is_empty) {
             return Err(Error::InvalidInput("a choice is empty".into()));
         }
-        let json = match &options.format {
-            None | Some(OutputFormat::Text) => None,
-            Some(OutputFormat::JsonObject) => Some((Grammar::any_object(), JsonPrefix::new())),
+        let (mut json, mut regex) = (None, None);
+        match &options.format {
+            None | Some(OutputFormat::Text) => {}
+            Some(OutputFormat::JsonObject) => {
+                json = Some((Grammar::any_object(), JsonPrefix::new()))
+            }
             Some(OutputFormat::JsonSchema(schema)) => {
                 let g = Grammar::from_schema(schema).map_err(|e| {
                     Error::InvalidInput(format!("the response format's schema: {e}"))
                 })?;
-                Some((g, JsonPrefix::new()))
+                json = Some((g, JsonPrefix::new()));
             }
-        };
+            Some(OutputFormat::Regex(r)) => {
+                let p = pattern::parse(r)
+                    .and_then(|hir| Pattern::new(&hir, r, Mode::Whole))
+                    .map_err(|e| Error::InvalidInput(format!("the output regex: {e}")))?;
+                let start = p.start;
+                regex = Some((p, start));
+            }
+        }
         if let Some(&(bad, _)) = options
             .logit_bias
             .iter()
@@ -131,9 +144,9 @@ impl Generation {
                 model.vocab_size
             )));
         }
-        if json.is_some() && !choices.is_empty() {
+        if (json.is_some() || regex.is_some()) && !choices.is_empty() {
             return Err(Error::InvalidInput(
-                "choices and a JSON output format cannot be combined".into(),
+                "choices and an output format cannot be combined".into(),
             ));
         }
         if prompt.len() >= model.context_length as usize {
@@ -156,6 +169,7 @@ impl Generation {
             stop: StopMatcher::new(&options.stop),
             choices,
             json,
+            regex,
             think: None,
             logit_bias: options.logit_bias.clone(),
             parser: None,
@@ -253,9 +267,23 @@ impl Generation {
         chunk
     }
 
-    /// Masks every token that would not keep the output a prefix of one of the choices, or
-    /// (structured output) of a JSON object of the grammar. Fails when no token is left.
+    /// Masks every token that would not keep the output a prefix of one of the choices, of
+    /// a text the regex matches, or (structured output) of a JSON object of the grammar.
+    /// Fails when no token is left.
     fn constrain(&self, logits: &mut [f32]) -> Result<(), Error> {
+        if let Some((p, state)) = &self.regex {
+            // An end of generation only where the text matches.
+            if !self
+                .model
+                .text_tokens()
+                .mask(p, *state, &self.model.eog, logits)
+            {
+                return Err(Error::InvalidInput(
+                    "no token of the vocabulary continues the output the regex holds".into(),
+                ));
+            }
+            return Ok(());
+        }
         if let Some((grammar, json)) = &self.json {
             let think = self.think.filter(|t| t.state != Thinking::Over);
             if let Some(ThinkFirst {
@@ -374,14 +402,24 @@ impl Generation {
                 // The mask let only tokens through that the state accepts.
                 json.push_all(grammar, piece);
             }
+            if let Some((p, state)) = self.regex.as_mut() {
+                if let Some(next) = p.after(*state, piece) {
+                    *state = next;
+                }
+            }
             self.utf8.push(piece)
         };
         let outcome = self.stop.push(&text);
         if outcome.stopped {
             return Ok(self.finish_now(outcome.emit, vec![token], logprobs, FinishReason::Stop));
         }
-        // Structured output ends where the object closes.
-        if self.json.as_ref().is_some_and(|(_, s)| s.is_done()) {
+        // Structured output ends where the object closes, a regex's where no more text can
+        // follow.
+        let regex_done = self
+            .regex
+            .as_ref()
+            .is_some_and(|(p, s)| p.matched(*s) && !p.grows(*s));
+        if regex_done || self.json.as_ref().is_some_and(|(_, s)| s.is_done()) {
             return Ok(self.finish(outcome.emit, vec![token], logprobs, FinishReason::Stop));
         }
         let full = self.prompt.len() + self.generated.len() >= self.model.context_length as usize;

@@ -96,11 +96,11 @@ impl gen::Guest for Component {
             options.format,
             Some(OutputFormat::JsonObject | OutputFormat::JsonSchema(_))
         );
+        let regex = matches!(options.format, Some(OutputFormat::Regex(_)));
         if let Some(choice) = &context.tool_choice {
-            if json || !options.choices.is_empty() {
+            if json || regex || !options.choices.is_empty() {
                 return Err(Error::InvalidInput(
-                    "a required tool call cannot be combined with a JSON output format or \
-                     choices"
+                    "a required tool call cannot be combined with an output format or choices"
                         .into(),
                 ));
             }
@@ -110,6 +110,13 @@ impl gen::Guest for Component {
                     .with_grammar(grammar)
                     .thinking_first(think_tags, opened)
                     .with_parser(response::ResponseParser::forced_call(thinks, opened)),
+            ));
+        }
+        // The regex holds from the first token: all of the output is the answer.
+        if regex {
+            let parser = response::ResponseParser::new(false, false, false);
+            return Ok(stream(
+                Generation::new(m, ids, &options)?.with_parser(parser),
             ));
         }
         if json {

@@ -11,6 +11,7 @@ use crate::embedding::EmbeddingSpec;
 use crate::json::TokenTable;
 use crate::metadata::ModelMetadata;
 use crate::nn::{self, Sequence};
+use crate::pattern::TextTokens;
 use crate::template::{ChatTemplate, TemplateExtras};
 use crate::tokenizer::TextTokenizer;
 
@@ -51,6 +52,8 @@ pub struct Model {
     idle: RefCell<Vec<Sequence>>,
     /// The vocabulary sorted for JSON mode, made on its first use.
     json_tokens: OnceCell<TokenTable>,
+    /// The vocabulary sorted for a whole-output pattern, at its first use.
+    text_tokens: OnceCell<TextTokens>,
 }
 
 thread_local! {
@@ -144,6 +147,7 @@ impl Model {
             eog,
             idle: RefCell::new(vec![seq]),
             json_tokens: OnceCell::new(),
+            text_tokens: OnceCell::new(),
         })
     }
 
@@ -201,6 +205,14 @@ impl Model {
         }
         self.return_sequence(seq);
         Ok((out, tokens))
+    }
+
+    /// The vocabulary sorted for a whole-output pattern (`guided_regex`).
+    pub fn text_tokens(&self) -> &TextTokens {
+        self.text_tokens.get_or_init(|| {
+            let tok = self.tokenizer.borrow();
+            TextTokens::new((0..tok.vocab_size() as u32).map(|t| self.json_piece(&tok, t)))
+        })
     }
 
     /// The vocabulary sorted for JSON mode.

@@ -349,6 +349,59 @@ impl Trie {
     }
 }
 
+/// A vocabulary for a whole-text pattern: the tokens with bytes as a trie, and those
+/// without (control and end-of-generation tokens).
+pub struct TextTokens {
+    trie: Trie,
+    bare: Vec<u32>,
+    tokens: usize,
+}
+
+impl TextTokens {
+    /// Sorts the tokens whose bytes `pieces` yields, in id order.
+    pub fn new<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> Self {
+        let mut texts = Vec::new();
+        let mut bare = Vec::new();
+        let mut tokens = 0;
+        for (t, piece) in pieces.into_iter().enumerate() {
+            if piece.is_empty() {
+                bare.push(t as u32);
+            } else {
+                texts.push((piece, t as u32));
+            }
+            tokens += 1;
+        }
+        Self {
+            trie: Trie::new(texts),
+            bare,
+            tokens,
+        }
+    }
+
+    /// Sets the logit of every token whose bytes `p` does not take from `state` to −∞; of
+    /// the tokens without bytes, only those in `ends` are left, and only where the text
+    /// matches. Logits past the vocabulary (padding) are set too. Returns whether any
+    /// finite logit is left.
+    pub fn mask(&self, p: &Pattern, state: u32, ends: &[u32], logits: &mut [f32]) -> bool {
+        let mut refuse = |t: u32| {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        };
+        self.trie.walk(p, state, u32::MAX, &mut refuse);
+        let may_end = p.matched(state);
+        for &t in &self.bare {
+            if !(may_end && ends.contains(&t)) {
+                refuse(t);
+            }
+        }
+        if let Some(padding) = logits.get_mut(self.tokens..) {
+            padding.fill(f32::NEG_INFINITY);
+        }
+        logits.iter().any(|&l| l > f32::NEG_INFINITY)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,6 +467,22 @@ mod tests {
             assert_eq!(trie.chars[i] as usize, chars, "{path:?}");
         }
         assert_eq!(trie.tokens.len(), 8);
+    }
+
+    #[test]
+    fn text_tokens_end_the_output_only_where_it_matches() {
+        let pieces: [&[u8]; 5] = [b"", b"1", b"12", b"x", b""];
+        let table = TextTokens::new(pieces);
+        let p = whole("[0-9]+");
+        let allowed = |text: &str| {
+            let mut logits = vec![0.0; 6];
+            let any = table.mask(&p, after(&p, text).unwrap(), &[4], &mut logits);
+            let kept: Vec<usize> = (0..6).filter(|&t| logits[t] == 0.0).collect();
+            (any, kept)
+        };
+        // Token 0 is a control token, 4 the end of generation, 5 padding.
+        assert_eq!(allowed(""), (true, vec![1, 2]));
+        assert_eq!(allowed("1"), (true, vec![1, 2, 4]));
     }
 
     #[test]

@@ -226,10 +226,11 @@ fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
         logit_bias: logit_bias(b)?,
         format: output_format(b)?,
     };
-    if json_format(&options) && !options.choices.is_empty() {
+    if constrained_format(&options) && !options.choices.is_empty() {
         return Err(ApiError::bad_param(
             "response_format",
-            "'response_format' and 'guided_choice' cannot be combined.",
+            "An output format ('response_format', 'guided_json', 'guided_regex') and \
+             'guided_choice' cannot be combined.",
         ));
     }
     Ok(GenRequest {
@@ -265,11 +266,12 @@ fn repeat_for_n(r: &mut GenRequest) -> Result<(), ApiError> {
 pub fn chat_request(b: &Body) -> Result<GenRequest, ApiError> {
     let mut r = common(b, true)?;
     let context = chat_context(b)?;
-    let constrained = !r.options.choices.is_empty() || json_format(&r.options);
+    let constrained = !r.options.choices.is_empty() || constrained_format(&r.options);
     if context.tool_choice.is_some() && constrained {
         return Err(ApiError::bad_param(
             "tool_choice",
-            "A required tool call cannot be combined with 'response_format' or 'guided_choice'.",
+            "A required tool call cannot be combined with 'response_format', 'guided_json', \
+             'guided_regex' or 'guided_choice'.",
         ));
     }
     r.prompts = vec![Prompt::Chat(messages(b)?, context)];
@@ -277,24 +279,101 @@ pub fn chat_request(b: &Body) -> Result<GenRequest, ApiError> {
     Ok(r)
 }
 
-/// OpenAI's `response_format`: `{"type": "text"}`, `{"type": "json_object"}` or
-/// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`; or vLLM's
-/// `guided_json` (a schema, or its text). The component compiles the schema, and says what
-/// in it it cannot follow.
+/// vLLM's `structured_outputs` constraints this node does not follow: refused rather than
+/// ignored (it reads `json`, `regex`, `json_object` and `choice`; options that tune a
+/// backend, `disable_fallback` and the like, are ignored).
+const STRUCTURED_OUTPUTS_REFUSED: [&str; 2] = ["grammar", "structural_tag"];
+
+/// The output format a body asks for: OpenAI's `response_format`, or vLLM's `guided_json`,
+/// `guided_regex` and `structured_outputs` (`json`, `regex`, `json_object`). At most one
+/// of them constrains the output; the component compiles a schema or a regex, and says
+/// what in it it cannot follow.
 fn output_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
+    let so = match b.get("structured_outputs") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => Some(o),
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "structured_outputs",
+                "'structured_outputs' must be an object.",
+            ))
+        }
+    };
+    if let Some(k) = so.and_then(|o| {
+        o.keys()
+            .find(|k| STRUCTURED_OUTPUTS_REFUSED.contains(&k.as_str()))
+    }) {
+        return Err(ApiError::bad_param(
+            &format!("structured_outputs.{k}"),
+            format!("'structured_outputs.{k}' is not supported: use json, regex or choice."),
+        ));
+    }
+    let mut formats = Vec::new();
+    if let Some(f) = response_format(b)? {
+        formats.push(("response_format", f));
+    }
+    let schema = |key: &'static str, v: &Value| match v {
+        Value::Object(_) => Ok((key, OutputFormat::JsonSchema(v.to_string()))),
+        Value::String(s) => Ok((key, OutputFormat::JsonSchema(s.clone()))),
+        _ => Err(ApiError::bad_param(
+            key,
+            format!("'{key}' must be a JSON Schema."),
+        )),
+    };
+    if let Some(v) = b.get("guided_json") {
+        formats.push(schema("guided_json", v)?);
+    }
+    if let Some(v) = so.and_then(|o| o.get("json")) {
+        formats.push(schema("structured_outputs.json", v)?);
+    }
+    match so.and_then(|o| o.get("json_object")) {
+        None | Some(Value::Null | Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => {
+            formats.push(("structured_outputs.json_object", OutputFormat::JsonObject))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "structured_outputs.json_object",
+                "'structured_outputs.json_object' must be a boolean.",
+            ))
+        }
+    }
+    for (key, v) in [
+        ("guided_regex", b.get("guided_regex")),
+        ("structured_outputs.regex", so.and_then(|o| o.get("regex"))),
+    ] {
+        match v {
+            None => {}
+            Some(Value::String(r)) if !r.is_empty() => {
+                formats.push((key, OutputFormat::Regex(r.clone())))
+            }
+            Some(_) => {
+                return Err(ApiError::bad_param(
+                    key,
+                    format!("'{key}' must be a regular expression, a non-empty string."),
+                ))
+            }
+        }
+    }
+    // `response_format` text is the default, not a constraint.
+    formats.retain(|(_, f)| !matches!(f, OutputFormat::Text));
+    match formats.as_slice() {
+        [] => Ok(None),
+        [(_, f)] => Ok(Some(f.clone())),
+        [(a, _), (b, _), ..] => Err(ApiError::bad_param(
+            b,
+            format!("'{a}' and '{b}' cannot be combined: the output has one format."),
+        )),
+    }
+}
+
+/// OpenAI's `response_format`: `{"type": "text"}`, `{"type": "json_object"}` or
+/// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
+fn response_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
     let schema_text = |v: &Value| match v {
         Value::String(s) => s.clone(),
         v => v.to_string(),
     };
-    if let Some(v) = b.get("guided_json") {
-        if !matches!(v, Value::Object(_) | Value::String(_)) {
-            return Err(ApiError::bad_param(
-                "guided_json",
-                "'guided_json' must be a JSON Schema.",
-            ));
-        }
-        return Ok(Some(OutputFormat::JsonSchema(schema_text(v))));
-    }
     let Some(v) = b.get("response_format") else {
         return Ok(None);
     };
@@ -367,12 +446,9 @@ fn choices(b: &Body) -> Result<Vec<String>, ApiError> {
     Ok(out)
 }
 
-/// Whether the output is held to JSON (`response_format` `json_object` or `json_schema`).
-fn json_format(options: &SamplingOptions) -> bool {
-    matches!(
-        options.format,
-        Some(OutputFormat::JsonObject | OutputFormat::JsonSchema(_))
-    )
+/// Whether the output is held to a format (JSON, or a regex).
+fn constrained_format(options: &SamplingOptions) -> bool {
+    !matches!(options.format, None | Some(OutputFormat::Text))
 }
 
 /// What a chat body gives the template besides messages: `tools` (unless `tool_choice` is
@@ -838,6 +914,80 @@ mod tests {
     }
 
     #[test]
+    fn one_output_format_from_openai_or_vllm_keys() {
+        let format = |extra: Value| {
+            let mut b = json!({"model": "m", "prompt": "x"});
+            b.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            completion_request(&body(b)).map(|r| r.options.format)
+        };
+        let regex = |r: &str| Some(OutputFormat::Regex(r.into()));
+        let schema = |s: &str| Some(OutputFormat::JsonSchema(s.into()));
+        for (extra, want) in [
+            (json!({"guided_regex": "a+"}), regex("a+")),
+            (json!({"structured_outputs": {"regex": "b"}}), regex("b")),
+            (
+                json!({"structured_outputs": {"json": {"type": "object"}}}),
+                schema(r#"{"type":"object"}"#),
+            ),
+            (
+                json!({"structured_outputs": {"json_object": true}}),
+                Some(OutputFormat::JsonObject),
+            ),
+            // `text` is the default: a regex beside it is the format.
+            (
+                json!({"response_format": {"type": "text"}, "guided_regex": "c"}),
+                regex("c"),
+            ),
+            (
+                json!({"structured_outputs": {"disable_fallback": true}}),
+                None,
+            ),
+        ] {
+            let got = format(extra.clone()).unwrap();
+            assert_eq!(format!("{got:?}"), format!("{want:?}"), "{extra}");
+        }
+        for (extra, param, words) in [
+            (json!({"guided_regex": ""}), "guided_regex", "non-empty"),
+            (
+                json!({"guided_regex": 5}),
+                "guided_regex",
+                "regular expression",
+            ),
+            (
+                json!({"guided_regex": "a", "guided_json": {"type": "object"}}),
+                "guided_regex",
+                "cannot be combined",
+            ),
+            (
+                json!({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}),
+                "structured_outputs.regex",
+                "cannot be combined",
+            ),
+            (
+                json!({"guided_regex": "a", "guided_choice": ["a"]}),
+                "response_format",
+                "cannot be combined",
+            ),
+            (
+                json!({"structured_outputs": {"grammar": "root ::= \"a\""}}),
+                "structured_outputs.grammar",
+                "not supported",
+            ),
+            (
+                json!({"structured_outputs": 1}),
+                "structured_outputs",
+                "object",
+            ),
+        ] {
+            let e = format(extra.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
+            assert!(e.message.contains(words), "{extra}: {}", e.message);
+        }
+    }
+
+    #[test]
     fn tool_choice_requires_a_call_of_a_listed_tool() {
         let tools = json!([{"type": "function", "function": {"name": "get_weather"}},
                            {"type": "function", "function": {"name": "now"}}]);
@@ -880,6 +1030,10 @@ mod tests {
             ),
             (
                 json!({"tool_choice": named, "guided_choice": ["a"]}),
+                "cannot be combined",
+            ),
+            (
+                json!({"tool_choice": "required", "guided_regex": "a"}),
                 "cannot be combined",
             ),
         ] {
