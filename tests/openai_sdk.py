@@ -617,7 +617,7 @@ def _():
         assert prompt == row["rendered"], (row, prompt)
 
 
-@check("qwen3: a thinking model reasons before JSON output and a required call")
+@check("qwen3: a thinking model reasons before JSON output, a regex's and a required call")
 def _():
     # The random model is steered into an (empty) think block with logit_bias: `<think>` may
     # come first besides the object's `{`, and after `</think>` the constraint holds.
@@ -650,6 +650,15 @@ def _():
         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     c = r.choices[0]
     assert c.message.content.startswith("{") and tokens(c)[0] != "<think>", tokens(c)
+    # A regex's answer follows the reasoning too; with thinking off it starts at once.
+    for kwargs, first in (({}, ["<think>", "</think>"]), ({"enable_thinking": False}, [])):
+        r = client.chat.completions.create(
+            model="qwen3", messages=WEATHER, temperature=0, max_tokens=20, logprobs=True,
+            logit_bias=bias, extra_body={"guided_regex": "(sunny|rainy)",
+                                         "chat_template_kwargs": kwargs})
+        c = r.choices[0]
+        assert tokens(c)[:len(first)] == first and c.finish_reason == "stop", (kwargs, tokens(c))
+        assert c.message.content in ("sunny", "rainy"), (kwargs, c.message)
 
 
 @check("qwen3: tool_choice 'required' without tools is a BadRequestError")

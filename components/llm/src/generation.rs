@@ -271,20 +271,7 @@ impl Generation {
     /// a text the regex matches, or (structured output) of a JSON object of the grammar.
     /// Fails when no token is left.
     fn constrain(&self, logits: &mut [f32]) -> Result<(), Error> {
-        if let Some((p, state)) = &self.regex {
-            // An end of generation only where the text matches.
-            if !self
-                .model
-                .text_tokens()
-                .mask(p, *state, &self.model.eog, logits)
-            {
-                return Err(Error::InvalidInput(
-                    "no token of the vocabulary continues the output the regex holds".into(),
-                ));
-            }
-            return Ok(());
-        }
-        if let Some((grammar, json)) = &self.json {
+        if self.regex.is_some() || self.json.is_some() {
             let think = self.think.filter(|t| t.state != Thinking::Over);
             if let Some(ThinkFirst {
                 state: Thinking::Inside,
@@ -300,19 +287,32 @@ impl Generation {
                 return Ok(());
             }
             let open = think.and_then(|t| Some((t.open, *logits.get(t.open as usize)?)));
-            let tok = self.model.tokenizer.borrow();
-            // Control and end-of-generation tokens are masked: the object must close first,
-            // and then generation ends by itself.
-            let piece = |t| self.model.json_piece(&tok, t);
-            let any = self.model.json_tokens().mask(grammar, json, piece, logits);
+            let (any, what) = match (&self.regex, &self.json) {
+                // An end of generation only where the text matches.
+                (Some((p, state)), _) => (
+                    self.model
+                        .text_tokens()
+                        .mask(p, *state, &self.model.eog, logits),
+                    "the regex",
+                ),
+                (None, Some((grammar, json))) => {
+                    let tok = self.model.tokenizer.borrow();
+                    // Control and end-of-generation tokens are masked: the object must close
+                    // first, and then generation ends by itself.
+                    let piece = |t| self.model.json_piece(&tok, t);
+                    let any = self.model.json_tokens().mask(grammar, json, piece, logits);
+                    (any, "the JSON output")
+                }
+                (None, None) => (true, ""),
+            };
             // Or the model opens its reasoning.
             if let Some((t, l)) = open {
                 logits[t as usize] = l;
             }
             if !any && open.is_none() {
-                return Err(Error::InvalidInput(
-                    "no token of the vocabulary continues the JSON output".into(),
-                ));
+                return Err(Error::InvalidInput(format!(
+                    "no token of the vocabulary continues the output {what} holds"
+                )));
             }
             return Ok(());
         }
@@ -402,7 +402,7 @@ impl Generation {
                 // The mask let only tokens through that the state accepts.
                 json.push_all(grammar, piece);
             }
-            if let Some((p, state)) = self.regex.as_mut() {
+            if let Some((p, state)) = self.regex.as_mut().filter(|_| !reasoning) {
                 if let Some(next) = p.after(*state, piece) {
                     *state = next;
                 }
@@ -415,10 +415,11 @@ impl Generation {
         }
         // Structured output ends where the object closes, a regex's where no more text can
         // follow.
+        let answering = self.think.is_none_or(|t| t.state == Thinking::Over);
         let regex_done = self
             .regex
             .as_ref()
-            .is_some_and(|(p, s)| p.matched(*s) && !p.grows(*s));
+            .is_some_and(|(p, s)| answering && p.matched(*s) && !p.grows(*s));
         if regex_done || self.json.as_ref().is_some_and(|(_, s)| s.is_done()) {
             return Ok(self.finish(outcome.emit, vec![token], logprobs, FinishReason::Stop));
         }

@@ -81,8 +81,8 @@ impl gen::Guest for Component {
         let tools = model::extras(&context)?.tools;
         let parse_tools = tools.is_some();
         let opened = prompt.trim_end().ends_with("<think>");
-        // A thinking model reasons before a JSON answer or a required call too (as vLLM's
-        // reasoning parsers let it): the constraint holds from `</think>`. Not when the
+        // A thinking model reasons before a JSON answer, a regex's or a required call too (as
+        // vLLM's reasoning parsers let it): the constraint holds from `</think>`. Not when the
         // template closed the block itself (Qwen3 with thinking off writes an empty one).
         let think_tags = {
             let tok = m.tokenizer.borrow();
@@ -112,14 +112,7 @@ impl gen::Guest for Component {
                     .with_parser(response::ResponseParser::forced_call(thinks, opened)),
             ));
         }
-        // The regex holds from the first token: all of the output is the answer.
-        if regex {
-            let parser = response::ResponseParser::new(false, false, false);
-            return Ok(stream(
-                Generation::new(m, ids, &options)?.with_parser(parser),
-            ));
-        }
-        if json {
+        if json || regex {
             let parser = response::ResponseParser::new(thinks, opened && thinks, false);
             return Ok(stream(
                 Generation::new(m, ids, &options)?
