@@ -50,8 +50,11 @@ enum Node {
     Any,
     /// An object of these properties, in this order (those not required may be left out).
     Object(Vec<Prop>),
-    /// An object of any keys, each value of this node.
-    Map(NodeId),
+    /// An object of any keys, each value of this node, with this many entries.
+    Map {
+        value: NodeId,
+        entries: Count,
+    },
     /// An array, each item of this node, with this many items.
     Array {
         item: NodeId,
@@ -225,7 +228,10 @@ impl Grammar {
     fn base() -> Vec<Node> {
         vec![
             Node::Any,
-            Node::Map(ANY),
+            Node::Map {
+                value: ANY,
+                entries: Count::ANY,
+            },
             Node::Array {
                 item: ANY,
                 items: Count::ANY,
@@ -378,7 +384,7 @@ impl Grammar {
             Node::Any => {
                 number | bit(b'{') | bit(b'[') | bit(b'"') | bit(b't') | bit(b'f') | bit(b'n')
             }
-            Node::Object(_) | Node::Map(_) | Node::Tagged { .. } => bit(b'{'),
+            Node::Object(_) | Node::Map { .. } | Node::Tagged { .. } => bit(b'{'),
             Node::Array { .. } => bit(b'['),
             Node::String(..) => bit(b'"'),
             Node::Number(_) | Node::Integer(_) => number,
@@ -490,6 +496,8 @@ const BOUNDS: &[(&str, &str)] = &[
     ("maxLength", "string"),
     ("pattern", "string"),
     ("minItems", "array"),
+    ("minProperties", "object"),
+    ("maxProperties", "object"),
     ("maxItems", "array"),
     ("minimum", "number"),
     ("maximum", "number"),
@@ -771,16 +779,39 @@ impl Compiler<'_> {
         if let Some(r) = required.iter().find(|r| !props.contains_key(**r)) {
             return Err(format!("required property '{r}' is not in 'properties'"));
         }
+        let entries = count(obj, "minProperties", "maxProperties")?;
+        // An open map counts its entries in 16 bits.
+        if entries.min > u32::from(u16::MAX) {
+            return Err(format!(
+                "'minProperties' above {} is not supported",
+                u16::MAX
+            ));
+        }
         if props.is_empty() {
             // Only the keys it allows: any (a map) or none.
-            return match obj.get("additionalProperties") {
-                None | Some(Value::Bool(true)) => Ok(ANY_OBJECT),
-                Some(Value::Bool(false)) => self.add(Node::Object(Vec::new())),
-                Some(value) => {
-                    let v = self.node(value)?;
-                    self.add(Node::Map(v))
+            let value = match obj.get("additionalProperties") {
+                None | Some(Value::Bool(true)) if entries == Count::ANY => return Ok(ANY_OBJECT),
+                None | Some(Value::Bool(true)) => ANY,
+                Some(Value::Bool(false)) if entries.min > 0 => {
+                    return Err("'minProperties' on an object without properties: nothing \
+                                matches"
+                        .into())
                 }
+                Some(Value::Bool(false)) => return self.add(Node::Object(Vec::new())),
+                Some(value) => self.node(value)?,
             };
+            return self.add(Node::Map { value, entries });
+        }
+        // With properties, the output holds only those, the required ones always: counts
+        // that this keeps to anyway are fine, others would need a count of the optional
+        // ones written.
+        let required_count = required.len() as u32;
+        if entries.min > required_count || entries.max < props.len() as u32 {
+            return Err(format!(
+                "'minProperties'/'maxProperties' on an object with properties must allow \
+                 from its {required_count} required to all its {} properties",
+                props.len()
+            ));
         }
         // With properties, the output holds only those: a valid instance whatever
         // `additionalProperties` allows besides.
@@ -1250,7 +1281,7 @@ impl JsonPrefix {
                         let all = all_bits(values.len());
                         return self.match_byte(g, top.node, all, 0, false, b);
                     }
-                    Node::Map(v) => *v,
+                    Node::Map { value, .. } => *value,
                     Node::Array { item, items } => {
                         if u32::from(top.next) >= items.max {
                             return false;
@@ -1263,7 +1294,11 @@ impl JsonPrefix {
                 self.value_start(g, value, b)
             }
             (Lex::Key | Lex::KeyOrClose, b'"') => match node {
-                Node::Map(_) => {
+                Node::Map { entries, .. } => {
+                    if u32::from(top.next) >= entries.max {
+                        return false;
+                    }
+                    self.frames[self.depth as usize - 1].next = top.next.saturating_add(1);
                     self.lex = Lex::Str {
                         key: true,
                         escape: 0,
@@ -1284,6 +1319,9 @@ impl JsonPrefix {
             (Lex::After, b',') => {
                 self.lex = match node {
                     Node::Array { items, .. } if u32::from(top.next) >= items.max => return false,
+                    Node::Map { entries, .. } if u32::from(top.next) >= entries.max => {
+                        return false
+                    }
                     Node::Array { .. } => Lex::Value,
                     Node::Object(_) if Self::key_choices(g, top) == 0 => return false,
                     _ => Lex::Key,
@@ -1330,7 +1368,7 @@ impl JsonPrefix {
                 b'n' => Some(literal(2)),
                 _ => number(false),
             },
-            Node::Object(_) | Node::Map(_) | Node::Tagged { .. } => {
+            Node::Object(_) | Node::Map { .. } | Node::Tagged { .. } => {
                 return b == b'{' && self.open(node, false)
             }
             Node::Array { .. } => return b == b'[' && self.open(node, true),
@@ -1593,7 +1631,7 @@ impl JsonPrefix {
         };
         let ok = match &g.nodes[top.node as usize] {
             Node::Array { items, .. } => array && u32::from(top.next) >= items.min,
-            Node::Map(_) => !array,
+            Node::Map { entries, .. } => !array && u32::from(top.next) >= entries.min,
             // An object closes once no required property is left.
             Node::Object(props) => !array && props[top.next as usize..].iter().all(|p| !p.required),
             _ => false,
@@ -2316,7 +2354,18 @@ mod tests {
                 r#"{"type":"object","properties":{"a":{"type":"string","pattern":"(a{1000}){1000}"}}}"#,
                 "not supported",
             ),
-            (r#"{"type":"object","minProperties":1}"#, "minProperties"),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"integer"}},"minProperties":1}"#,
+                "from its 0 required",
+            ),
+            (
+                r#"{"type":"object","additionalProperties":false,"minProperties":1}"#,
+                "nothing matches",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"maxProperties":1}}}"#,
+                "needs \"type\": \"object\"",
+            ),
             (
                 r#"{"type":"object","properties":{"a":{"type":"integer","multipleOf":2}}}"#,
                 "multipleOf",
@@ -2410,7 +2459,10 @@ mod tests {
         "score": {"type": "number", "minimum": 0, "maximum": 1},
         "pos": {"type": "number", "exclusiveMinimum": 0},
         "neg": {"type": "integer", "minimum": -20, "maximum": -10},
-        "old": {"type": "number", "maximum": 1, "exclusiveMaximum": true}
+        "old": {"type": "number", "maximum": 1, "exclusiveMaximum": true},
+        "map": {"type": "object", "additionalProperties": {"type": "integer"},
+                "minProperties": 1, "maxProperties": 2},
+        "few": {"type": "object", "maxProperties": 1}
     }}"#;
 
     #[test]
@@ -2440,6 +2492,10 @@ mod tests {
             r#""neg":-15"#,
             r#""old":0.5"#,
             r#""old":-3"#,
+            r#""map":{"a":1}"#,
+            r#""map":{ "a":1 , "b":2 }"#,
+            r#""few":{}"#,
+            r#""few":{"x":[1,{"y":2}]}"#,
         ] {
             assert!(ok(doc), "{doc}");
         }
@@ -2470,6 +2526,10 @@ mod tests {
             r#""neg":-100"#,
             r#""old":1"#,
             r#""old":1.0"#,
+            r#""map":{}"#,
+            r#""map":{"a":1,"b":2,"c":3}"#,
+            r#""map":{"a":"1"}"#,
+            r#""few":{"x":1,"y":2}"#,
         ] {
             assert!(!ok(doc), "{doc}");
         }
@@ -2806,6 +2866,7 @@ mod tests {
                 "{\"s\":\"caf\u{e9}\",\"tags\":[\"a b\", \"\"]}".as_bytes(),
                 br#"{"s": "\u00e9\"", "stars": 5, "score": 0.5, "neg": -12, "old": 0.75}"#,
                 br#"{"s":"ab","pos":12,"neg":-20}"#,
+                br#"{"map": {"a": 1, "b": 2}, "few": {"k": {}}}"#,
             ],
         );
         let vocab = vocab();
