@@ -293,7 +293,7 @@ impl Generation {
                     self.model
                         .text_tokens()
                         .mask(p, *state, &self.model.eog, logits),
-                    "the regex",
+                    "the output the regex holds",
                 ),
                 (None, Some((grammar, json))) => {
                     let tok = self.model.tokenizer.borrow();
@@ -303,7 +303,7 @@ impl Generation {
                     let any = self.model.json_tokens().mask(grammar, json, piece, logits);
                     (any, "the JSON output")
                 }
-                (None, None) => (true, ""),
+                (None, None) => (true, "the output"),
             };
             // Or the model opens its reasoning.
             if let Some((t, l)) = open {
@@ -311,7 +311,7 @@ impl Generation {
             }
             if !any && open.is_none() {
                 return Err(Error::InvalidInput(format!(
-                    "no token of the vocabulary continues the output {what} holds"
+                    "no token of the vocabulary continues {what}"
                 )));
             }
             return Ok(());

@@ -320,10 +320,11 @@ fn output_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
             format!("'{key}' must be a JSON Schema."),
         )),
     };
-    if let Some(v) = b.get("guided_json") {
+    // A null is a key left unset, as Python clients send them.
+    if let Some(v) = b.get("guided_json").filter(|v| !v.is_null()) {
         formats.push(schema("guided_json", v)?);
     }
-    if let Some(v) = so.and_then(|o| o.get("json")) {
+    if let Some(v) = so.and_then(|o| o.get("json")).filter(|v| !v.is_null()) {
         formats.push(schema("structured_outputs.json", v)?);
     }
     match so.and_then(|o| o.get("json_object")) {
@@ -343,7 +344,7 @@ fn output_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
         ("structured_outputs.regex", so.and_then(|o| o.get("regex"))),
     ] {
         match v {
-            None => {}
+            None | Some(Value::Null) => {}
             Some(Value::String(r)) if !r.is_empty() => {
                 formats.push((key, OutputFormat::Regex(r.clone())))
             }
@@ -942,6 +943,10 @@ mod tests {
             ),
             (
                 json!({"structured_outputs": {"disable_fallback": true}}),
+                None,
+            ),
+            (
+                json!({"guided_regex": null, "guided_json": null, "structured_outputs": null}),
                 None,
             ),
         ] {
