@@ -223,9 +223,9 @@ impl Model {
         })
     }
 
-    /// The bytes a token adds to a JSON output: none for control and end-of-generation
-    /// tokens (some of which are text tokens, `<|im_end|>` in some vocabularies), which JSON
-    /// mode never picks.
+    /// The bytes a token adds to a constrained output (JSON, or a regex's): none for control
+    /// and end-of-generation tokens (some of which are text tokens, `<|im_end|>` in some
+    /// vocabularies), which the constraints never take as text.
     pub fn json_piece<'t>(&self, tok: &'t TextTokenizer, token: u32) -> &'t [u8] {
         if self.eog.contains(&token) {
             &[]
