@@ -206,6 +206,7 @@ fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
             ))
         }
     };
+    let so = structured_outputs(b)?;
     let options = SamplingOptions {
         max_tokens: max_tokens.map(|n| n as u32),
         temperature: b.f32_in("temperature", 0.0, 100.0)?,
@@ -222,9 +223,9 @@ fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
         stop,
         top_logprobs,
         ignore_eos: b.bool("ignore_eos")?,
-        choices: choices(b)?,
+        choices: choices(b, so)?,
         logit_bias: logit_bias(b)?,
-        format: output_format(b)?,
+        format: output_format(b, so)?,
     };
     if constrained_format(&options) && !options.choices.is_empty() {
         return Err(ApiError::bad_param(
@@ -284,14 +285,12 @@ pub fn chat_request(b: &Body) -> Result<GenRequest, ApiError> {
 /// backend, `disable_fallback` and the like, are ignored).
 const STRUCTURED_OUTPUTS_REFUSED: [&str; 2] = ["grammar", "structural_tag"];
 
-/// The output format a body asks for: OpenAI's `response_format`, or vLLM's `guided_json`,
-/// `guided_regex` and `structured_outputs` (`json`, `regex`, `json_object`). At most one
-/// of them constrains the output; the component compiles a schema or a regex, and says
-/// what in it it cannot follow.
-fn output_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
+/// vLLM's `structured_outputs` object, read once for both the output format and the
+/// choices: `None` when unset or null. The constraints it does not follow are refused here.
+fn structured_outputs(b: &Body) -> Result<Option<&Map<String, Value>>, ApiError> {
     let so = match b.get("structured_outputs") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => Some(o),
+        None => return Ok(None),
+        Some(Value::Object(o)) => o,
         Some(_) => {
             return Err(ApiError::bad_param(
                 "structured_outputs",
@@ -299,15 +298,32 @@ fn output_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
             ))
         }
     };
-    if let Some(k) = so.and_then(|o| {
-        o.keys()
-            .find(|k| STRUCTURED_OUTPUTS_REFUSED.contains(&k.as_str()))
-    }) {
+    if let Some(k) = so
+        .iter()
+        .find(|(k, v)| !v.is_null() && STRUCTURED_OUTPUTS_REFUSED.contains(&k.as_str()))
+        .map(|(k, _)| k)
+    {
         return Err(ApiError::bad_param(
             &format!("structured_outputs.{k}"),
             format!("'structured_outputs.{k}' is not supported: use json, regex or choice."),
         ));
     }
+    Ok(Some(so))
+}
+
+/// A key of `structured_outputs`; a null is a key left unset, as Python clients send them.
+fn so_get<'a>(so: Option<&'a Map<String, Value>>, key: &str) -> Option<&'a Value> {
+    so.and_then(|o| o.get(key)).filter(|v| !v.is_null())
+}
+
+/// The output format a body asks for: OpenAI's `response_format`, or vLLM's `guided_json`,
+/// `guided_regex` and `structured_outputs` (`json`, `regex`, `json_object`). At most one
+/// of them constrains the output; the component compiles a schema or a regex, and says
+/// what in it it cannot follow.
+fn output_format(
+    b: &Body,
+    so: Option<&Map<String, Value>>,
+) -> Result<Option<OutputFormat>, ApiError> {
     let mut formats = Vec::new();
     if let Some(f) = response_format(b)? {
         formats.push(("response_format", f));
@@ -320,15 +336,14 @@ fn output_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
             format!("'{key}' must be a JSON Schema."),
         )),
     };
-    // A null is a key left unset, as Python clients send them.
-    if let Some(v) = b.get("guided_json").filter(|v| !v.is_null()) {
+    if let Some(v) = b.get("guided_json") {
         formats.push(schema("guided_json", v)?);
     }
-    if let Some(v) = so.and_then(|o| o.get("json")).filter(|v| !v.is_null()) {
+    if let Some(v) = so_get(so, "json") {
         formats.push(schema("structured_outputs.json", v)?);
     }
-    match so.and_then(|o| o.get("json_object")) {
-        None | Some(Value::Null | Value::Bool(false)) => {}
+    match so_get(so, "json_object") {
+        None | Some(Value::Bool(false)) => {}
         Some(Value::Bool(true)) => {
             formats.push(("structured_outputs.json_object", OutputFormat::JsonObject))
         }
@@ -341,10 +356,10 @@ fn output_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
     }
     for (key, v) in [
         ("guided_regex", b.get("guided_regex")),
-        ("structured_outputs.regex", so.and_then(|o| o.get("regex"))),
+        ("structured_outputs.regex", so_get(so, "regex")),
     ] {
         match v {
-            None | Some(Value::Null) => {}
+            None => {}
             Some(Value::String(r)) if !r.is_empty() => {
                 formats.push((key, OutputFormat::Regex(r.clone())))
             }
@@ -420,14 +435,17 @@ fn logit_bias(b: &Body) -> Result<Vec<(u32, f32)>, ApiError> {
 }
 
 /// vLLM's `guided_choice` (or `structured_outputs.choice`): the output must be one of these.
-fn choices(b: &Body) -> Result<Vec<String>, ApiError> {
-    let (key, v) = match (b.get("guided_choice"), b.get("structured_outputs")) {
-        (Some(v), _) => ("guided_choice", v),
-        (None, Some(Value::Object(o))) => match o.get("choice") {
-            Some(v) => ("structured_outputs.choice", v),
-            None => return Ok(Vec::new()),
-        },
-        _ => return Ok(Vec::new()),
+fn choices(b: &Body, so: Option<&Map<String, Value>>) -> Result<Vec<String>, ApiError> {
+    let (key, v) = match (b.get("guided_choice"), so_get(so, "choice")) {
+        (None, None) => return Ok(Vec::new()),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_param(
+                "structured_outputs.choice",
+                "'guided_choice' and 'structured_outputs.choice' cannot be combined.",
+            ))
+        }
+        (Some(v), None) => ("guided_choice", v),
+        (None, Some(v)) => ("structured_outputs.choice", v),
     };
     let bad = || {
         ApiError::bad_param(
@@ -949,6 +967,13 @@ mod tests {
                 json!({"guided_regex": null, "guided_json": null, "structured_outputs": null}),
                 None,
             ),
+            // vLLM's client sends every `StructuredOutputsParams` field, unset ones as null.
+            (
+                json!({"guided_choice": null, "structured_outputs": {"json": null, "regex": "d",
+                       "choice": null, "grammar": null, "json_object": null,
+                       "structural_tag": null}}),
+                regex("d"),
+            ),
         ] {
             let got = format(extra.clone()).unwrap();
             assert_eq!(format!("{got:?}"), format!("{want:?}"), "{extra}");
@@ -984,6 +1009,16 @@ mod tests {
                 json!({"structured_outputs": 1}),
                 "structured_outputs",
                 "object",
+            ),
+            (
+                json!({"guided_choice": ["a"], "structured_outputs": {"choice": ["b"]}}),
+                "structured_outputs.choice",
+                "cannot be combined",
+            ),
+            (
+                json!({"structured_outputs": {"choice": []}}),
+                "structured_outputs.choice",
+                "1 to 256",
             ),
         ] {
             let e = format(extra.clone()).unwrap_err();
