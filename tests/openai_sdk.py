@@ -712,4 +712,126 @@ def _():
             raise AssertionError("a model did what it cannot")
 
 
+# The Responses API (`client.responses`): the chat path underneath, its items on top.
+@check("responses: create, the same greedy answer as chat, and an incomplete one")
+def _():
+    chat = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0,
+                                          max_tokens=24)
+    r = client.responses.create(model="smollm2", instructions=SYSTEM["content"],
+                                input="Name the capital of France.", temperature=0,
+                                max_output_tokens=24)
+    assert r.id.startswith("resp_") and r.object == "response" and r.status == "completed", r
+    assert r.output_text == chat.choices[0].message.content, (r.output_text, chat)
+    (msg,) = r.output
+    assert msg.type == "message" and msg.role == "assistant" and msg.status == "completed"
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert r.usage.output_tokens == chat.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert r.usage.input_tokens_details.cached_tokens > 0  # the chat call's prefix
+    assert r.max_output_tokens == 24 and r.temperature == 0 and r.store is False
+    # Items as input, a developer message among them; cut short by max_output_tokens.
+    cut = client.responses.create(model="smollm2", max_output_tokens=3, input=[
+        {"role": "developer", "content": SYSTEM["content"]},
+        {"type": "message", "role": "user",
+         "content": [{"type": "input_text", "text": "Tell me about Paris."}]}])
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 3 and cut.output[0].status == "incomplete", cut
+
+
+@check("responses: the stream helper's events add up to the final response")
+def _():
+    with client.responses.stream(model="smollm2", input="Name the capital of France.",
+                                 instructions=SYSTEM["content"], temperature=0,
+                                 max_output_tokens=24, top_logprobs=2) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"], kinds
+    assert kinds[-1] == "response.completed", kinds
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert "Paris" in text and text == final.output_text, (text, final.output_text)
+    (part,) = final.output[0].content
+    assert len(part.logprobs) == final.usage.output_tokens - 1  # the end token has none
+    assert all(len(lp.top_logprobs) == 2 for lp in part.logprobs)
+
+
+@check("responses: parse() with a pydantic text_format")
+def _():
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        name: str
+        country: str
+
+    r = client.responses.parse(model="smollm2", input="Describe Paris as JSON.", temperature=0,
+                               max_output_tokens=60, text_format=City)
+    assert isinstance(r.output_parsed, City), r.output_text
+    assert r.status == "completed"
+
+
+@check("responses: a required function call, and its output sent back as input")
+def _():
+    weather = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                              "required": ["city"], "additionalProperties": False},
+               "strict": True}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.responses.create(model="smollm2", input=ask, tools=[weather], temperature=0,
+                                tool_choice={"type": "function", "name": "get_weather"},
+                                max_output_tokens=60)
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather", r.output
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+    assert set(json.loads(call.arguments)) == {"city"} and r.output_text == ""
+    later = client.responses.create(
+        model="smollm2", tools=[weather], temperature=0, max_output_tokens=16,
+        input=ask + [call.model_dump(exclude_none=True),
+                     {"type": "function_call_output", "call_id": call.call_id,
+                      "output": '{"sky": "sunny"}'}])
+    assert later.output[0].type == "message" and later.output_text, later.output
+
+
+@check("responses: qwen3's reasoning and function call as items, whole and streamed")
+def _():
+    tool = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+            "parameters": TOOLS[0]["function"]["parameters"]}
+    args = dict(model="qwen3", input=WEATHER, tools=[tool], temperature=0,
+                max_output_tokens=100, extra_body={"guided_choice": [SCRIPT]})
+    r = client.responses.create(**args)
+    assert [o.type for o in r.output] == ["reasoning", "function_call"], r.output
+    assert r.output[0].content[0].text == "The user wants the weather in Paris."
+    assert json.loads(r.output[1].arguments) == {"city": "Paris"} and r.status == "completed"
+    assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
+    with client.responses.stream(**args) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert thought == "The user wants the weather in Paris.", thought
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert json.loads(done.arguments) == {"city": "Paris"}, done
+    assert [o.type for o in final.output] == ["reasoning", "function_call"], final.output
+    assert final.output[1].call_id.startswith("call_") and final.output_text == ""
+
+
+@check("responses: what the node cannot do is a BadRequestError or NotFoundError")
+def _():
+    for extra, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
+                         ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+                         ({"text": {"format": {"type": "json_schema"}}}, "text.format"),
+                         ({"max_output_tokens": 0}, "max_output_tokens")):
+        try:
+            client.responses.create(model="smollm2", input="x", **extra)
+        except openai.BadRequestError as e:
+            assert e.param == param, (extra, e.param, e.message)
+        else:
+            raise AssertionError(f"{extra} was accepted")
+    try:
+        client.responses.retrieve("resp_1")
+    except openai.NotFoundError as e:
+        assert "stores no responses" in e.message, e.message
+    else:
+        raise AssertionError("a response was found")
+
+
 print("all SDK checks passed")

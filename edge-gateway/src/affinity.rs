@@ -46,30 +46,15 @@ impl PrefixHashes {
         PrefixHashes(out)
     }
 
-    /// The canonical prompt text of an OpenAI request body (chat `messages` or completion
-    /// `prompt`), or `None` when it has neither.
+    /// The canonical prompt text of an OpenAI request body (chat `messages`, completion
+    /// `prompt`, or a Responses `input`), or `None` when it has none.
     pub fn prompt_text(body: &Value) -> Option<String> {
+        if let Some(input) = body.get("input").filter(|_| body.get("messages").is_none()) {
+            return Some(Self::responses_text(body, input));
+        }
         if let Some(messages) = body.get("messages").and_then(Value::as_array) {
             let mut s = String::new();
-            for m in messages {
-                s.push_str(m.get("role").and_then(Value::as_str).unwrap_or(""));
-                s.push('\n');
-                match m.get("content") {
-                    Some(Value::String(t)) => s.push_str(t),
-                    Some(Value::Array(parts)) => {
-                        for p in parts {
-                            if let Some(t) = p.get("text").and_then(Value::as_str) {
-                                s.push_str(t);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-                if let Some(calls) = m.get("tool_calls") {
-                    s.push_str(&calls.to_string());
-                }
-                s.push('\u{1e}');
-            }
+            messages.iter().for_each(|m| Self::push_message(&mut s, m));
             return Some(s);
         }
         match body.get("prompt")? {
@@ -86,6 +71,54 @@ impl PrefixHashes {
             ),
             _ => None,
         }
+    }
+
+    /// One chat message (or Responses message item) as text: role, content, tool calls.
+    fn push_message(s: &mut String, m: &Value) {
+        s.push_str(m.get("role").and_then(Value::as_str).unwrap_or(""));
+        s.push('\n');
+        match m.get("content") {
+            Some(Value::String(t)) => s.push_str(t),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .for_each(|t| s.push_str(t)),
+            _ => {}
+        }
+        if let Some(calls) = m.get("tool_calls") {
+            s.push_str(&calls.to_string());
+        }
+        s.push('\u{1e}');
+    }
+
+    /// A Responses API body's conversation as text: `instructions` and the `input` string or
+    /// items, each message as a chat message is, other items (function calls and their
+    /// outputs) as their JSON, which a client re-sends unchanged each turn.
+    fn responses_text(body: &Value, input: &Value) -> String {
+        let mut s = String::new();
+        if let Some(t) = body.get("instructions").and_then(Value::as_str) {
+            s.push_str("system\n");
+            s.push_str(t);
+            s.push('\u{1e}');
+        }
+        match input {
+            Value::String(t) => {
+                s.push_str("user\n");
+                s.push_str(t);
+            }
+            Value::Array(items) => {
+                for item in items {
+                    if item.get("role").is_some() {
+                        Self::push_message(&mut s, item);
+                    } else {
+                        s.push_str(&item.to_string());
+                        s.push('\u{1e}');
+                    }
+                }
+            }
+            other => s.push_str(&other.to_string()),
+        }
+        s
     }
 }
 
@@ -171,6 +204,28 @@ mod tests {
         assert_eq!(idx.lookup(&unrelated), None);
         idx.forget("node-a");
         assert_eq!(idx.lookup(&h2), None);
+    }
+
+    #[test]
+    fn a_responses_turn_extends_the_text_of_the_turn_before() {
+        let turn1 = json!({"instructions": "Be terse.", "input": "Where is parcel 1234?"});
+        let turn2 = json!({"instructions": "Be terse.", "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "Where is parcel 1234?"}]},
+            {"type": "function_call", "call_id": "c1", "name": "track", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "Lyon"},
+        ]});
+        let t1 = PrefixHashes::prompt_text(&turn1).unwrap();
+        let t2 = PrefixHashes::prompt_text(&turn2).unwrap();
+        assert!(
+            t2.starts_with(&t1) && t2.len() > t1.len() + 40,
+            "{t1:?} {t2:?}"
+        );
+        // A body with both is a chat: its `messages` are the prompt.
+        let chat = json!({"messages": [{"role": "user", "content": "x"}], "input": "y"});
+        assert_eq!(
+            PrefixHashes::prompt_text(&chat).as_deref(),
+            Some("user\nx\u{1e}")
+        );
     }
 
     #[test]

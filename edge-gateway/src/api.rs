@@ -162,7 +162,8 @@ async fn place_and_forward(
         ));
     }
     let body_value = Value::Object(obj);
-    let prompt = (path == "/v1/chat/completions" || path == "/v1/completions")
+    let prompt = ["/v1/chat/completions", "/v1/completions", "/v1/responses"]
+        .contains(&path)
         .then(|| PrefixHashes::prompt_text(&body_value))
         .flatten();
     let demand = Demand {
@@ -170,7 +171,7 @@ async fn place_and_forward(
             .as_ref()
             .map_or(0.0, |t| t.len() as f64 / BYTES_PER_TOKEN),
         output_tokens: if prompt.is_some() {
-            ["max_completion_tokens", "max_tokens"]
+            ["max_completion_tokens", "max_tokens", "max_output_tokens"]
                 .iter()
                 .find_map(|k| body_value.get(*k).and_then(Value::as_f64))
                 .map_or(DEFAULT_OUTPUT_TOKENS, |n| n.clamp(1.0, 4096.0))

@@ -21,6 +21,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(api::model_call))
         .route("/v1/completions", post(api::model_call))
         .route("/v1/embeddings", post(api::model_call))
+        .route("/v1/responses", post(api::model_call))
         .route("/tokenize", post(api::model_call))
         .route("/detokenize", post(api::model_call))
         .route("/apply-template", post(api::model_call))

@@ -81,3 +81,14 @@ def _():
 def _():
     r = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
     assert r.choices[0].text, r
+
+
+@check("responses, whole and streamed")
+def _():
+    r = client.responses.create(model="smollm2", instructions=QUESTION[0]["content"],
+                                input=QUESTION[1]["content"], temperature=0, max_output_tokens=24)
+    assert r.status == "completed" and "Paris" in r.output_text, r
+    with client.responses.stream(model="smollm2", input=QUESTION[1:], temperature=0,
+                                 max_output_tokens=24) as stream:
+        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        assert text == stream.get_final_response().output_text and text, text

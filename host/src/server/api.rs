@@ -192,6 +192,41 @@ async fn generate(node: Arc<Node>, headers: HeaderMap, body: Body, kind: Kind) -
         Kind::Chat => wire::chat_request(&b)?,
         Kind::Completion => wire::completion_request(&b)?,
     };
+    let run = start(&node, &headers, &req).await?;
+    let meta = Meta {
+        id: request_id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
+        created: unix_now(),
+        model: req.model.clone(),
+        device: run.device,
+    };
+    let fmt = Formatter::new(meta, kind, &req);
+    if req.stream {
+        Ok(sse(fmt, run.first, run.rx, run.in_flight))
+    } else {
+        collect(fmt, run.first, run.rx).await
+    }
+}
+
+/// A generation under way: its first event (the status depends on it), the rest to come.
+pub(super) struct Started {
+    pub first: Event,
+    pub rx: mpsc::Receiver<Event>,
+    pub in_flight: super::node::InFlight,
+    /// The device that serves it.
+    pub device: String,
+}
+
+/// Finds the model, checks the device, waits for slots and starts `req`'s choices on them;
+/// returns once the first event is in (an error before any token is the request's error).
+pub(super) async fn start(
+    node: &Arc<Node>,
+    headers: &HeaderMap,
+    req: &GenRequest,
+) -> Result<Started, ApiError> {
     let m = node.find(&req.model)?;
     if m.kind() == Some("embedding") {
         return Err(ApiError::bad_param(
@@ -201,7 +236,7 @@ async fn generate(node: Arc<Node>, headers: HeaderMap, body: Body, kind: Kind) -
     }
     check_device(
         &m,
-        preference(&headers, req.gpu_preference.clone()).as_deref(),
+        preference(headers, req.gpu_preference.clone()).as_deref(),
     )?;
     if req.echo && req.prompts.iter().any(|p| matches!(p, Prompt::Tokens(_))) {
         return Err(ApiError::bad_param("echo", "'echo' needs text prompts."));
@@ -248,22 +283,12 @@ async fn generate(node: Arc<Node>, headers: HeaderMap, body: Body, kind: Kind) -
         Some(ev) => ev,
         None => return Err(ApiError::internal("the generation ended without an answer")),
     };
-    let meta = Meta {
-        id: request_id(if kind == Kind::Chat {
-            "chatcmpl"
-        } else {
-            "cmpl"
-        }),
-        created: unix_now(),
-        model: req.model.clone(),
+    Ok(Started {
+        first,
+        rx,
+        in_flight,
         device: m.config.device.to_string(),
-    };
-    let fmt = Formatter::new(meta, kind, &req);
-    if req.stream {
-        Ok(sse(fmt, first, rx, in_flight))
-    } else {
-        collect(fmt, first, rx).await
-    }
+    })
 }
 
 /// Builds the JSON of responses and stream chunks.
@@ -494,7 +519,37 @@ impl Formatter {
         self.chunk_json(json!([choice]))
     }
 
+    /// Adds a finished choice's tokens and timings; the `n` choices of one prompt count
+    /// its prompt once, as OpenAI does.
+    fn count_done(&mut self, index: usize, usage: &Usage, timings: &Timings) {
+        let mut usage = *usage;
+        if !index.is_multiple_of(self.n) {
+            usage.prompt_tokens = 0;
+            usage.cached_tokens = 0;
+        }
+        add_usage(&mut self.usage, &usage);
+        add_timings(&mut self.timings, timings);
+        self.done += 1;
+    }
+
+    /// Counts `n` more streamed tool calls of choice `index`; returns the first one's index.
+    fn sent_calls(&mut self, index: usize, n: usize) -> usize {
+        self.choices.get_mut(index).map_or(0, |c| {
+            c.calls_sent += n;
+            c.calls_sent - n
+        })
+    }
+}
+
+/// What turns a generation's events into a stream's bytes.
+pub(super) trait StreamFormat: Send + 'static {
     /// Stream events for `ev`, appended to `out`; false once the stream must end.
+    fn stream_event(&mut self, ev: Event, out: &mut VecDeque<Bytes>) -> bool;
+    /// The end of a stream whose worker is gone.
+    fn stream_end(&mut self, out: &mut VecDeque<Bytes>);
+}
+
+impl StreamFormat for Formatter {
     fn stream_event(&mut self, ev: Event, out: &mut VecDeque<Bytes>) -> bool {
         match ev {
             Event::Chunk { index, chunk } => {
@@ -556,28 +611,6 @@ impl Formatter {
         }
     }
 
-    /// Adds a finished choice's tokens and timings; the `n` choices of one prompt count
-    /// its prompt once, as OpenAI does.
-    fn count_done(&mut self, index: usize, usage: &Usage, timings: &Timings) {
-        let mut usage = *usage;
-        if !index.is_multiple_of(self.n) {
-            usage.prompt_tokens = 0;
-            usage.cached_tokens = 0;
-        }
-        add_usage(&mut self.usage, &usage);
-        add_timings(&mut self.timings, timings);
-        self.done += 1;
-    }
-
-    /// Counts `n` more streamed tool calls of choice `index`; returns the first one's index.
-    fn sent_calls(&mut self, index: usize, n: usize) -> usize {
-        self.choices.get_mut(index).map_or(0, |c| {
-            c.calls_sent += n;
-            c.calls_sent - n
-        })
-    }
-
-    /// The end of a stream whose worker is gone.
     fn stream_end(&mut self, out: &mut VecDeque<Bytes>) {
         if self.done < self.choices.len() {
             let e = ApiError::internal("the generation ended unexpectedly");
@@ -594,7 +627,7 @@ impl Formatter {
     }
 }
 
-fn data(v: &Value) -> Bytes {
+pub(super) fn data(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
@@ -618,8 +651,8 @@ async fn collect(mut fmt: Formatter, first: Event, mut rx: mpsc::Receiver<Event>
     Ok(Json(fmt.response()).into_response())
 }
 
-struct SseState {
-    fmt: Formatter,
+struct SseState<F> {
+    fmt: F,
     rx: mpsc::Receiver<Event>,
     first: Option<Event>,
     out: VecDeque<Bytes>,
@@ -627,8 +660,8 @@ struct SseState {
     _in_flight: super::node::InFlight,
 }
 
-fn sse(
-    fmt: Formatter,
+pub(super) fn sse<F: StreamFormat>(
+    fmt: F,
     first: Event,
     rx: mpsc::Receiver<Event>,
     in_flight: super::node::InFlight,

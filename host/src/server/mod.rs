@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod node;
+pub mod responses;
 pub mod slots;
 pub mod wire;
 pub mod worker;
@@ -49,6 +50,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
         .route("/v1/embeddings", post(api::embeddings))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::stored).delete(responses::stored),
+        )
         .route("/v1/models", get(api::list_models))
         .route("/v1/models/{id}", get(api::get_model))
         .route("/health", get(api::health))

@@ -44,6 +44,7 @@ const MAX_N: i64 = 16;
 const MAX_CHOICES: usize = 64;
 
 /// A JSON object body.
+#[derive(Debug)]
 pub struct Body(pub Map<String, Value>);
 
 impl Body {

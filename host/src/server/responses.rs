@@ -1,0 +1,1147 @@
+//! OpenAI's Responses API (`POST /v1/responses`), which the openai SDK's `responses.create`,
+//! `responses.parse` and `responses.stream` speak.
+//!
+//! A request is read into a chat request (its `input` items become messages, `instructions`
+//! a system message first, `text.format` the `response_format`, its flat function tools
+//! chat's nested ones) and runs the chat path unchanged: the same template, tool-call
+//! parsing, reasoning split and constrained decoding. What comes back is laid out as
+//! Responses output items: a `reasoning` item (a thinking model's `<think>` part), a
+//! `message` with `output_text`, and a `function_call` per tool call. The node keeps no
+//! responses (`store` is false): a conversation is sent whole each turn, as with chat.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::api::{self, StreamFormat};
+use super::error::ApiError;
+use super::node::{unix_now, Node};
+use super::wire::{self, chat_logprob};
+use super::worker::Event;
+use crate::bindings::exports::wasmlm::llm::generation::Chunk;
+use crate::bindings::exports::wasmlm::llm::types::{FinishReason, Usage};
+
+/// Responses keys that have no chat counterpart and are taken here, not passed on.
+const OWN_KEYS: [&str; 19] = [
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "text",
+    "tools",
+    "tool_choice",
+    "top_logprobs",
+    "include",
+    "store",
+    "metadata",
+    "reasoning",
+    "truncation",
+    "parallel_tool_calls",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "service_tier",
+    "max_tool_calls",
+    "stream_options",
+];
+
+/// Chat keys a Responses body must not carry: they would bypass the translation.
+const CHAT_KEYS: [&str; 7] = [
+    "messages",
+    "response_format",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "n",
+    "functions",
+];
+
+/// `POST /v1/responses`.
+pub async fn create(State(node): State<Arc<Node>>, headers: HeaderMap, body: Body) -> Response {
+    match run(node, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET` or `DELETE /v1/responses/{id}`: nothing is stored to find.
+pub async fn stored() -> Response {
+    ApiError::not_found(
+        "This node stores no responses ('store' is false): send the whole conversation as \
+         'input' each turn.",
+    )
+    .into_response()
+}
+
+async fn run(node: Arc<Node>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let bytes = axum::body::to_bytes(body, wire::MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "The request body could not be read or is larger than {} bytes.",
+                wire::MAX_BODY_BYTES
+            ))
+        })?;
+    let b = wire::Body::parse(&bytes)?;
+    let chat = chat_body(&b)?;
+    let req = wire::chat_request(&chat).map_err(renamed)?;
+    let started = api::start(&node, &headers, &req).await?;
+    let mut out = Responder::new(unix_now(), req.model.clone(), settings(&b), req.logprobs);
+    if req.stream {
+        return Ok(api::sse(out, started.first, started.rx, started.in_flight));
+    }
+    let (mut rx, mut next) = (started.rx, Some(started.first));
+    while let Some(ev) = next {
+        match ev {
+            Event::Chunk { chunk, .. } => {
+                out.record(&chunk);
+            }
+            Event::Done { usage, .. } => {
+                out.finish_output(usage);
+            }
+            Event::Error(e) => return Err(e),
+        }
+        next = rx.recv().await;
+    }
+    if out.usage.is_none() {
+        return Err(ApiError::internal("the generation ended unexpectedly"));
+    }
+    Ok(Json(out.response()).into_response())
+}
+
+/// The chat body a Responses body asks for; other keys (`temperature`, `top_p`, `stream`,
+/// vLLM's and llama.cpp's sampling extras) pass through as they are.
+fn chat_body(b: &wire::Body) -> Result<wire::Body, ApiError> {
+    for key in ["previous_response_id", "conversation", "prompt"] {
+        if b.get(key).is_some() {
+            return Err(ApiError::bad_param(
+                key,
+                format!(
+                    "'{key}' is not supported: this node stores no responses or prompts; send \
+                     the whole conversation as 'input'."
+                ),
+            ));
+        }
+    }
+    if b.bool("background")? == Some(true) {
+        return Err(ApiError::bad_param(
+            "background",
+            "'background' is not supported: this node answers while the request is open.",
+        ));
+    }
+    if let Some(k) = CHAT_KEYS.iter().find(|k| b.0.contains_key(**k)) {
+        let instead = match *k {
+            "messages" => "'input'",
+            "response_format" => "'text.format'",
+            "max_tokens" | "max_completion_tokens" => "'max_output_tokens'",
+            "logprobs" => "'top_logprobs'",
+            _ => "/v1/chat/completions",
+        };
+        return Err(ApiError::bad_param(
+            k,
+            format!("'{k}' is a Chat Completions parameter; the Responses API takes {instead}."),
+        ));
+    }
+    let mut chat: Map<String, Value> =
+        b.0.iter()
+            .filter(|(k, _)| !OWN_KEYS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+    chat.insert("messages".into(), Value::Array(messages(b)?));
+    if let Some(n) = b.int_in("max_output_tokens", 1, u32::MAX as i64)? {
+        chat.insert("max_tokens".into(), json!(n));
+    }
+    if let Some(format) = text_format(b)? {
+        chat.insert("response_format".into(), format);
+    }
+    if let Some(tools) = tools(b)? {
+        chat.insert("tools".into(), tools);
+    }
+    if let Some(choice) = tool_choice(b)? {
+        chat.insert("tool_choice".into(), choice);
+    }
+    let include = match b.get("include") {
+        None => Vec::new(),
+        Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "include",
+                "'include' must be a list of strings.",
+            ))
+        }
+    };
+    let top = b.int_in("top_logprobs", 0, 20)?;
+    if top.is_some() || include.contains(&"message.output_text.logprobs") {
+        chat.insert("logprobs".into(), json!(true));
+        chat.insert("top_logprobs".into(), json!(top.unwrap_or(0)));
+    }
+    Ok(wire::Body(chat))
+}
+
+/// A chat request's error in the Responses API's names.
+fn renamed(mut e: ApiError) -> ApiError {
+    e.param = e.param.map(|p| {
+        let (head, rest) = p.split_at(p.find(['[', '.']).unwrap_or(p.len()));
+        let head = match head {
+            "messages" => "input",
+            "max_tokens" => "max_output_tokens",
+            "response_format" => "text.format",
+            "top_logprobs" => "top_logprobs",
+            other => other,
+        };
+        format!("{head}{rest}")
+    });
+    e
+}
+
+/// The text of a content list's parts of the given types (`input_text`, `output_text`, and
+/// chat's `text`), or the reason it has none.
+fn part_text(content: &Value, at: &str) -> Result<String, ApiError> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for (k, p) in parts.iter().enumerate() {
+                let here = format!("{at}.content[{k}]");
+                match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("input_text" | "output_text" | "text"), Some(Value::String(t))) => {
+                        text.push_str(t)
+                    }
+                    (Some("refusal"), _) => {}
+                    (Some(t @ ("input_text" | "output_text" | "text")), _) => {
+                        return Err(ApiError::bad_param(
+                            &here,
+                            format!("An '{t}' part needs 'text', a string."),
+                        ))
+                    }
+                    (Some(t), _) => {
+                        return Err(ApiError::bad_param(
+                            &here,
+                            format!("Content parts of type '{t}' are not supported; send text."),
+                        ))
+                    }
+                    (None, _) => {
+                        return Err(ApiError::bad_param(&here, "A content part needs a 'type'."))
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(ApiError::bad_param(
+            &format!("{at}.content"),
+            "'content' must be a string or a list of parts.",
+        )),
+    }
+}
+
+/// `instructions` and `input` as chat messages: input messages as they are, a
+/// `function_call` as an assistant's tool call (consecutive calls in one message), a
+/// `function_call_output` as a tool message, a `reasoning` item as the next assistant
+/// message's `reasoning_content`.
+fn messages(b: &wire::Body) -> Result<Vec<Value>, ApiError> {
+    let mut out: Vec<Value> = Vec::new();
+    match b.get("instructions") {
+        None => {}
+        Some(Value::String(s)) => out.push(json!({"role": "system", "content": s})),
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "instructions",
+                "'instructions' must be a string.",
+            ))
+        }
+    }
+    let items = match b.get("input") {
+        Some(Value::String(s)) => {
+            out.push(json!({"role": "user", "content": s}));
+            return Ok(out);
+        }
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::bad_param("input", "'input' must not be empty."))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "input",
+                "'input' must be a string or a list of items.",
+            ))
+        }
+        None => {
+            return Err(ApiError::bad_param(
+                "input",
+                "Missing required parameter: 'input'.",
+            ))
+        }
+    };
+    let mut reasoning: Option<String> = None;
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("input[{i}]");
+        let bad = |what: &str| ApiError::bad_param(&at, what.to_string());
+        let Value::Object(item) = item else {
+            return Err(bad("Each input item must be an object."));
+        };
+        let str_field = |key: &str| match item.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            _ => Err(ApiError::bad_param(
+                &format!("{at}.{key}"),
+                format!("'{key}' must be a string."),
+            )),
+        };
+        let kind = item.get("type").and_then(Value::as_str);
+        match kind {
+            None | Some("message") => {
+                let role = match item.get("role").and_then(Value::as_str) {
+                    Some(r @ ("user" | "system" | "developer" | "assistant")) => r,
+                    Some(r) => {
+                        return Err(bad(&format!(
+                            "Unknown role '{r}' (user, system, developer, assistant)."
+                        )))
+                    }
+                    None => return Err(bad("A message needs a 'role'.")),
+                };
+                let content = part_text(item.get("content").unwrap_or(&Value::Null), &at)?;
+                let mut m = json!({"role": role, "content": content});
+                if role == "assistant" {
+                    if let Some(r) = reasoning.take() {
+                        m["reasoning_content"] = json!(r);
+                    }
+                }
+                out.push(m);
+            }
+            Some("function_call") => {
+                let call = json!({
+                    "id": str_field("call_id")?,
+                    "type": "function",
+                    "function": {"name": str_field("name")?, "arguments": str_field("arguments")?},
+                });
+                let last = out.last_mut().filter(|m| {
+                    m["role"] == "assistant" && m.get("tool_calls").is_some() && reasoning.is_none()
+                });
+                match last {
+                    Some(m) => {
+                        if let Some(calls) = m["tool_calls"].as_array_mut() {
+                            calls.push(call)
+                        }
+                    }
+                    None => {
+                        let mut m =
+                            json!({"role": "assistant", "content": null, "tool_calls": [call]});
+                        if let Some(r) = reasoning.take() {
+                            m["reasoning_content"] = json!(r);
+                        }
+                        out.push(m);
+                    }
+                }
+            }
+            Some("function_call_output") => {
+                let output = part_text(item.get("output").unwrap_or(&Value::Null), &at)?;
+                out.push(json!({
+                    "role": "tool",
+                    "tool_call_id": str_field("call_id")?,
+                    "content": output,
+                }));
+            }
+            Some("reasoning") => {
+                // The reasoning text, else its summary: what the model thought before the
+                // next assistant turn.
+                let texts = |key: &str| -> String {
+                    item.get(key)
+                        .and_then(Value::as_array)
+                        .map(|parts| {
+                            parts
+                                .iter()
+                                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                let text = Some(texts("content"))
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or_else(|| texts("summary"));
+                reasoning = Some(text);
+            }
+            Some("item_reference") => {
+                return Err(bad(
+                    "Item references are not supported: this node stores no responses; send \
+                     the items themselves.",
+                ))
+            }
+            Some(t) => {
+                return Err(bad(&format!(
+                    "Input items of type '{t}' are not supported (message, function_call, \
+                     function_call_output, reasoning)."
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `text.format` as chat's `response_format`.
+fn text_format(b: &wire::Body) -> Result<Option<Value>, ApiError> {
+    let format = match b.get("text") {
+        None => return Ok(None),
+        Some(Value::Object(t)) => match t.get("format") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(f) => f,
+        },
+        Some(_) => return Err(ApiError::bad_param("text", "'text' must be an object.")),
+    };
+    let bad = || {
+        ApiError::bad_param(
+            "text.format",
+            "'text.format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or \
+             {\"type\": \"json_schema\", \"name\", \"schema\", \"strict\"}.",
+        )
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "json_object"}))),
+        Some("json_schema") => {
+            let schema = format
+                .get("schema")
+                .filter(|s| s.is_object())
+                .ok_or_else(bad)?;
+            Ok(Some(json!({
+                "type": "json_schema",
+                "json_schema": {
+                    "name": format.get("name").cloned().unwrap_or(json!("response")),
+                    "schema": schema,
+                    "strict": format.get("strict").cloned().unwrap_or(Value::Null),
+                },
+            })))
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// The Responses API's flat function tools as chat's nested ones.
+fn tools(b: &wire::Body) -> Result<Option<Value>, ApiError> {
+    let list = match b.get("tools") {
+        None => return Ok(None),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(ApiError::bad_param("tools", "'tools' must be a list.")),
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let at = format!("tools[{i}]");
+        match t.get("type").and_then(Value::as_str) {
+            Some("function") => {}
+            Some(other) => {
+                return Err(ApiError::bad_param(
+                    &at,
+                    format!(
+                        "Tools of type '{other}' are not supported: this node calls no tools \
+                         itself; declare 'function' tools and run them in the client."
+                    ),
+                ))
+            }
+            None => return Err(ApiError::bad_param(&at, "A tool needs a 'type'.")),
+        }
+        let Some(name) = t.get("name").and_then(Value::as_str) else {
+            return Err(ApiError::bad_param(
+                &format!("{at}.name"),
+                "A function tool needs a 'name'.",
+            ));
+        };
+        let mut function = json!({"name": name});
+        for key in ["description", "parameters", "strict"] {
+            if let Some(v) = t.get(key).filter(|v| !v.is_null()) {
+                function[key] = v.clone();
+            }
+        }
+        out.push(json!({"type": "function", "function": function}));
+    }
+    Ok(Some(Value::Array(out)))
+}
+
+/// `tool_choice` as chat takes it (`{"type": "function", "name"}` nests its name).
+fn tool_choice(b: &wire::Body) -> Result<Option<Value>, ApiError> {
+    match b.get("tool_choice") {
+        None => Ok(None),
+        Some(v @ Value::String(_)) => Ok(Some(v.clone())),
+        Some(v) if v.get("type").and_then(Value::as_str) == Some("function") => {
+            match v.get("name").and_then(Value::as_str) {
+                Some(name) => Ok(Some(
+                    json!({"type": "function", "function": {"name": name}}),
+                )),
+                None => Err(ApiError::bad_param(
+                    "tool_choice",
+                    "A function 'tool_choice' needs a 'name'.",
+                )),
+            }
+        }
+        Some(_) => Err(ApiError::bad_param(
+            "tool_choice",
+            "'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \
+             \"name\": ...}.",
+        )),
+    }
+}
+
+/// The request's settings a Response object repeats back.
+fn settings(b: &wire::Body) -> Map<String, Value> {
+    let get = |k: &str| b.get(k).cloned().unwrap_or(Value::Null);
+    let or = |k: &str, d: Value| b.get(k).cloned().unwrap_or(d);
+    let mut s = Map::new();
+    s.insert("instructions".into(), get("instructions"));
+    s.insert("max_output_tokens".into(), get("max_output_tokens"));
+    s.insert("metadata".into(), or("metadata", json!({})));
+    s.insert(
+        "parallel_tool_calls".into(),
+        or("parallel_tool_calls", json!(true)),
+    );
+    s.insert("previous_response_id".into(), Value::Null);
+    s.insert(
+        "reasoning".into(),
+        or("reasoning", json!({"effort": null, "summary": null})),
+    );
+    s.insert("store".into(), json!(false));
+    s.insert("temperature".into(), or("temperature", json!(1.0)));
+    s.insert(
+        "text".into(),
+        or("text", json!({"format": {"type": "text"}})),
+    );
+    s.insert("tool_choice".into(), or("tool_choice", json!("auto")));
+    s.insert("tools".into(), or("tools", json!([])));
+    s.insert("top_logprobs".into(), get("top_logprobs"));
+    s.insert("top_p".into(), or("top_p", json!(1.0)));
+    s.insert("truncation".into(), json!("disabled"));
+    s.insert("user".into(), get("user"));
+    s
+}
+
+/// A unique hex suffix for ids.
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!("{t:x}{:06x}", n & 0xff_ffff)
+}
+
+/// What an output item holds.
+#[derive(Clone)]
+enum Item {
+    Reasoning(String),
+    Message {
+        text: String,
+        logprobs: Vec<Value>,
+    },
+    Call {
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
+}
+
+/// One output item, whether it is closed, and whether its `.done` events went out.
+struct Output {
+    id: String,
+    item: Item,
+    done: bool,
+    announced: bool,
+}
+
+/// Lays a generation's chunks out as Responses output items, whole or as stream events.
+struct Responder {
+    id: String,
+    created: u64,
+    model: String,
+    settings: Map<String, Value>,
+    logprobs: bool,
+    output: Vec<Output>,
+    /// Answer text of only whitespace, not yet a message: beside a tool call it is no
+    /// message at all (chat says `content: null` there).
+    blank: String,
+    /// Logprobs of answer tokens whose text has not come out yet (held back while a stop
+    /// string or a UTF-8 character may be incomplete, or blank); an end-of-generation
+    /// token's stay here.
+    pending_logprobs: Vec<Value>,
+    finish: Option<FinishReason>,
+    usage: Option<Usage>,
+    reasoning_tokens: u32,
+    /// Stream events sent (each carries its number).
+    sequence: u64,
+    started: bool,
+}
+
+impl Responder {
+    fn new(created: u64, model: String, settings: Map<String, Value>, logprobs: bool) -> Self {
+        Self {
+            id: format!("resp_{}", unique()),
+            created,
+            model,
+            settings,
+            logprobs,
+            output: Vec::new(),
+            blank: String::new(),
+            pending_logprobs: Vec::new(),
+            finish: None,
+            usage: None,
+            reasoning_tokens: 0,
+            sequence: 0,
+            started: false,
+        }
+    }
+
+    /// The open item of the same kind as `want` at the end, else a new one (the one before
+    /// closed); returns its index and whether it is new.
+    fn open(&mut self, want: Item) -> (usize, bool) {
+        let same = self.output.last().is_some_and(|o| {
+            !o.done
+                && matches!(
+                    (&o.item, &want),
+                    (Item::Reasoning(_), Item::Reasoning(_))
+                        | (Item::Message { .. }, Item::Message { .. })
+                )
+        });
+        if same {
+            return (self.output.len() - 1, false);
+        }
+        if let Some(o) = self.output.last_mut() {
+            o.done = true;
+        }
+        let prefix = match want {
+            Item::Reasoning(_) => "rs",
+            Item::Message { .. } => "msg",
+            Item::Call { .. } => "fc",
+        };
+        self.output.push(Output {
+            id: format!("{prefix}_{}", unique()),
+            item: want,
+            done: false,
+            announced: false,
+        });
+        (self.output.len() - 1, true)
+    }
+
+    /// Takes one chunk into the output; returns the stream events it makes.
+    fn record(&mut self, chunk: &Chunk) -> Vec<Value> {
+        let mut events = Vec::new();
+        if !chunk.reasoning.is_empty() {
+            self.reasoning_tokens += chunk.tokens.len() as u32;
+            let (k, new) = self.open(Item::Reasoning(String::new()));
+            self.closed_events(&mut events);
+            if new {
+                events.push(self.item_added(k));
+            }
+            if let Item::Reasoning(r) = &mut self.output[k].item {
+                r.push_str(&chunk.reasoning);
+            }
+            events.push(json!({
+                "type": "response.reasoning_text.delta",
+                "item_id": self.output[k].id,
+                "output_index": k,
+                "content_index": 0,
+                "delta": chunk.reasoning,
+            }));
+        }
+        if self.logprobs && chunk.reasoning.is_empty() {
+            self.pending_logprobs
+                .extend(chunk.logprobs.iter().map(chat_logprob));
+        }
+        let in_message = matches!(
+            self.output.last(),
+            Some(Output {
+                item: Item::Message { .. },
+                done: false,
+                ..
+            })
+        );
+        if !in_message && chunk.text.trim().is_empty() {
+            self.blank.push_str(&chunk.text);
+        } else if !chunk.text.is_empty() {
+            let text = std::mem::take(&mut self.blank) + &chunk.text;
+            let lps = std::mem::take(&mut self.pending_logprobs);
+            self.message_text(&text, lps, &mut events);
+        }
+        for call in &chunk.tool_calls {
+            self.blank.clear();
+            self.pending_logprobs.clear();
+            let (k, _) = self.open(Item::Call {
+                call_id: format!("call_{}", unique()),
+                name: call.name.clone(),
+                arguments: String::new(),
+            });
+            self.closed_events(&mut events);
+            events.push(self.item_added(k));
+            if let Item::Call { arguments, .. } = &mut self.output[k].item {
+                arguments.push_str(&call.arguments);
+            }
+            let id = self.output[k].id.clone();
+            events.push(json!({
+                "type": "response.function_call_arguments.delta",
+                "item_id": id, "output_index": k, "delta": call.arguments,
+            }));
+            events.push(json!({
+                "type": "response.function_call_arguments.done",
+                "item_id": id, "output_index": k, "name": call.name, "arguments": call.arguments,
+            }));
+            self.output[k].done = true;
+            self.output[k].announced = true;
+            events.push(self.item_done(k));
+        }
+        if chunk.finish.is_some() {
+            self.finish = chunk.finish;
+        }
+        events
+    }
+
+    /// Adds answer text to the open message (opening one); the events it makes.
+    fn message_text(&mut self, text: &str, logprobs: Vec<Value>, events: &mut Vec<Value>) {
+        let (k, new) = self.open(Item::Message {
+            text: String::new(),
+            logprobs: Vec::new(),
+        });
+        self.closed_events(events);
+        if new {
+            events.push(self.item_added(k));
+            events.push(json!({
+                "type": "response.content_part.added",
+                "item_id": self.output[k].id, "output_index": k, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+            }));
+        }
+        if let Item::Message {
+            text: t,
+            logprobs: l,
+        } = &mut self.output[k].item
+        {
+            t.push_str(text);
+            l.extend(logprobs.iter().cloned());
+        }
+        events.push(json!({
+            "type": "response.output_text.delta",
+            "item_id": self.output[k].id, "output_index": k, "content_index": 0,
+            "delta": text, "logprobs": logprobs,
+        }));
+    }
+
+    /// The end of the generation: a whitespace answer with nothing else becomes the message,
+    /// and every open item closes. Returns the events.
+    fn finish_output(&mut self, usage: Usage) -> Vec<Value> {
+        let mut events = Vec::new();
+        self.usage = Some(usage);
+        let has_call = self
+            .output
+            .iter()
+            .any(|o| matches!(o.item, Item::Call { .. }));
+        let has_message = self
+            .output
+            .iter()
+            .any(|o| matches!(o.item, Item::Message { .. }));
+        if !has_call && !has_message {
+            let text = std::mem::take(&mut self.blank);
+            let lps = std::mem::take(&mut self.pending_logprobs);
+            self.message_text(&text, lps, &mut events);
+        }
+        if let Some(o) = self.output.last_mut() {
+            o.done = true;
+        }
+        self.closed_events(&mut events);
+        events
+    }
+
+    /// The `.done` events of the items closed since the last call (the one before a new
+    /// item, or the last at the end).
+    fn closed_events(&mut self, events: &mut Vec<Value>) {
+        for k in 0..self.output.len() {
+            if !self.output[k].done || self.output[k].announced {
+                continue;
+            }
+            self.output[k].announced = true;
+            let o = &self.output[k];
+            match &o.item {
+                Item::Reasoning(text) => events.push(json!({
+                    "type": "response.reasoning_text.done",
+                    "item_id": o.id, "output_index": k, "content_index": 0, "text": text,
+                })),
+                Item::Message { text, logprobs } => {
+                    events.push(json!({
+                        "type": "response.output_text.done",
+                        "item_id": o.id, "output_index": k, "content_index": 0,
+                        "text": text, "logprobs": logprobs,
+                    }));
+                    events.push(json!({
+                        "type": "response.content_part.done",
+                        "item_id": o.id, "output_index": k, "content_index": 0,
+                        "part": self.text_part(text, logprobs),
+                    }));
+                }
+                Item::Call { .. } => {}
+            }
+            events.push(self.item_done(k));
+        }
+    }
+
+    fn text_part(&self, text: &str, logprobs: &[Value]) -> Value {
+        json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs})
+    }
+
+    /// Item `k` as the Responses API shows it.
+    fn item_json(&self, k: usize) -> Value {
+        let o = &self.output[k];
+        let status = if !o.done {
+            "in_progress"
+        } else if self.finish == Some(FinishReason::Length) && k + 1 == self.output.len() {
+            "incomplete"
+        } else {
+            "completed"
+        };
+        match &o.item {
+            Item::Reasoning(text) => json!({
+                "type": "reasoning", "id": o.id, "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}],
+            }),
+            Item::Message { text, logprobs } => json!({
+                "type": "message", "id": o.id, "status": status, "role": "assistant",
+                "content": if o.done { json!([self.text_part(text, logprobs)]) } else { json!([]) },
+            }),
+            Item::Call {
+                call_id,
+                name,
+                arguments,
+            } => json!({
+                "type": "function_call", "id": o.id, "status": status, "call_id": call_id,
+                "name": name, "arguments": arguments,
+            }),
+        }
+    }
+
+    fn item_added(&self, k: usize) -> Value {
+        let mut item = self.item_json(k);
+        if let Item::Call { .. } = self.output[k].item {
+            item["arguments"] = json!("");
+        }
+        if let Item::Reasoning(_) = self.output[k].item {
+            item["content"] = json!([]);
+        }
+        json!({"type": "response.output_item.added", "output_index": k, "item": item})
+    }
+
+    fn item_done(&self, k: usize) -> Value {
+        json!({"type": "response.output_item.done", "output_index": k, "item": self.item_json(k)})
+    }
+
+    /// `completed`, `incomplete` (cut by `max_output_tokens` or the context) or `in_progress`.
+    fn status(&self) -> &'static str {
+        match (self.usage.is_some(), self.finish) {
+            (false, _) => "in_progress",
+            (true, Some(FinishReason::Length)) => "incomplete",
+            (true, _) => "completed",
+        }
+    }
+
+    /// The Response object.
+    fn response(&self) -> Value {
+        let mut r = json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": self.status(),
+            "background": false,
+            "error": null,
+            "incomplete_details": if self.status() == "incomplete" {
+                json!({"reason": "max_output_tokens"})
+            } else { Value::Null },
+            "model": self.model,
+            "output": (0..self.output.len())
+                .filter(|&k| self.usage.is_some() || self.output[k].done)
+                .map(|k| self.item_json(k))
+                .collect::<Vec<_>>(),
+            "usage": self.usage.map(|u| json!({
+                "input_tokens": u.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": u.cached_tokens},
+                "output_tokens": u.completion_tokens,
+                "output_tokens_details": {
+                    "reasoning_tokens": self.reasoning_tokens.min(u.completion_tokens),
+                },
+                "total_tokens": u.prompt_tokens + u.completion_tokens,
+            })),
+        });
+        if let Some(o) = r.as_object_mut() {
+            o.extend(self.settings.clone());
+        }
+        r
+    }
+
+    /// Writes `events` as SSE, numbered.
+    fn send(&mut self, events: Vec<Value>, out: &mut VecDeque<Bytes>) {
+        for mut e in events {
+            e["sequence_number"] = json!(self.sequence);
+            self.sequence += 1;
+            let kind = e["type"].as_str().unwrap_or("message").to_string();
+            out.push_back(Bytes::from(format!("event: {kind}\ndata: {e}\n\n")));
+        }
+    }
+}
+
+impl StreamFormat for Responder {
+    fn stream_event(&mut self, ev: Event, out: &mut VecDeque<Bytes>) -> bool {
+        let mut events = Vec::new();
+        if !self.started {
+            self.started = true;
+            let r = self.response();
+            events.push(json!({"type": "response.created", "response": r}));
+            events.push(json!({"type": "response.in_progress", "response": r}));
+        }
+        let go_on = match ev {
+            Event::Chunk { chunk, .. } => {
+                events.extend(self.record(&chunk));
+                true
+            }
+            Event::Done { usage, .. } => {
+                events.extend(self.finish_output(usage));
+                let kind = if self.status() == "incomplete" {
+                    "response.incomplete"
+                } else {
+                    "response.completed"
+                };
+                events.push(json!({"type": kind, "response": self.response()}));
+                true
+            }
+            Event::Error(e) => {
+                let body = e.body();
+                let err = &body["error"];
+                events.push(json!({
+                    "type": "error",
+                    "code": err["code"], "message": err["message"], "param": err["param"],
+                }));
+                false
+            }
+        };
+        self.send(events, out);
+        go_on
+    }
+
+    fn stream_end(&mut self, out: &mut VecDeque<Bytes>) {
+        if self.usage.is_none() {
+            let e = json!({
+                "type": "error", "code": "internal_error", "param": null,
+                "message": "the generation ended unexpectedly",
+            });
+            self.send(vec![e], out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bindings::exports::wasmlm::llm::types::ToolCall;
+
+    fn body(v: Value) -> wire::Body {
+        match v {
+            Value::Object(m) => wire::Body(m),
+            _ => panic!("not an object"),
+        }
+    }
+
+    fn chunk(text: &str, reasoning: &str, calls: &[(&str, &str)]) -> Chunk {
+        Chunk {
+            text: text.into(),
+            reasoning: reasoning.into(),
+            tool_calls: calls
+                .iter()
+                .map(|(name, args)| ToolCall {
+                    id: String::new(),
+                    name: (*name).into(),
+                    arguments: (*args).into(),
+                })
+                .collect(),
+            tokens: vec![1],
+            logprobs: Vec::new(),
+            finish: None,
+        }
+    }
+
+    #[test]
+    fn items_become_the_chat_messages_a_template_expects() {
+        let b = body(json!({
+            "model": "m", "instructions": "Be terse.", "seed": 7, "max_output_tokens": 9,
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            "tool_choice": "auto",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "a"},
+                                             {"type": "input_text", "text": "b"}]},
+                {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{\"x\":1}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "one"},
+                {"type": "function_call_output", "call_id": "c2",
+                 "output": [{"type": "input_text", "text": "two"}]},
+                {"type": "message", "role": "assistant",
+                 "content": [{"type": "output_text", "text": "done", "annotations": []}]},
+            ],
+        }));
+        let chat = chat_body(&b).unwrap();
+        let call = |id: &str, args: &str| json!({"id": id, "type": "function", "function": {"name": "f", "arguments": args}});
+        assert_eq!(
+            chat.0["messages"],
+            json!([
+                {"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "ab"},
+                {"role": "assistant", "content": null, "reasoning_content": "hm",
+                 "tool_calls": [call("c1", "{}"), call("c2", "{\"x\":1}")]},
+                {"role": "tool", "tool_call_id": "c1", "content": "one"},
+                {"role": "tool", "tool_call_id": "c2", "content": "two"},
+                {"role": "assistant", "content": "done"},
+            ])
+        );
+        assert_eq!(chat.0["max_tokens"], 9);
+        assert_eq!(chat.0["seed"], 7);
+        assert_eq!(
+            chat.0["response_format"]["json_schema"]["schema"],
+            json!({"type": "object"})
+        );
+        assert_eq!(chat.0["tools"][0]["function"]["name"], "f");
+        assert_eq!(chat.0["tool_choice"], "auto");
+        let named = tool_choice(&body(
+            json!({"tool_choice": {"type": "function", "name": "f"}}),
+        ));
+        assert_eq!(
+            named.unwrap(),
+            Some(json!({"type": "function", "function": {"name": "f"}}))
+        );
+        for key in ["input", "instructions", "text", "max_output_tokens"] {
+            assert!(!chat.0.contains_key(key), "{key}");
+        }
+        let r = wire::chat_request(&chat).unwrap();
+        assert_eq!(r.options.max_tokens, Some(9));
+    }
+
+    #[test]
+    fn what_a_node_cannot_do_is_a_400_naming_the_responses_parameter() {
+        for (extra, param) in [
+            (json!({"input": []}), "input"),
+            (
+                json!({"input": [{"type": "item_reference", "id": "x"}]}),
+                "input[0]",
+            ),
+            (
+                json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+                "input[0].content[0]",
+            ),
+            (
+                json!({"input": [{"type": "function_call", "name": "f"}]}),
+                "input[0].call_id",
+            ),
+            (
+                json!({"input": "x", "previous_response_id": "resp_1"}),
+                "previous_response_id",
+            ),
+            (json!({"input": "x", "background": true}), "background"),
+            (json!({"input": "x", "messages": []}), "messages"),
+            (json!({"input": "x", "max_tokens": 3}), "max_tokens"),
+            (
+                json!({"input": "x", "tools": [{"type": "file_search"}]}),
+                "tools[0]",
+            ),
+            (
+                json!({"input": "x", "tool_choice": {"type": "function"}}),
+                "tool_choice",
+            ),
+            (
+                json!({"input": "x", "text": {"format": {"type": "yaml"}}}),
+                "text.format",
+            ),
+            (json!({"input": "x", "top_logprobs": 21}), "top_logprobs"),
+        ] {
+            let mut b = json!({"model": "m"});
+            b.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let e = chat_body(&body(b)).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
+            assert_eq!(e.status, 400);
+        }
+        // The chat path's own checks come back in Responses names.
+        let chat = chat_body(&body(json!({"model": "m", "input": "x",
+            "text": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
+            "guided_regex": "a"})))
+        .unwrap();
+        let e = renamed(wire::chat_request(&chat).unwrap_err());
+        assert_eq!(e.param.as_deref(), Some("guided_regex"), "{}", e.message);
+        assert_eq!(
+            renamed(ApiError::bad_param("messages[2].content", "x"))
+                .param
+                .as_deref(),
+            Some("input[2].content")
+        );
+    }
+
+    #[test]
+    fn chunks_become_items_and_events_in_order() {
+        let mut r = Responder::new(0, "m".into(), Map::new(), false);
+        let mut kinds = Vec::new();
+        let mut take = |events: Vec<Value>| {
+            kinds.extend(
+                events
+                    .iter()
+                    .map(|e| e["type"].as_str().unwrap().to_string()),
+            )
+        };
+        take(r.record(&chunk("", "think", &[])));
+        take(r.record(&chunk("\n\n", "", &[])));
+        take(r.record(&chunk("", "", &[("f", "{}")])));
+        let mut last = chunk("", "", &[]);
+        last.finish = Some(FinishReason::ToolCalls);
+        take(r.record(&last));
+        take(r.finish_output(Usage {
+            prompt_tokens: 5,
+            completion_tokens: 4,
+            cached_tokens: 0,
+        }));
+        assert_eq!(
+            kinds,
+            [
+                "response.output_item.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+            ]
+        );
+        let whole = r.response();
+        let types: Vec<&str> = whole["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["type"].as_str().unwrap())
+            .collect();
+        // The blank answer beside a call is no message, as chat's `content: null`.
+        assert_eq!(types, ["reasoning", "function_call"]);
+        assert_eq!(whole["status"], "completed");
+        assert_eq!(
+            whole["usage"]["output_tokens_details"]["reasoning_tokens"],
+            1
+        );
+        // Without a call, a blank answer is still the message.
+        let mut r = Responder::new(0, "m".into(), Map::new(), false);
+        r.record(&chunk(" ", "", &[]));
+        let mut last = chunk("", "", &[]);
+        last.finish = Some(FinishReason::Length);
+        r.record(&last);
+        r.finish_output(Usage {
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            cached_tokens: 0,
+        });
+        let whole = r.response();
+        assert_eq!(whole["status"], "incomplete");
+        assert_eq!(whole["output"][0]["content"][0]["text"], " ");
+        assert_eq!(whole["output"][0]["status"], "incomplete");
+    }
+}
