@@ -1,5 +1,6 @@
-//! The official `openai` Python SDK against a real `wasmlm serve`: the client our users run
-//! must work unchanged. The SDK is installed from PyPI into the target dir on first use.
+//! The official `openai` and `anthropic` Python SDKs against a real `wasmlm serve`: the
+//! clients our users run must work unchanged. The SDKs are installed from PyPI into the
+//! target dir on first use.
 
 mod common;
 
@@ -8,12 +9,14 @@ use std::process::Command;
 
 use common::node::Node;
 
-/// The SDK version the suite pins.
+/// The SDK versions the suites pin.
 const OPENAI_SDK: &str = "openai==3.54.0";
+const ANTHROPIC_SDK: &str = "anthropic==2.17.0";
 
-/// A folder holding the pinned SDK, installed there if it is not yet.
-fn sdk_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pydeps-openai-3.54.0");
+/// A folder holding the pinned package `spec`, installed there if it is not yet.
+fn sdk_dir(spec: &str) -> PathBuf {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pydeps-{}", spec.replace("==", "-")));
     let marker = dir.join(".complete");
     if !marker.exists() {
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
@@ -28,12 +31,12 @@ fn sdk_dir() -> PathBuf {
                 "--target",
             ])
             .arg(&tmp)
-            .arg(OPENAI_SDK)
+            .arg(spec)
             .output()
             .expect("python3 -m pip runs");
         assert!(
             out.status.success(),
-            "installing {OPENAI_SDK}: {}",
+            "installing {spec}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         std::fs::write(tmp.join(".complete"), "").unwrap();
@@ -43,9 +46,29 @@ fn sdk_dir() -> PathBuf {
     dir
 }
 
+/// Runs the suite `script` with `sdk` on its path; its stdout once it passed.
+fn suite(script: &str, sdk: &Path, args: &[String]) -> String {
+    let out = Command::new("python3")
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests")
+                .join(script),
+        )
+        .args(args)
+        .env("PYTHONPATH", sdk)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
 #[test]
-fn the_openai_python_sdk_works_unchanged() {
-    let sdk = sdk_dir();
+fn the_openai_and_anthropic_python_sdks_work_unchanged() {
+    let sdk = sdk_dir(OPENAI_SDK);
     let smollm2 = format!("smollm2={}", common::smollm2_path().display());
     // A random-weight Qwen3 with the real tokenizer and template, for reasoning and tools.
     let qwen3 = format!("qwen3={}", common::random_qwen3_folder().display());
@@ -64,22 +87,23 @@ fn the_openai_python_sdk_works_unchanged() {
     ]);
     // A node with one slot and no queue, to see 429 from a busy node.
     let busy = Node::start(&["--api-key", "test-key", "--slots", "1", "--queue", "0"]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/openai_sdk.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg(format!("http://{}/v1", node.addr))
-        .arg(format!("http://{}/v1", busy.addr))
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors/minilm-embeddings.jsonl"))
-        .env("PYTHONPATH", &sdk)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "SDK suite failed:\n{stdout}\n{stderr}"
+    let vectors =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors/minilm-embeddings.jsonl");
+    let out = suite(
+        "openai_sdk.py",
+        &sdk,
+        &[
+            format!("http://{}/v1", node.addr),
+            format!("http://{}/v1", busy.addr),
+            vectors.display().to_string(),
+        ],
     );
-    assert!(stdout.contains("all SDK checks passed"), "{stdout}");
+    assert!(out.contains("all SDK checks passed"), "{out}");
+    // Anthropic's SDK against the same node: the Messages API.
+    let out = suite(
+        "anthropic_sdk.py",
+        &sdk_dir(ANTHROPIC_SDK),
+        &[format!("http://{}", node.addr)],
+    );
+    assert!(out.contains("all Anthropic SDK checks passed"), "{out}");
 }

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hasher;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Cumulative chunk hashes of a prompt, each with the prefix length it covers.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -46,7 +46,7 @@ impl PrefixHashes {
         PrefixHashes(out)
     }
 
-    /// The canonical prompt text of an OpenAI request body (chat `messages`, completion
+    /// The canonical prompt text of a request body (chat or Anthropic `messages`, completion
     /// `prompt`, or a Responses `input`), or `None` when it has none.
     pub fn prompt_text(body: &Value) -> Option<String> {
         if let Some(input) = body.get("input").filter(|_| body.get("messages").is_none()) {
@@ -54,6 +54,10 @@ impl PrefixHashes {
         }
         if let Some(messages) = body.get("messages").and_then(Value::as_array) {
             let mut s = String::new();
+            // Anthropic's Messages API has its system prompt beside the messages.
+            if let Some(system) = body.get("system") {
+                Self::push_message(&mut s, &json!({"role": "system", "content": system}));
+            }
             messages.iter().for_each(|m| Self::push_message(&mut s, m));
             return Some(s);
         }
@@ -73,7 +77,8 @@ impl PrefixHashes {
         }
     }
 
-    /// One chat message (or Responses message item) as text: role, content, tool calls.
+    /// One chat message (or Responses or Anthropic message) as text: role, content (a
+    /// string, or the text of its parts), tool calls.
     fn push_message(s: &mut String, m: &Value) {
         s.push_str(m.get("role").and_then(Value::as_str).unwrap_or(""));
         s.push('\n');

@@ -38,6 +38,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
+        // Anthropic's clients send the key as `x-api-key`.
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim)
 }
 
@@ -162,10 +164,15 @@ async fn place_and_forward(
         ));
     }
     let body_value = Value::Object(obj);
-    let prompt = ["/v1/chat/completions", "/v1/completions", "/v1/responses"]
-        .contains(&path)
-        .then(|| PrefixHashes::prompt_text(&body_value))
-        .flatten();
+    let prompt = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/messages",
+    ]
+    .contains(&path)
+    .then(|| PrefixHashes::prompt_text(&body_value))
+    .flatten();
     let demand = Demand {
         prompt_tokens: prompt
             .as_ref()

@@ -235,8 +235,21 @@ struct Seen {
 }
 
 impl Seen {
+    /// Reads an answer or a stream event: OpenAI's `usage.total_tokens`, Anthropic's
+    /// `usage` parts, and the `timings` beside them; a Responses event holds them in its
+    /// `response`.
     fn take(&mut self, v: &Value) {
-        if let Some(t) = v.pointer("/usage/total_tokens").and_then(Value::as_u64) {
+        let v = v.get("response").filter(|r| r.is_object()).unwrap_or(v);
+        let usage = v.get("usage");
+        let part = |k: &str| usage.and_then(|u| u.get(k)).and_then(Value::as_u64);
+        let anthropic = part("output_tokens")
+            .zip(part("input_tokens"))
+            .map(|(o, i)| {
+                o + i
+                    + part("cache_read_input_tokens").unwrap_or(0)
+                    + part("cache_creation_input_tokens").unwrap_or(0)
+            });
+        if let Some(t) = part("total_tokens").or(anthropic) {
             self.total_tokens = Some(t);
         }
         if let Some(t) = v.get("timings") {
@@ -294,7 +307,7 @@ impl Tap {
                 continue;
             };
             let cheap = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
-            if cheap(b"\"timings\"") || cheap(b"\"total_tokens\"") {
+            if cheap(b"\"timings\"") || cheap(b"_tokens\"") {
                 let json = &line[b"data: ".len()..];
                 if let Ok(v) = serde_json::from_slice::<Value>(json) {
                     self.seen.take(&v);
@@ -338,5 +351,41 @@ impl Tap {
             )
             .sse_event()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn usage_is_read_from_openai_responses_and_anthropic_answers() {
+        let timings = json!({"predicted_n": 10, "predicted_per_second": 50.0});
+        for (answer, total) in [
+            (
+                json!({"usage": {"total_tokens": 12}, "timings": timings}),
+                12,
+            ),
+            (
+                json!({"type": "response.completed",
+                       "response": {"usage": {"total_tokens": 13}, "timings": timings}}),
+                13,
+            ),
+            (
+                json!({"type": "message_delta", "timings": timings,
+                       "usage": {"input_tokens": 4, "cache_read_input_tokens": 6,
+                                 "cache_creation_input_tokens": 0, "output_tokens": 4}}),
+                14,
+            ),
+        ] {
+            let mut seen = Seen::default();
+            seen.take(&answer);
+            assert_eq!(seen.total_tokens, Some(total), "{answer}");
+            assert_eq!(seen.speed.decode_tps, Some(50.0), "{answer}");
+        }
+        let mut seen = Seen::default();
+        seen.take(&json!({"type": "response.created", "response": {"usage": null}}));
+        assert_eq!(seen.total_tokens, None);
     }
 }

@@ -22,6 +22,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/completions", post(api::model_call))
         .route("/v1/embeddings", post(api::model_call))
         .route("/v1/responses", post(api::model_call))
+        .route("/v1/messages", post(api::model_call))
+        .route("/v1/messages/count_tokens", post(api::model_call))
         .route("/tokenize", post(api::model_call))
         .route("/detokenize", post(api::model_call))
         .route("/apply-template", post(api::model_call))

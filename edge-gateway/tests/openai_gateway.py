@@ -92,3 +92,18 @@ def _():
                                  max_output_tokens=24) as stream:
         text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
         assert text == stream.get_final_response().output_text and text, text
+
+
+@check("Anthropic's messages, with the key as x-api-key")
+def _():
+    import json
+    import urllib.request
+    body = {"model": "smollm2", "max_tokens": 24, "temperature": 0,
+            "system": QUESTION[0]["content"], "messages": QUESTION[1:]}
+    req = urllib.request.Request(BASE.rsplit("/v1", 1)[0] + "/v1/messages",
+                                 data=json.dumps(body).encode(),
+                                 headers={"x-api-key": KEY, "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        m = json.loads(r.read())
+    assert m["type"] == "message" and "Paris" in m["content"][0]["text"], m
+    assert m["stop_reason"] == "end_turn", m

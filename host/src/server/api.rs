@@ -27,7 +27,8 @@ fn respond(r: ApiResult) -> Response {
     r.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn read_body(body: Body) -> Result<wire::Body, ApiError> {
+/// Reads a request body as a JSON object, within the size limit.
+pub(super) async fn read_body(body: Body) -> Result<wire::Body, ApiError> {
     let bytes = axum::body::to_bytes(body, wire::MAX_BODY_BYTES)
         .await
         .map_err(|_| {
@@ -953,6 +954,24 @@ pub async fn detokenize(State(node): State<Arc<Node>>, body: Body) -> Response {
         }
         .await,
     )
+}
+
+/// The tokens of a chat body's prompt as the model's template renders it, as a generation
+/// would count them.
+pub(super) async fn count_chat_tokens(
+    node: &Arc<Node>,
+    model: &str,
+    chat: &wire::Body,
+) -> Result<u32, ApiError> {
+    let m = node.find(model)?;
+    let messages = wire::messages(chat)?;
+    let context = wire::chat_context(chat)?;
+    let tokens = with_instance(node, &m, move |inst, name| {
+        let prompt = inst.apply_template(name, &messages, &context, true)?;
+        inst.tokenize(name, &prompt, true)
+    })
+    .await?;
+    Ok(tokens.len() as u32)
 }
 
 /// `POST /apply-template`.

@@ -54,7 +54,7 @@ impl ApiError {
             ..Self::new(
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
-                "Missing or invalid API key. Send it as 'Authorization: Bearer KEY'.",
+                "Missing or invalid API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.",
             )
         }
     }

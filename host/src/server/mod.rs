@@ -4,6 +4,8 @@ pub mod api;
 pub mod apps;
 pub mod config;
 pub mod error;
+pub mod items;
+pub mod messages;
 pub mod metrics;
 pub mod node;
 pub mod responses;
@@ -55,6 +57,8 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/responses/{id}",
             get(responses::stored).delete(responses::stored),
         )
+        .route("/v1/messages", post(messages::create))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/models", get(api::list_models))
         .route("/v1/models/{id}", get(api::get_model))
         .route("/health", get(api::health))
@@ -76,19 +80,23 @@ pub fn router(node: Arc<Node>) -> Router {
 async fn authorize(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
     if req.uri().path() == "/health" || authorized(&node, &req) {
         next.run(req).await
+    } else if req.uri().path().starts_with("/v1/messages") {
+        messages::error_response(ApiError::unauthorized())
     } else {
         ApiError::unauthorized().into_response()
     }
 }
 
-/// Whether `req` carries one of the node's keys (or the node has none).
+/// Whether `req` carries one of the node's keys (or the node has none): OpenAI clients send
+/// `Authorization: Bearer KEY`, Anthropic's `x-api-key: KEY`.
 fn authorized(node: &Node, req: &Request) -> bool {
     let keys = &node.config.api_keys;
-    let given = req
-        .headers()
+    let h = req.headers();
+    let given = h
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim);
     keys.is_empty() || given.is_some_and(|k| keys.iter().any(|x| same_key(x, k)))
 }

@@ -21,11 +21,10 @@ use serde_json::{json, Map, Value};
 
 use super::api::{self, StreamFormat};
 use super::error::ApiError;
+use super::items::{unique, Item, Items, Step};
 use super::node::{unix_now, Node};
-use super::wire::{self, chat_logprob};
+use super::wire;
 use super::worker::Event;
-use crate::bindings::exports::wasmlm::llm::generation::Chunk;
-use crate::bindings::exports::wasmlm::llm::types::{FinishReason, Usage};
 
 /// Responses keys that have no chat counterpart and are taken here, not passed on.
 const OWN_KEYS: [&str; 19] = [
@@ -79,15 +78,7 @@ pub async fn stored() -> Response {
 }
 
 async fn run(node: Arc<Node>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let bytes = axum::body::to_bytes(body, wire::MAX_BODY_BYTES)
-        .await
-        .map_err(|_| {
-            ApiError::bad_request(format!(
-                "The request body could not be read or is larger than {} bytes.",
-                wire::MAX_BODY_BYTES
-            ))
-        })?;
-    let b = wire::Body::parse(&bytes)?;
+    let b = api::read_body(body).await?;
     let chat = chat_body(&b)?;
     let req = wire::chat_request(&chat).map_err(renamed)?;
     let started = api::start(&node, &headers, &req).await?;
@@ -99,16 +90,16 @@ async fn run(node: Arc<Node>, headers: HeaderMap, body: Body) -> Result<Response
     while let Some(ev) = next {
         match ev {
             Event::Chunk { chunk, .. } => {
-                out.record(&chunk);
+                out.items.record(&chunk);
             }
-            Event::Done { usage, .. } => {
-                out.finish_output(usage);
+            Event::Done { usage, timings, .. } => {
+                out.items.finish(usage, timings);
             }
             Event::Error(e) => return Err(e),
         }
         next = rx.recv().await;
     }
-    if out.usage.is_none() {
+    if out.items.usage.is_none() {
         return Err(ApiError::internal("the generation ended unexpectedly"));
     }
     Ok(Json(out.response()).into_response())
@@ -516,58 +507,13 @@ fn settings(b: &wire::Body) -> Map<String, Value> {
     s
 }
 
-/// A unique hex suffix for ids.
-fn unique() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    format!("{t:x}{:06x}", n & 0xff_ffff)
-}
-
-/// What an output item holds.
-#[derive(Clone)]
-enum Item {
-    Reasoning(String),
-    Message {
-        text: String,
-        logprobs: Vec<Value>,
-    },
-    Call {
-        call_id: String,
-        name: String,
-        arguments: String,
-    },
-}
-
-/// One output item, whether it is closed, and whether its `.done` events went out.
-struct Output {
-    id: String,
-    item: Item,
-    done: bool,
-    announced: bool,
-}
-
-/// Lays a generation's chunks out as Responses output items, whole or as stream events.
+/// Lays a generation out as a Response object, whole or as stream events.
 struct Responder {
     id: String,
     created: u64,
     model: String,
     settings: Map<String, Value>,
-    logprobs: bool,
-    output: Vec<Output>,
-    /// Answer text of only whitespace, not yet a message: beside a tool call it is no
-    /// message at all (chat says `content: null` there).
-    blank: String,
-    /// Logprobs of answer tokens whose text has not come out yet (held back while a stop
-    /// string or a UTF-8 character may be incomplete, or blank); an end-of-generation
-    /// token's stay here.
-    pending_logprobs: Vec<Value>,
-    finish: Option<FinishReason>,
-    usage: Option<Usage>,
-    reasoning_tokens: u32,
+    items: Items,
     /// Stream events sent (each carries its number).
     sequence: u64,
     started: bool,
@@ -580,218 +526,18 @@ impl Responder {
             created,
             model,
             settings,
-            logprobs,
-            output: Vec::new(),
-            blank: String::new(),
-            pending_logprobs: Vec::new(),
-            finish: None,
-            usage: None,
-            reasoning_tokens: 0,
+            items: Items::new(["rs", "msg", "fc"], logprobs),
             sequence: 0,
             started: false,
         }
     }
 
-    /// The open item of the same kind as `want` at the end, else a new one (the one before
-    /// closed); returns its index and whether it is new.
-    fn open(&mut self, want: Item) -> (usize, bool) {
-        let same = self.output.last().is_some_and(|o| {
-            !o.done
-                && matches!(
-                    (&o.item, &want),
-                    (Item::Reasoning(_), Item::Reasoning(_))
-                        | (Item::Message { .. }, Item::Message { .. })
-                )
-        });
-        if same {
-            return (self.output.len() - 1, false);
-        }
-        if let Some(o) = self.output.last_mut() {
-            o.done = true;
-        }
-        let prefix = match want {
-            Item::Reasoning(_) => "rs",
-            Item::Message { .. } => "msg",
-            Item::Call { .. } => "fc",
-        };
-        self.output.push(Output {
-            id: format!("{prefix}_{}", unique()),
-            item: want,
-            done: false,
-            announced: false,
-        });
-        (self.output.len() - 1, true)
-    }
-
-    /// Takes one chunk into the output; returns the stream events it makes.
-    fn record(&mut self, chunk: &Chunk) -> Vec<Value> {
-        let mut events = Vec::new();
-        if !chunk.reasoning.is_empty() {
-            self.reasoning_tokens += chunk.tokens.len() as u32;
-            let (k, new) = self.open(Item::Reasoning(String::new()));
-            self.closed_events(&mut events);
-            if new {
-                events.push(self.item_added(k));
-            }
-            if let Item::Reasoning(r) = &mut self.output[k].item {
-                r.push_str(&chunk.reasoning);
-            }
-            events.push(json!({
-                "type": "response.reasoning_text.delta",
-                "item_id": self.output[k].id,
-                "output_index": k,
-                "content_index": 0,
-                "delta": chunk.reasoning,
-            }));
-        }
-        if self.logprobs && chunk.reasoning.is_empty() {
-            self.pending_logprobs
-                .extend(chunk.logprobs.iter().map(chat_logprob));
-        }
-        let in_message = matches!(
-            self.output.last(),
-            Some(Output {
-                item: Item::Message { .. },
-                done: false,
-                ..
-            })
-        );
-        if !in_message && chunk.text.trim().is_empty() {
-            self.blank.push_str(&chunk.text);
-        } else if !chunk.text.is_empty() {
-            let text = std::mem::take(&mut self.blank) + &chunk.text;
-            let lps = std::mem::take(&mut self.pending_logprobs);
-            self.message_text(&text, lps, &mut events);
-        }
-        for call in &chunk.tool_calls {
-            self.blank.clear();
-            self.pending_logprobs.clear();
-            let (k, _) = self.open(Item::Call {
-                call_id: format!("call_{}", unique()),
-                name: call.name.clone(),
-                arguments: String::new(),
-            });
-            self.closed_events(&mut events);
-            events.push(self.item_added(k));
-            if let Item::Call { arguments, .. } = &mut self.output[k].item {
-                arguments.push_str(&call.arguments);
-            }
-            let id = self.output[k].id.clone();
-            events.push(json!({
-                "type": "response.function_call_arguments.delta",
-                "item_id": id, "output_index": k, "delta": call.arguments,
-            }));
-            events.push(json!({
-                "type": "response.function_call_arguments.done",
-                "item_id": id, "output_index": k, "name": call.name, "arguments": call.arguments,
-            }));
-            self.output[k].done = true;
-            self.output[k].announced = true;
-            events.push(self.item_done(k));
-        }
-        if chunk.finish.is_some() {
-            self.finish = chunk.finish;
-        }
-        events
-    }
-
-    /// Adds answer text to the open message (opening one); the events it makes.
-    fn message_text(&mut self, text: &str, logprobs: Vec<Value>, events: &mut Vec<Value>) {
-        let (k, new) = self.open(Item::Message {
-            text: String::new(),
-            logprobs: Vec::new(),
-        });
-        self.closed_events(events);
-        if new {
-            events.push(self.item_added(k));
-            events.push(json!({
-                "type": "response.content_part.added",
-                "item_id": self.output[k].id, "output_index": k, "content_index": 0,
-                "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
-            }));
-        }
-        if let Item::Message {
-            text: t,
-            logprobs: l,
-        } = &mut self.output[k].item
-        {
-            t.push_str(text);
-            l.extend(logprobs.iter().cloned());
-        }
-        events.push(json!({
-            "type": "response.output_text.delta",
-            "item_id": self.output[k].id, "output_index": k, "content_index": 0,
-            "delta": text, "logprobs": logprobs,
-        }));
-    }
-
-    /// The end of the generation: a whitespace answer with nothing else becomes the message,
-    /// and every open item closes. Returns the events.
-    fn finish_output(&mut self, usage: Usage) -> Vec<Value> {
-        let mut events = Vec::new();
-        self.usage = Some(usage);
-        let has_call = self
-            .output
-            .iter()
-            .any(|o| matches!(o.item, Item::Call { .. }));
-        let has_message = self
-            .output
-            .iter()
-            .any(|o| matches!(o.item, Item::Message { .. }));
-        if !has_call && !has_message {
-            let text = std::mem::take(&mut self.blank);
-            let lps = std::mem::take(&mut self.pending_logprobs);
-            self.message_text(&text, lps, &mut events);
-        }
-        if let Some(o) = self.output.last_mut() {
-            o.done = true;
-        }
-        self.closed_events(&mut events);
-        events
-    }
-
-    /// The `.done` events of the items closed since the last call (the one before a new
-    /// item, or the last at the end).
-    fn closed_events(&mut self, events: &mut Vec<Value>) {
-        for k in 0..self.output.len() {
-            if !self.output[k].done || self.output[k].announced {
-                continue;
-            }
-            self.output[k].announced = true;
-            let o = &self.output[k];
-            match &o.item {
-                Item::Reasoning(text) => events.push(json!({
-                    "type": "response.reasoning_text.done",
-                    "item_id": o.id, "output_index": k, "content_index": 0, "text": text,
-                })),
-                Item::Message { text, logprobs } => {
-                    events.push(json!({
-                        "type": "response.output_text.done",
-                        "item_id": o.id, "output_index": k, "content_index": 0,
-                        "text": text, "logprobs": logprobs,
-                    }));
-                    events.push(json!({
-                        "type": "response.content_part.done",
-                        "item_id": o.id, "output_index": k, "content_index": 0,
-                        "part": self.text_part(text, logprobs),
-                    }));
-                }
-                Item::Call { .. } => {}
-            }
-            events.push(self.item_done(k));
-        }
-    }
-
-    fn text_part(&self, text: &str, logprobs: &[Value]) -> Value {
-        json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs})
-    }
-
     /// Item `k` as the Responses API shows it.
     fn item_json(&self, k: usize) -> Value {
-        let o = &self.output[k];
+        let o = &self.items.output[k];
         let status = if !o.done {
             "in_progress"
-        } else if self.finish == Some(FinishReason::Length) && k + 1 == self.output.len() {
+        } else if self.items.incomplete(k) {
             "incomplete"
         } else {
             "completed"
@@ -801,9 +547,9 @@ impl Responder {
                 "type": "reasoning", "id": o.id, "status": status, "summary": [],
                 "content": [{"type": "reasoning_text", "text": text}],
             }),
-            Item::Message { text, logprobs } => json!({
+            Item::Text { text, logprobs } => json!({
                 "type": "message", "id": o.id, "status": status, "role": "assistant",
-                "content": if o.done { json!([self.text_part(text, logprobs)]) } else { json!([]) },
+                "content": [text_part(text, logprobs)],
             }),
             Item::Call {
                 call_id,
@@ -816,32 +562,96 @@ impl Responder {
         }
     }
 
-    fn item_added(&self, k: usize) -> Value {
-        let mut item = self.item_json(k);
-        if let Item::Call { .. } = self.output[k].item {
-            item["arguments"] = json!("");
+    /// The stream events of `steps`.
+    fn events(&self, steps: Vec<Step>) -> Vec<Value> {
+        let mut events = Vec::new();
+        for step in steps {
+            match step {
+                Step::Added(k) => {
+                    let id = &self.items.output[k].id;
+                    let mut item = self.item_json(k);
+                    match self.items.output[k].item {
+                        Item::Reasoning(_) | Item::Text { .. } => item["content"] = json!([]),
+                        Item::Call { .. } => item["arguments"] = json!(""),
+                    }
+                    events.push(json!({
+                        "type": "response.output_item.added", "output_index": k, "item": item,
+                    }));
+                    if let Item::Text { .. } = self.items.output[k].item {
+                        events.push(json!({
+                            "type": "response.content_part.added",
+                            "item_id": id, "output_index": k, "content_index": 0,
+                            "part": text_part("", &[]),
+                        }));
+                    }
+                }
+                Step::Delta(k, delta, logprobs) => {
+                    let id = &self.items.output[k].id;
+                    events.push(match self.items.output[k].item {
+                        Item::Reasoning(_) => json!({
+                            "type": "response.reasoning_text.delta",
+                            "item_id": id, "output_index": k, "content_index": 0, "delta": delta,
+                        }),
+                        Item::Text { .. } => json!({
+                            "type": "response.output_text.delta",
+                            "item_id": id, "output_index": k, "content_index": 0,
+                            "delta": delta, "logprobs": logprobs,
+                        }),
+                        Item::Call { .. } => json!({
+                            "type": "response.function_call_arguments.delta",
+                            "item_id": id, "output_index": k, "delta": delta,
+                        }),
+                    });
+                }
+                Step::Done(k) => {
+                    let o = &self.items.output[k];
+                    match &o.item {
+                        Item::Reasoning(text) => events.push(json!({
+                            "type": "response.reasoning_text.done",
+                            "item_id": o.id, "output_index": k, "content_index": 0, "text": text,
+                        })),
+                        Item::Text { text, logprobs } => {
+                            events.push(json!({
+                                "type": "response.output_text.done",
+                                "item_id": o.id, "output_index": k, "content_index": 0,
+                                "text": text, "logprobs": logprobs,
+                            }));
+                            events.push(json!({
+                                "type": "response.content_part.done",
+                                "item_id": o.id, "output_index": k, "content_index": 0,
+                                "part": text_part(text, logprobs),
+                            }));
+                        }
+                        Item::Call {
+                            name, arguments, ..
+                        } => events.push(json!({
+                            "type": "response.function_call_arguments.done",
+                            "item_id": o.id, "output_index": k, "name": name,
+                            "arguments": arguments,
+                        })),
+                    }
+                    events.push(json!({
+                        "type": "response.output_item.done", "output_index": k,
+                        "item": self.item_json(k),
+                    }));
+                }
+            }
         }
-        if let Item::Reasoning(_) = self.output[k].item {
-            item["content"] = json!([]);
-        }
-        json!({"type": "response.output_item.added", "output_index": k, "item": item})
-    }
-
-    fn item_done(&self, k: usize) -> Value {
-        json!({"type": "response.output_item.done", "output_index": k, "item": self.item_json(k)})
+        events
     }
 
     /// `completed`, `incomplete` (cut by `max_output_tokens` or the context) or `in_progress`.
     fn status(&self) -> &'static str {
-        match (self.usage.is_some(), self.finish) {
+        match (self.items.usage.is_some(), self.items.cut()) {
             (false, _) => "in_progress",
-            (true, Some(FinishReason::Length)) => "incomplete",
-            (true, _) => "completed",
+            (true, true) => "incomplete",
+            (true, false) => "completed",
         }
     }
 
     /// The Response object.
     fn response(&self) -> Value {
+        let items = &self.items;
         let mut r = json!({
             "id": self.id,
             "object": "response",
@@ -853,22 +663,25 @@ impl Responder {
                 json!({"reason": "max_output_tokens"})
             } else { Value::Null },
             "model": self.model,
-            "output": (0..self.output.len())
-                .filter(|&k| self.usage.is_some() || self.output[k].done)
+            "output": (0..items.output.len())
+                .filter(|&k| items.usage.is_some() || items.output[k].done)
                 .map(|k| self.item_json(k))
                 .collect::<Vec<_>>(),
-            "usage": self.usage.map(|u| json!({
+            "usage": items.usage.map(|u| json!({
                 "input_tokens": u.prompt_tokens,
                 "input_tokens_details": {"cached_tokens": u.cached_tokens},
                 "output_tokens": u.completion_tokens,
                 "output_tokens_details": {
-                    "reasoning_tokens": self.reasoning_tokens.min(u.completion_tokens),
+                    "reasoning_tokens": items.reasoning_tokens.min(u.completion_tokens),
                 },
                 "total_tokens": u.prompt_tokens + u.completion_tokens,
             })),
         });
         if let Some(o) = r.as_object_mut() {
             o.extend(self.settings.clone());
+            if let Some(t) = &items.timings {
+                o.insert("timings".into(), json!(t));
+            }
         }
         r
     }
@@ -884,6 +697,10 @@ impl Responder {
     }
 }
 
+fn text_part(text: &str, logprobs: &[Value]) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs})
+}
+
 impl StreamFormat for Responder {
     fn stream_event(&mut self, ev: Event, out: &mut VecDeque<Bytes>) -> bool {
         let mut events = Vec::new();
@@ -895,11 +712,13 @@ impl StreamFormat for Responder {
         }
         let go_on = match ev {
             Event::Chunk { chunk, .. } => {
-                events.extend(self.record(&chunk));
+                let steps = self.items.record(&chunk);
+                events.extend(self.events(steps));
                 true
             }
-            Event::Done { usage, .. } => {
-                events.extend(self.finish_output(usage));
+            Event::Done { usage, timings, .. } => {
+                let steps = self.items.finish(usage, timings);
+                events.extend(self.events(steps));
                 let kind = if self.status() == "incomplete" {
                     "response.incomplete"
                 } else {
@@ -923,7 +742,7 @@ impl StreamFormat for Responder {
     }
 
     fn stream_end(&mut self, out: &mut VecDeque<Bytes>) {
-        if self.usage.is_none() {
+        if self.items.usage.is_none() {
             let e = json!({
                 "type": "error", "code": "internal_error", "param": null,
                 "message": "the generation ended unexpectedly",
@@ -936,30 +755,13 @@ impl StreamFormat for Responder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bindings::exports::wasmlm::llm::types::ToolCall;
+    use crate::bindings::exports::wasmlm::llm::types::Usage;
+    use crate::server::items::tests::chunk;
 
     fn body(v: Value) -> wire::Body {
         match v {
             Value::Object(m) => wire::Body(m),
             _ => panic!("not an object"),
-        }
-    }
-
-    fn chunk(text: &str, reasoning: &str, calls: &[(&str, &str)]) -> Chunk {
-        Chunk {
-            text: text.into(),
-            reasoning: reasoning.into(),
-            tool_calls: calls
-                .iter()
-                .map(|(name, args)| ToolCall {
-                    id: String::new(),
-                    name: (*name).into(),
-                    arguments: (*args).into(),
-                })
-                .collect(),
-            tokens: vec![1],
-            logprobs: Vec::new(),
-            finish: None,
         }
     }
 
@@ -1080,30 +882,46 @@ mod tests {
     }
 
     #[test]
-    fn chunks_become_items_and_events_in_order() {
+    fn a_stream_numbers_its_events_and_ends_with_the_whole_response() {
         let mut r = Responder::new(0, "m".into(), Map::new(), false);
-        let mut kinds = Vec::new();
-        let mut take = |events: Vec<Value>| {
-            kinds.extend(
-                events
-                    .iter()
-                    .map(|e| e["type"].as_str().unwrap().to_string()),
-            )
-        };
-        take(r.record(&chunk("", "think", &[])));
-        take(r.record(&chunk("\n\n", "", &[])));
-        take(r.record(&chunk("", "", &[("f", "{}")])));
-        let mut last = chunk("", "", &[]);
-        last.finish = Some(FinishReason::ToolCalls);
-        take(r.record(&last));
-        take(r.finish_output(Usage {
+        let mut out = VecDeque::new();
+        for c in [
+            chunk("", "think", &[]),
+            chunk("\n", "", &[]),
+            chunk("", "", &[("f", "{}")]),
+        ] {
+            assert!(r.stream_event(Event::Chunk { index: 0, chunk: c }, &mut out));
+        }
+        let usage = Usage {
             prompt_tokens: 5,
-            completion_tokens: 4,
+            completion_tokens: 3,
             cached_tokens: 0,
-        }));
+        };
+        let timings = Default::default();
+        assert!(r.stream_event(
+            Event::Done {
+                index: 0,
+                usage,
+                timings
+            },
+            &mut out
+        ));
+        let events: Vec<Value> = out
+            .iter()
+            .map(|b| {
+                let text = std::str::from_utf8(b).unwrap();
+                let (head, data) = text.split_once("\ndata: ").unwrap();
+                let e: Value = serde_json::from_str(data.trim()).unwrap();
+                assert_eq!(head.strip_prefix("event: "), e["type"].as_str());
+                e
+            })
+            .collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(
             kinds,
             [
+                "response.created",
+                "response.in_progress",
                 "response.output_item.added",
                 "response.reasoning_text.delta",
                 "response.reasoning_text.done",
@@ -1112,36 +930,19 @@ mod tests {
                 "response.function_call_arguments.delta",
                 "response.function_call_arguments.done",
                 "response.output_item.done",
+                "response.completed",
             ]
         );
-        let whole = r.response();
-        let types: Vec<&str> = whole["output"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|o| o["type"].as_str().unwrap())
-            .collect();
-        // The blank answer beside a call is no message, as chat's `content: null`.
-        assert_eq!(types, ["reasoning", "function_call"]);
+        for (n, e) in events.iter().enumerate() {
+            assert_eq!(e["sequence_number"], n);
+        }
+        let whole = &events[10]["response"];
         assert_eq!(whole["status"], "completed");
+        assert_eq!(whole["output"][1]["type"], "function_call");
+        assert_eq!(whole["output"].as_array().map(Vec::len), Some(2));
         assert_eq!(
             whole["usage"]["output_tokens_details"]["reasoning_tokens"],
             1
         );
-        // Without a call, a blank answer is still the message.
-        let mut r = Responder::new(0, "m".into(), Map::new(), false);
-        r.record(&chunk(" ", "", &[]));
-        let mut last = chunk("", "", &[]);
-        last.finish = Some(FinishReason::Length);
-        r.record(&last);
-        r.finish_output(Usage {
-            prompt_tokens: 1,
-            completion_tokens: 2,
-            cached_tokens: 0,
-        });
-        let whole = r.response();
-        assert_eq!(whole["status"], "incomplete");
-        assert_eq!(whole["output"][0]["content"][0]["text"], " ");
-        assert_eq!(whole["output"][0]["status"], "incomplete");
     }
 }
