@@ -4,8 +4,11 @@
 
 use serde_json::Value;
 
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
 use super::wire::chat_logprob;
-use super::worker::Timings;
+use super::worker::{Event, Timings};
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
 use crate::bindings::exports::wasmlm::llm::types::{FinishReason, Usage};
 
@@ -215,6 +218,31 @@ impl Items {
         }
         self.close_last(&mut steps);
         steps
+    }
+
+    /// Takes in a whole (non-streamed) generation: `first` and the events after it.
+    pub async fn collect(
+        &mut self,
+        first: Event,
+        mut rx: mpsc::Receiver<Event>,
+    ) -> Result<(), ApiError> {
+        let mut next = Some(first);
+        while let Some(ev) = next {
+            match ev {
+                Event::Chunk { chunk, .. } => {
+                    self.record(&chunk);
+                }
+                Event::Done { usage, timings, .. } => {
+                    self.finish(usage, timings);
+                }
+                Event::Error(e) => return Err(e),
+            }
+            next = rx.recv().await;
+        }
+        match self.usage {
+            Some(_) => Ok(()),
+            None => Err(ApiError::internal("the generation ended unexpectedly")),
+        }
     }
 
     /// Whether the generation was cut by its token limit or the context.

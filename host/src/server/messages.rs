@@ -83,22 +83,7 @@ async fn run(node: Arc<Node>, headers: HeaderMap, body: Body) -> Result<Response
     if req.stream {
         return Ok(api::sse(out, started.first, started.rx, started.in_flight));
     }
-    let (mut rx, mut next) = (started.rx, Some(started.first));
-    while let Some(ev) = next {
-        match ev {
-            Event::Chunk { chunk, .. } => {
-                out.items.record(&chunk);
-            }
-            Event::Done { usage, timings, .. } => {
-                out.items.finish(usage, timings);
-            }
-            Event::Error(e) => return Err(e),
-        }
-        next = rx.recv().await;
-    }
-    if out.items.usage.is_none() {
-        return Err(ApiError::internal("the generation ended unexpectedly"));
-    }
+    out.items.collect(started.first, started.rx).await?;
     Ok(Json(out.message()).into_response())
 }
 
@@ -115,7 +100,14 @@ fn chat_body(b: &wire::Body, generating: bool) -> Result<wire::Body, ApiError> {
             ));
         }
     }
+    if b.int_in("n", 1, 1).is_err() {
+        return Err(ApiError::bad_param(
+            "n",
+            "The Messages API gives one answer a request: 'n' must be 1.",
+        ));
+    }
     let own = [
+        "n",
         "system",
         "messages",
         "stop_sequences",
@@ -212,27 +204,7 @@ fn messages(b: &wire::Body) -> Result<Vec<Value>, ApiError> {
     if let Some(system) = b.get("system") {
         out.push(json!({"role": "system", "content": block_text(system, "system")?}));
     }
-    let list = match b.get("messages") {
-        Some(Value::Array(list)) if !list.is_empty() => list,
-        Some(Value::Array(_)) => {
-            return Err(ApiError::bad_param(
-                "messages",
-                "'messages' must not be empty.",
-            ))
-        }
-        Some(_) => {
-            return Err(ApiError::bad_param(
-                "messages",
-                "'messages' must be a list.",
-            ))
-        }
-        None => {
-            return Err(ApiError::bad_param(
-                "messages",
-                "Missing required parameter: 'messages'.",
-            ))
-        }
-    };
+    let list = b.list("messages")?;
     for (i, m) in list.iter().enumerate() {
         let at = format!("messages[{i}]");
         let role = match m.get("role").and_then(Value::as_str) {
@@ -584,13 +556,7 @@ mod tests {
     use super::*;
     use crate::bindings::exports::wasmlm::llm::types::Usage;
     use crate::server::items::tests::chunk;
-
-    fn body(v: Value) -> wire::Body {
-        match v {
-            Value::Object(m) => wire::Body(m),
-            _ => panic!("not an object"),
-        }
-    }
+    use crate::server::wire::tests::body;
 
     #[test]
     fn blocks_become_the_chat_messages_a_template_expects() {
@@ -677,6 +643,7 @@ mod tests {
             ),
             (json!({"mcp_servers": [{"url": "x"}]}), "mcp_servers"),
             (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"n": 2}), "n"),
         ] {
             let mut b = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
             b.as_object_mut()

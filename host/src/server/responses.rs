@@ -86,22 +86,7 @@ async fn run(node: Arc<Node>, headers: HeaderMap, body: Body) -> Result<Response
     if req.stream {
         return Ok(api::sse(out, started.first, started.rx, started.in_flight));
     }
-    let (mut rx, mut next) = (started.rx, Some(started.first));
-    while let Some(ev) = next {
-        match ev {
-            Event::Chunk { chunk, .. } => {
-                out.items.record(&chunk);
-            }
-            Event::Done { usage, timings, .. } => {
-                out.items.finish(usage, timings);
-            }
-            Event::Error(e) => return Err(e),
-        }
-        next = rx.recv().await;
-    }
-    if out.items.usage.is_none() {
-        return Err(ApiError::internal("the generation ended unexpectedly"));
-    }
+    out.items.collect(started.first, started.rx).await?;
     Ok(Json(out.response()).into_response())
 }
 
@@ -125,7 +110,7 @@ fn chat_body(b: &wire::Body) -> Result<wire::Body, ApiError> {
             "'background' is not supported: this node answers while the request is open.",
         ));
     }
-    if let Some(k) = CHAT_KEYS.iter().find(|k| b.0.contains_key(**k)) {
+    if let Some(k) = CHAT_KEYS.iter().find(|k| b.get(k).is_some()) {
         let instead = match *k {
             "messages" => "'input'",
             "response_format" => "'text.format'",
@@ -182,7 +167,6 @@ fn renamed(mut e: ApiError) -> ApiError {
             "messages" => "input",
             "max_tokens" => "max_output_tokens",
             "response_format" => "text.format",
-            "top_logprobs" => "top_logprobs",
             other => other,
         };
         format!("{head}{rest}")
@@ -252,20 +236,11 @@ fn messages(b: &wire::Body) -> Result<Vec<Value>, ApiError> {
             out.push(json!({"role": "user", "content": s}));
             return Ok(out);
         }
-        Some(Value::Array(items)) if !items.is_empty() => items,
-        Some(Value::Array(_)) => {
-            return Err(ApiError::bad_param("input", "'input' must not be empty."))
-        }
+        Some(Value::Array(_)) | None => b.list("input")?,
         Some(_) => {
             return Err(ApiError::bad_param(
                 "input",
                 "'input' must be a string or a list of items.",
-            ))
-        }
-        None => {
-            return Err(ApiError::bad_param(
-                "input",
-                "Missing required parameter: 'input'.",
             ))
         }
     };
@@ -757,13 +732,7 @@ mod tests {
     use super::*;
     use crate::bindings::exports::wasmlm::llm::types::Usage;
     use crate::server::items::tests::chunk;
-
-    fn body(v: Value) -> wire::Body {
-        match v {
-            Value::Object(m) => wire::Body(m),
-            _ => panic!("not an object"),
-        }
-    }
+    use crate::server::wire::tests::body;
 
     #[test]
     fn items_become_the_chat_messages_a_template_expects() {

@@ -66,6 +66,22 @@ impl Body {
         self.0.get(key).filter(|v| !v.is_null())
     }
 
+    /// A required list that is not empty.
+    pub fn list(&self, key: &str) -> Result<&Vec<Value>, ApiError> {
+        match self.get(key) {
+            Some(Value::Array(a)) if !a.is_empty() => Ok(a),
+            Some(Value::Array(_)) => Err(ApiError::bad_param(
+                key,
+                format!("'{key}' must not be empty."),
+            )),
+            Some(_) => Err(ApiError::bad_param(key, format!("'{key}' must be a list."))),
+            None => Err(ApiError::bad_param(
+                key,
+                format!("Missing required parameter: '{key}'."),
+            )),
+        }
+    }
+
     /// A required string.
     pub fn string(&self, key: &str) -> Result<String, ApiError> {
         match self.get(key) {
@@ -559,27 +575,7 @@ pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
 pub fn messages(b: &Body) -> Result<Vec<Message>, ApiError> {
     let bad =
         |i: usize, what: &str| ApiError::bad_param(&format!("messages[{i}]"), what.to_string());
-    let list = match b.get("messages") {
-        Some(Value::Array(a)) if !a.is_empty() => a,
-        Some(Value::Array(_)) => {
-            return Err(ApiError::bad_param(
-                "messages",
-                "'messages' must not be empty.",
-            ))
-        }
-        Some(_) => {
-            return Err(ApiError::bad_param(
-                "messages",
-                "'messages' must be a list.",
-            ))
-        }
-        None => {
-            return Err(ApiError::bad_param(
-                "messages",
-                "Missing required parameter: 'messages'.",
-            ))
-        }
-    };
+    let list = b.list("messages")?;
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let Value::Object(m) = m else {
@@ -880,10 +876,11 @@ impl LegacyLogprobs {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
 
-    fn body(v: Value) -> Body {
+    /// The body of a JSON object.
+    pub fn body(v: Value) -> Body {
         Body(v.as_object().unwrap().clone())
     }
 
