@@ -84,6 +84,38 @@ fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
+/// `POST /v1/messages` and its `count_tokens`: placed and forwarded as any model call, with
+/// the gateway's own errors in Anthropic's shape, as the node writes its.
+pub async fn anthropic_call(state: Shared, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let res = model_call(state, uri, headers, body).await;
+    if res.status().is_success() {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 16).await else {
+        return Response::from_parts(parts, Body::empty());
+    };
+    let openai = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .filter(|v| v.get("type").is_none())
+        .and_then(|v| v.get("error").and_then(|e| e.get("message")).cloned());
+    let Some(message) = openai else {
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    let kind = match parts.status.as_u16() {
+        400 | 413 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        503 => "overloaded_error",
+        _ => "api_error",
+    };
+    let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body.to_string()))
+}
+
 /// `POST` on a generation or utility endpoint: place it and forward it.
 pub async fn model_call(State(gw): Shared, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let received = Instant::now();

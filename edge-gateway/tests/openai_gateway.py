@@ -97,6 +97,7 @@ def _():
 @check("Anthropic's messages, with the key as x-api-key")
 def _():
     import json
+    import urllib.error
     import urllib.request
     body = {"model": "smollm2", "max_tokens": 24, "temperature": 0,
             "system": QUESTION[0]["content"], "messages": QUESTION[1:]}
@@ -107,3 +108,17 @@ def _():
         m = json.loads(r.read())
     assert m["type"] == "message" and "Paris" in m["content"][0]["text"], m
     assert m["stop_reason"] == "end_turn", m
+    # The gateway's own errors (an unknown model, a wrong key) take Anthropic's shape too.
+    for model, key, status, kind in (("nope", KEY, 404, "not_found_error"),
+                                     ("smollm2", "wrong", 401, "authentication_error")):
+        req = urllib.request.Request(BASE.rsplit("/v1", 1)[0] + "/v1/messages",
+                                     data=json.dumps({**body, "model": model}).encode(),
+                                     headers={"x-api-key": key, "Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as e:
+            err = json.loads(e.read())
+            assert e.code == status and err["type"] == "error", (e.code, err)
+            assert err["error"]["type"] == kind and err["error"]["message"], err
+        else:
+            raise AssertionError(f"{model} with key {key} was accepted")
