@@ -127,8 +127,7 @@ impl Generation {
                 json = Some((g, JsonPrefix::new()));
             }
             Some(OutputFormat::Regex(r)) => {
-                let p = pattern::parse(r)
-                    .and_then(|hir| Pattern::new(&hir, r, Mode::Whole))
+                let p = pattern::build_narrowing(r, |hir| Pattern::new(&hir, r, Mode::Whole))
                     .map_err(|e| Error::InvalidInput(format!("the output regex: {e}")))?;
                 let start = p.start;
                 regex = Some((p, start));

@@ -721,8 +721,10 @@ impl Compiler<'_> {
                         return Err(format!("more than {MAX_PATTERNS} patterns"))
                     }
                     Some(regex) => {
-                        let (hir, length) = counted(pattern::parse(&regex)?);
-                        let p = Pattern::new(&hir, &regex, Mode::Search)?;
+                        let (p, length) = pattern::build_narrowing(&regex, |hir| {
+                            let (hir, length) = counted(hir);
+                            Ok((Pattern::new(&hir, &regex, Mode::Search)?, length))
+                        })?;
                         chars = Count {
                             min: chars.min.max(length.min),
                             max: chars.max.min(length.max),
@@ -2347,7 +2349,7 @@ mod tests {
                 "must be a string",
             ),
             (
-                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^\\w{1000}x$"}}}"#,
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^\\p{L}{1000}x$"}}}"#,
                 "not supported",
             ),
             (
@@ -2561,6 +2563,20 @@ mod tests {
         "user": {"type": "string", "pattern": "^\\w{3,20}$"},
         "name": {"type": "string", "pattern": "^([\\p{L} ]{1,40})$", "maxLength": 10}
     }}"#;
+
+    #[test]
+    fn a_pattern_too_big_in_unicode_is_followed_in_ascii() {
+        // The counted `\w`s inside a larger pattern: no whole-string length to take out,
+        // and a Unicode DFA far over the limit.
+        let schema = r#"{"type":"object","properties":{"w":{"type":"string",
+            "pattern":"^\\w{1,40}( \\w{1,40})*$"}},"required":["w"]}"#;
+        let g = Grammar::from_schema(schema).unwrap();
+        let ok = |w: &str| whole(&g, &format!("{{\"w\":\"{w}\"}}"));
+        assert!(ok("snake_case and more") && ok(&"x".repeat(40)));
+        assert!(!ok("") && !ok("a  b") && !ok(&"x".repeat(41)));
+        // Narrower than the pattern: a Unicode letter it would take is not written.
+        assert!(!ok("caf\u{e9}"));
+    }
 
     #[test]
     fn patterns_and_formats_are_kept() {

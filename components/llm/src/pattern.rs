@@ -61,6 +61,30 @@ pub fn parse(regex: &str) -> Result<Hir, String> {
     })
 }
 
+/// The syntax tree of `regex` read without Unicode: `\w`, `\d`, `\s` and case folding
+/// cover ASCII only. That is a narrower language than `regex`'s, so any text it matches
+/// `regex` matches too, and its DFA is far smaller where a Unicode class is counted
+/// (`^\w{1,40}( \w{1,40})*$`). `None` where the pattern cannot be read so (`.`, a negated
+/// class or `\p{..}` would need Unicode, or match bytes that are not UTF-8) or where the
+/// reading would change its meaning instead of narrowing it (word boundaries).
+fn parse_ascii(regex: &str) -> Option<Hir> {
+    let config = regex_automata::util::syntax::Config::new()
+        .unicode(false)
+        .utf8(true);
+    let hir = regex_automata::util::syntax::parse_with(regex, &config).ok()?;
+    (!hir.properties().look_set().contains_word()).then_some(hir)
+}
+
+/// `build` of `regex`'s syntax tree; where that fails (most often a DFA over
+/// [`MAX_PATTERN_BYTES`]: a Unicode class counted), `build` of its ASCII reading
+/// ([`parse_ascii`]), which follows a part of what `regex` matches; else the first error.
+pub fn build_narrowing<T>(
+    regex: &str,
+    build: impl Fn(Hir) -> Result<T, String>,
+) -> Result<T, String> {
+    build(parse(regex)?).or_else(|e| parse_ascii(regex).and_then(|h| build(h).ok()).ok_or(e))
+}
+
 /// A regular expression as a DFA over a text's bytes.
 #[derive(Debug)]
 pub struct Pattern {
@@ -444,6 +468,26 @@ mod tests {
             let e = Pattern::new(&parse("[^\\x00-\\x{10FFFF}]").unwrap(), "x", mode);
             assert!(e.unwrap_err().contains("no text"));
         }
+    }
+
+    #[test]
+    fn a_counted_unicode_class_too_big_for_a_dfa_is_followed_in_ascii() {
+        let regex = r"^\w{1,40}( \w{1,40})*$";
+        let whole = |hir: Hir| Pattern::new(&hir, regex, Mode::Whole);
+        let e = whole(parse(regex).unwrap()).unwrap_err();
+        assert!(e.contains("limit"), "{e}");
+        let p = build_narrowing(regex, whole).unwrap();
+        assert!(after(&p, "snake_case and_more 42").is_some_and(|s| p.matched(s)));
+        // Narrower, not other: a Unicode word character is refused, not misread.
+        assert!(after(&p, "caf\u{e9}").is_none() && after(&p, "a  b").is_none());
+        // What cannot be read without Unicode keeps the first error.
+        for regex in [r"^.{1,40}( .{1,40})*$", r"^\p{L}{1,40}( \p{L}{1,40})*$"] {
+            let e = build_narrowing(regex, |h| Pattern::new(&h, regex, Mode::Whole));
+            assert!(e.unwrap_err().contains("limit"), "{regex}");
+        }
+        // A pattern that compiles is left as it is.
+        let p = build_narrowing(r"\w+", |h| Pattern::new(&h, "", Mode::Whole)).unwrap();
+        assert!(after(&p, "caf\u{e9}").is_some_and(|s| p.matched(s)));
     }
 
     #[test]
