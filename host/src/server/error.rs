@@ -123,6 +123,20 @@ impl ApiError {
     }
 
     /// The JSON body, `{"error": {...}}`.
+    /// The error with its parameter named as another API names it: `names` maps this
+    /// API's first path segment (`messages` of `messages[2].content`) to the other's.
+    pub fn renamed(mut self, names: &[(&str, &str)]) -> Self {
+        self.param = self.param.map(|p| {
+            let (head, rest) = p.split_at(p.find(['[', '.']).unwrap_or(p.len()));
+            let head = names
+                .iter()
+                .find(|(from, _)| *from == head)
+                .map_or(head, |(_, to)| to);
+            format!("{head}{rest}")
+        });
+        self
+    }
+
     pub fn body(&self) -> Value {
         json!({
             "error": {

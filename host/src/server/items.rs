@@ -208,11 +208,13 @@ impl Items {
         let mut steps = Vec::new();
         self.usage = Some(usage);
         self.timings = Some(timings);
-        if self
+        // A blank answer is the text when nothing else was said (an empty one too, so
+        // that there is an output at all).
+        let said = self
             .output
             .iter()
-            .all(|o| matches!(o.item, Item::Reasoning(_)))
-        {
+            .any(|o| !matches!(o.item, Item::Reasoning(_)));
+        if !said && (!self.blank.is_empty() || self.output.is_empty()) {
             let text = std::mem::take(&mut self.blank);
             self.add_text(text, &mut steps);
         }
@@ -334,5 +336,18 @@ pub mod tests {
         assert_eq!(items.output.len(), 2);
         assert!(matches!(&items.output[1].item, Item::Text { text, .. } if text == " "));
         assert!(items.incomplete(1) && !items.incomplete(0));
+        // Cut while reasoning: the reasoning alone, no empty text after it.
+        let mut items = Items::new(["rs", "msg", "fc"], false);
+        items.record(&chunk("", "hm", &[]));
+        items.record(&last);
+        items.finish(USAGE, Timings::default());
+        assert_eq!(items.output.len(), 1);
+        assert!(items.incomplete(0));
+        // Nothing at all: one empty text.
+        let mut items = Items::new(["rs", "msg", "fc"], false);
+        items.record(&last);
+        items.finish(USAGE, Timings::default());
+        assert!(matches!(&items.output[..],
+            [Output { item: Item::Text { text, .. }, .. }] if text.is_empty()));
     }
 }

@@ -24,6 +24,12 @@ use super::wire;
 use super::worker::Event;
 use crate::bindings::exports::wasmlm::llm::types::FinishReason;
 
+/// Chat parameters and the Messages parameters they come from, for errors.
+const CHAT_NAMES: [(&str, &str); 2] = [
+    ("stop", "stop_sequences"),
+    ("response_format", "output_config.format"),
+];
+
 /// `POST /v1/messages`.
 pub async fn create(State(node): State<Arc<Node>>, headers: HeaderMap, body: Body) -> Response {
     match run(node, headers, body).await {
@@ -77,7 +83,7 @@ pub fn error_response(e: ApiError) -> Response {
 async fn run(node: Arc<Node>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let b = api::read_body(body).await?;
     let chat = chat_body(&b, true)?;
-    let req = wire::chat_request(&chat)?;
+    let req = wire::chat_request(&chat).map_err(|e| e.renamed(&CHAT_NAMES))?;
     let started = api::start(&node, &headers, &req).await?;
     let mut out = Replier::new(req.model.clone());
     if req.stream {
@@ -682,6 +688,17 @@ mod tests {
             json!({"input_tokens": 10, "cache_read_input_tokens": 20,
                    "cache_creation_input_tokens": 0, "output_tokens": 7})
         );
+        // The chat path's checks come back in Messages names.
+        let chat = chat_body(
+            &body(
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                         "stop_sequences": 5}),
+            ),
+            true,
+        )
+        .unwrap();
+        let e = wire::chat_request(&chat).unwrap_err().renamed(&CHAT_NAMES);
+        assert_eq!(e.param.as_deref(), Some("stop_sequences"), "{}", e.message);
         // Anthropic's error shape names the field in the message.
         let res = error_response(ApiError::bad_param("tools[0]", "No."));
         assert_eq!(res.status(), 400);

@@ -60,6 +60,13 @@ const CHAT_KEYS: [&str; 7] = [
     "functions",
 ];
 
+/// Chat parameters and the Responses parameters they come from, for errors.
+const CHAT_NAMES: [(&str, &str); 3] = [
+    ("messages", "input"),
+    ("max_tokens", "max_output_tokens"),
+    ("response_format", "text.format"),
+];
+
 /// `POST /v1/responses`.
 pub async fn create(State(node): State<Arc<Node>>, headers: HeaderMap, body: Body) -> Response {
     match run(node, headers, body).await {
@@ -80,7 +87,7 @@ pub async fn stored() -> Response {
 async fn run(node: Arc<Node>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let b = api::read_body(body).await?;
     let chat = chat_body(&b)?;
-    let req = wire::chat_request(&chat).map_err(renamed)?;
+    let req = wire::chat_request(&chat).map_err(|e| e.renamed(&CHAT_NAMES))?;
     let started = api::start(&node, &headers, &req).await?;
     let mut out = Responder::new(unix_now(), req.model.clone(), settings(&b), req.logprobs);
     if req.stream {
@@ -157,21 +164,6 @@ fn chat_body(b: &wire::Body) -> Result<wire::Body, ApiError> {
         chat.insert("top_logprobs".into(), json!(top.unwrap_or(0)));
     }
     Ok(wire::Body(chat))
-}
-
-/// A chat request's error in the Responses API's names.
-fn renamed(mut e: ApiError) -> ApiError {
-    e.param = e.param.map(|p| {
-        let (head, rest) = p.split_at(p.find(['[', '.']).unwrap_or(p.len()));
-        let head = match head {
-            "messages" => "input",
-            "max_tokens" => "max_output_tokens",
-            "response_format" => "text.format",
-            other => other,
-        };
-        format!("{head}{rest}")
-    });
-    e
 }
 
 /// The text of a content list's parts of the given types (`input_text`, `output_text`, and
@@ -840,10 +832,11 @@ mod tests {
             "text": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
             "guided_regex": "a"})))
         .unwrap();
-        let e = renamed(wire::chat_request(&chat).unwrap_err());
+        let e = wire::chat_request(&chat).unwrap_err().renamed(&CHAT_NAMES);
         assert_eq!(e.param.as_deref(), Some("guided_regex"), "{}", e.message);
         assert_eq!(
-            renamed(ApiError::bad_param("messages[2].content", "x"))
+            ApiError::bad_param("messages[2].content", "x")
+                .renamed(&CHAT_NAMES)
                 .param
                 .as_deref(),
             Some("input[2].content")
