@@ -142,14 +142,19 @@ impl Meta {
     }
 }
 
-fn request_id(prefix: &str) -> String {
+/// A hex suffix unique to this node's ids (the time and a counter).
+pub(super) fn unique() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    format!("{prefix}-{:x}{:06x}", t, n & 0xff_ffff)
+    format!("{t:x}{:06x}", n & 0xff_ffff)
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{}", unique())
 }
 
 fn usage_json(u: &Usage) -> Value {
@@ -630,6 +635,12 @@ impl StreamFormat for Formatter {
 
 pub(super) fn data(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// An SSE event named by its JSON's `type`, as the Responses and Messages APIs send them.
+pub(super) fn typed_event(v: &Value) -> Bytes {
+    let kind = v["type"].as_str().unwrap_or("message");
+    Bytes::from(format!("event: {kind}\ndata: {v}\n\n"))
 }
 
 async fn collect(mut fmt: Formatter, first: Event, mut rx: mpsc::Receiver<Event>) -> ApiResult {

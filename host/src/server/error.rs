@@ -122,7 +122,6 @@ impl ApiError {
         }
     }
 
-    /// The JSON body, `{"error": {...}}`.
     /// The error with its parameter named as another API names it: `names` maps this
     /// API's first path segment (`messages` of `messages[2].content`) to the other's.
     pub fn renamed(mut self, names: &[(&str, &str)]) -> Self {
@@ -137,6 +136,7 @@ impl ApiError {
         self
     }
 
+    /// The JSON body, `{"error": {...}}`.
     pub fn body(&self) -> Value {
         json!({
             "error": {

@@ -6,22 +6,12 @@ use serde_json::Value;
 
 use tokio::sync::mpsc;
 
+use super::api::unique;
 use super::error::ApiError;
 use super::wire::chat_logprob;
 use super::worker::{Event, Timings};
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
 use crate::bindings::exports::wasmlm::llm::types::{FinishReason, Usage};
-
-/// A unique hex suffix for ids.
-pub fn unique() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    format!("{t:x}{:06x}", n & 0xff_ffff)
-}
 
 /// What an output item holds.
 #[derive(Clone, Debug, PartialEq)]

@@ -16,9 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use super::api::{self, StreamFormat};
+use super::api::{self, unique, StreamFormat};
 use super::error::ApiError;
-use super::items::{unique, Item, Items, Step};
+use super::items::{Item, Items, Step};
 use super::node::Node;
 use super::wire;
 use super::worker::Event;
@@ -506,10 +506,7 @@ impl Replier {
 }
 
 fn send(events: Vec<Value>, out: &mut VecDeque<Bytes>) {
-    for e in events {
-        let kind = e["type"].as_str().unwrap_or("message").to_string();
-        out.push_back(Bytes::from(format!("event: {kind}\ndata: {e}\n\n")));
-    }
+    out.extend(events.iter().map(api::typed_event));
 }
 
 impl StreamFormat for Replier {

@@ -19,9 +19,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use super::api::{self, StreamFormat};
+use super::api::{self, unique, StreamFormat};
 use super::error::ApiError;
-use super::items::{unique, Item, Items, Step};
+use super::items::{Item, Items, Step};
 use super::node::{unix_now, Node};
 use super::wire;
 use super::worker::Event;
@@ -658,8 +658,7 @@ impl Responder {
         for mut e in events {
             e["sequence_number"] = json!(self.sequence);
             self.sequence += 1;
-            let kind = e["type"].as_str().unwrap_or("message").to_string();
-            out.push_back(Bytes::from(format!("event: {kind}\ndata: {e}\n\n")));
+            out.push_back(api::typed_event(&e));
         }
     }
 }
