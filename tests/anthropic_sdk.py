@@ -70,6 +70,20 @@ def _():
     assert final.usage.input_tokens + final.usage.cache_read_input_tokens > 20, final.usage
 
 
+@check("messages: stop_sequences end with stop_reason stop_sequence, whole and streamed")
+def _():
+    m = client.messages.create(model="smollm2", system=SYSTEM, messages=QUESTION, max_tokens=24,
+                               stop_sequences=["Berlin", "Paris"], extra_body=GREEDY)
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == "Paris", m
+    assert "Paris" not in m.content[0].text, m
+    with client.messages.stream(model="smollm2", system=SYSTEM, messages=QUESTION, max_tokens=24,
+                                stop_sequences=["Paris"], extra_body=GREEDY) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == m.content[0].text, (text, m)
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == "Paris", final
+
+
 @check("messages: parse() with a pydantic output_format")
 def _():
     import pydantic

@@ -323,7 +323,7 @@ fn apps_that_cannot_run_are_refused_at_start_with_the_reason() {
     // An llm-app that was not composed imports wasmlm:llm, which no host provides.
     let raw = guest("wasmlm_example_summarize.wasm");
     let err = refused(&["--app", &format!("/s={}", raw.display())]);
-    assert!(err.contains("wasmlm:llm/generation@0.5.0"), "{err}");
+    assert!(err.contains("wasmlm:llm/generation@0.6.0"), "{err}");
     assert!(err.contains("wasmlm compose"), "{err}");
 
     let ask = guest("wasmlm_example_ask.wasm");

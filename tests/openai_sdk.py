@@ -132,11 +132,39 @@ def _():
             raise AssertionError(f"n={bad} was accepted")
 
 
-@check("stop strings")
+@check("stop strings, stop_token_ids and vLLM's stop_reason")
 def _():
-    r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24, stop=["Paris"])
-    assert "Paris" not in r.choices[0].message.content
-    assert r.choices[0].finish_reason == "stop"
+    ask = lambda **kw: client.chat.completions.create(
+        model="smollm2", messages=QUESTION, temperature=0, max_tokens=24, **kw).choices[0]
+    c = ask(stop=["Paris"])
+    assert "Paris" not in c.message.content and c.finish_reason == "stop", c
+    assert c.stop_reason == "Paris", c
+    # The model's own end of turn is no stop string.
+    whole = ask()
+    assert whole.finish_reason == "stop" and whole.stop_reason is None, whole
+    kept = ask(stop=["Paris"], extra_body={"include_stop_str_in_output": True})
+    assert kept.message.content == c.message.content + "Paris" and kept.stop_reason == "Paris", kept
+    # A stop token: its text is not returned, and it ends the answer even past ignore_eos.
+    paris = token_id("smollm2", " Paris")
+    t = ask(extra_body={"stop_token_ids": [paris], "ignore_eos": True})
+    assert t.message.content == c.message.content.rstrip(), (t, c)
+    assert t.finish_reason == "stop" and t.stop_reason == paris, t
+    t = ask(extra_body={"stop_token_ids": [paris], "include_stop_str_in_output": True})
+    assert t.message.content == kept.message.content and t.stop_reason == paris, t
+    # Streamed: the finishing chunk carries it.
+    last = [ch for ch in client.chat.completions.create(
+        model="smollm2", messages=QUESTION, temperature=0, max_tokens=24, stop=["Paris"],
+        stream=True) if ch.choices][-1].choices[0]
+    assert last.finish_reason == "stop" and last.stop_reason == "Paris", last
+    # Completions too.
+    p = client.completions.create(model="smollm2", prompt="The capital of France is", temperature=0,
+                                  max_tokens=8, stop=[" Paris"]).choices[0]
+    assert p.finish_reason == "stop" and p.stop_reason == " Paris" and p.text == "", p
+    try:
+        ask(extra_body={"stop_token_ids": [10**7]})
+        raise AssertionError("a stop token outside the vocabulary was accepted")
+    except openai.BadRequestError as e:
+        assert "stop_token_ids" in e.message, e.message
 
 
 @check("logprobs")

@@ -458,8 +458,8 @@ fn component_imports_only_wasi_nn_and_wasi() {
         .map(|(name, _)| name.to_string())
         .collect();
     for e in [
-        "wasmlm:llm/generation@0.5.0",
-        "wasmlm:llm/tokenization@0.5.0",
+        "wasmlm:llm/generation@0.6.0",
+        "wasmlm:llm/tokenization@0.6.0",
         "fermyon:spin/llm@2.0.0",
     ] {
         assert!(

@@ -83,6 +83,8 @@ pub fn default_options() -> SamplingOptions {
         frequency_penalty: None,
         seed: None,
         stop: Vec::new(),
+        stop_token_ids: Vec::new(),
+        include_stop: None,
         top_logprobs: None,
         ignore_eos: None,
         choices: Vec::new(),

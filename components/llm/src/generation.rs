@@ -4,8 +4,8 @@ use std::rc::Rc;
 
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
 use crate::bindings::exports::wasmlm::llm::types::{
-    ContextOverflow, Error, FinishReason, OutputFormat, SamplingOptions, TokenLogprob, TopLogprob,
-    Usage,
+    ContextOverflow, Error, FinishReason, OutputFormat, SamplingOptions, StopMatch, TokenLogprob,
+    TopLogprob, Usage,
 };
 use crate::json::{Grammar, JsonPrefix};
 use crate::model::{common_prefix, Model};
@@ -34,6 +34,10 @@ pub struct Generation {
     sampler: Sampler,
     utf8: Utf8Stream,
     stop: StopMatcher,
+    /// The request's own stop tokens (vLLM's `stop_token_ids`).
+    stop_tokens: Vec<u32>,
+    /// Whether a stop token's text ends the output.
+    include_stop: bool,
     /// Token sequences the output must be one of (empty: unconstrained).
     choices: Vec<Vec<u32>>,
     /// Structured output: the grammar, and how far the output is into it.
@@ -143,6 +147,16 @@ impl Generation {
                 model.vocab_size
             )));
         }
+        if let Some(&bad) = options
+            .stop_token_ids
+            .iter()
+            .find(|&&t| t >= model.vocab_size)
+        {
+            return Err(Error::InvalidInput(format!(
+                "stop_token_ids: token id {bad} is outside the vocabulary (size {})",
+                model.vocab_size
+            )));
+        }
         if (json.is_some() || regex.is_some()) && !choices.is_empty() {
             return Err(Error::InvalidInput(
                 "choices and an output format cannot be combined".into(),
@@ -154,6 +168,7 @@ impl Generation {
                 context_length: model.context_length,
             }));
         }
+        let include_stop = options.include_stop.unwrap_or(false);
         Ok(Self {
             seq: None,
             prompt,
@@ -165,7 +180,9 @@ impl Generation {
             ignore_eos: options.ignore_eos.unwrap_or(false),
             sampler: Sampler::new(params),
             utf8: Utf8Stream::default(),
-            stop: StopMatcher::new(&options.stop),
+            stop: StopMatcher::new(&options.stop, include_stop),
+            stop_tokens: options.stop_token_ids.clone(),
+            include_stop,
             choices,
             json,
             regex,
@@ -380,6 +397,12 @@ impl Generation {
         if !self.ignore_eos && self.model.eog.contains(&token) {
             return Ok(self.finish(String::new(), vec![token], logprobs, FinishReason::Stop));
         }
+        let stop_token = self.stop_tokens.contains(&token);
+        if stop_token && !self.include_stop {
+            let mut chunk = self.finish(String::new(), vec![token], logprobs, FinishReason::Stop);
+            chunk.stop_match = Some(StopMatch::Token(token));
+            return Ok(chunk);
+        }
         let text = {
             let tok = self.model.tokenizer.borrow();
             let piece = tok.piece(token);
@@ -409,8 +432,17 @@ impl Generation {
             self.utf8.push(piece)
         };
         let outcome = self.stop.push(&text);
-        if outcome.stopped {
-            return Ok(self.finish_now(outcome.emit, vec![token], logprobs, FinishReason::Stop));
+        if let Some(stop) = outcome.stopped {
+            let mut chunk =
+                self.finish_now(outcome.emit, vec![token], logprobs, FinishReason::Stop);
+            chunk.stop_match = Some(StopMatch::Text(stop));
+            return Ok(chunk);
+        }
+        if stop_token {
+            // Its text went through like any token's; what is held back comes out with it.
+            let mut chunk = self.finish(outcome.emit, vec![token], logprobs, FinishReason::Stop);
+            chunk.stop_match.get_or_insert(StopMatch::Token(token));
+            return Ok(chunk);
         }
         // Structured output ends where the object closes, a regex's where no more text can
         // follow.
@@ -437,6 +469,7 @@ impl Generation {
             tokens: vec![token],
             logprobs,
             finish: None,
+            stop_match: None,
         })
     }
 
@@ -481,10 +514,18 @@ impl Generation {
         let tail = self.utf8.finish();
         let outcome = self.stop.push(&tail);
         text.push_str(&outcome.emit);
-        if !outcome.stopped {
+        let Some(stop) = outcome.stopped else {
             text.push_str(&self.stop.flush());
+            return self.finish_now(text, tokens, logprobs, reason);
+        };
+        // The last bytes completed a stop string: that is what ended the text (a cancel
+        // still reads as one).
+        if reason == FinishReason::Cancelled {
+            return self.finish_now(text, tokens, logprobs, reason);
         }
-        self.finish_now(text, tokens, logprobs, reason)
+        let mut chunk = self.finish_now(text, tokens, logprobs, FinishReason::Stop);
+        chunk.stop_match = Some(StopMatch::Text(stop));
+        chunk
     }
 
     fn finish_now(
@@ -502,6 +543,7 @@ impl Generation {
             tokens,
             logprobs,
             finish: Some(reason),
+            stop_match: None,
         }
     }
 }

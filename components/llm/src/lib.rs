@@ -263,6 +263,8 @@ impl spin::Guest for Component {
             frequency_penalty: None,
             seed: None,
             stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            include_stop: None,
             top_logprobs: None,
             ignore_eos: None,
             choices: Vec::new(),

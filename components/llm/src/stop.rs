@@ -3,6 +3,8 @@
 /// Watches generated text for stop strings.
 pub struct StopMatcher {
     stops: Vec<String>,
+    /// Whether the stop string itself is emitted (vLLM's `include_stop_str_in_output`).
+    include: bool,
     held: String,
 }
 
@@ -10,16 +12,19 @@ pub struct StopMatcher {
 pub struct StopOutcome {
     /// Text that is safe to emit.
     pub emit: String,
-    /// A stop string was found; `emit` ends right before it.
-    pub stopped: bool,
+    /// The stop string that was found; `emit` ends right before it, or right after it when
+    /// the matcher includes stop strings.
+    pub stopped: Option<String>,
 }
 
 impl StopMatcher {
-    /// A matcher for these stop strings (empty ones are ignored).
-    pub fn new(stops: &[String]) -> Self {
+    /// A matcher for these stop strings (empty ones are ignored); `include` keeps the stop
+    /// string that ends the text.
+    pub fn new(stops: &[String], include: bool) -> Self {
         let stops = stops.iter().filter(|s| !s.is_empty()).cloned().collect();
         Self {
             stops,
+            include,
             held: String::new(),
         }
     }
@@ -27,18 +32,18 @@ impl StopMatcher {
     /// Adds generated text.
     pub fn push(&mut self, text: &str) -> StopOutcome {
         self.held.push_str(text);
+        // The earliest occurrence wins; at one position, the first stop string listed.
         let first_stop = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
-        if let Some(at) = first_stop {
-            let emit = self.held[..at].to_string();
+            .filter_map(|s| Some((self.held.find(s.as_str())?, s)))
+            .min_by_key(|&(at, _)| at);
+        if let Some((at, stop)) = first_stop {
+            let end = if self.include { at + stop.len() } else { at };
+            let emit = self.held[..end].to_string();
+            let stopped = Some(stop.clone());
             self.held.clear();
-            return StopOutcome {
-                emit,
-                stopped: true,
-            };
+            return StopOutcome { emit, stopped };
         }
         // Keep the longest suffix that is a proper prefix of some stop string.
         let keep_from = self
@@ -54,7 +59,7 @@ impl StopMatcher {
         self.held.drain(..keep_from);
         StopOutcome {
             emit,
-            stopped: false,
+            stopped: None,
         }
     }
 
@@ -69,18 +74,23 @@ mod tests {
     use super::*;
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let (out, stop) = run_with(stops, false, pieces);
+        (out, stop.is_some())
+    }
+
+    fn run_with(stops: &[&str], include: bool, pieces: &[&str]) -> (String, Option<String>) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut m = StopMatcher::new(&stops);
+        let mut m = StopMatcher::new(&stops, include);
         let mut out = String::new();
         for p in pieces {
             let o = m.push(p);
             out.push_str(&o.emit);
-            if o.stopped {
-                return (out, true);
+            if o.stopped.is_some() {
+                return (out, o.stopped);
             }
         }
         out.push_str(&m.flush());
-        (out, false)
+        (out, None)
     }
 
     #[test]
@@ -104,5 +114,22 @@ mod tests {
     #[test]
     fn earliest_stop_wins() {
         assert_eq!(run(&["b", "a"], &["xxab"]), ("xx".into(), true));
+    }
+
+    #[test]
+    fn names_the_stop_that_matched_and_may_keep_it() {
+        assert_eq!(
+            run_with(&["b", "a"], false, &["xx", "ab"]),
+            ("xx".into(), Some("a".into()))
+        );
+        // At one position the first listed wins.
+        assert_eq!(
+            run_with(&["ab", "a"], true, &["xxab tail"]),
+            ("xxab".into(), Some("ab".into()))
+        );
+        assert_eq!(
+            run_with(&["a", "ab"], true, &["x", "a", "b"]),
+            ("xa".into(), Some("a".into()))
+        );
     }
 }

@@ -18,7 +18,9 @@ use super::slots::AcquireError;
 use super::wire::{self, chat_logprob, finish_reason, GenRequest, LegacyLogprobs, Prompt};
 use super::worker::{self, Event, Job, Timings};
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
-use crate::bindings::exports::wasmlm::llm::types::{FinishReason, Role, ToolCall, Usage};
+use crate::bindings::exports::wasmlm::llm::types::{
+    FinishReason, Role, StopMatch, ToolCall, Usage,
+};
 use crate::device::DeviceSpec;
 
 type ApiResult = Result<Response, ApiError>;
@@ -297,6 +299,15 @@ pub(super) async fn start(
     })
 }
 
+/// vLLM's `stop_reason`: the stop string or stop token id that ended a choice, else null.
+pub(super) fn stop_reason(m: Option<&StopMatch>) -> Value {
+    match m {
+        Some(StopMatch::Text(s)) => json!(s),
+        Some(StopMatch::Token(t)) => json!(t),
+        None => Value::Null,
+    }
+}
+
 /// Builds the JSON of responses and stream chunks.
 struct Formatter {
     meta: Meta,
@@ -323,6 +334,7 @@ struct ChoiceState {
     chat_logprobs: Vec<Value>,
     legacy: LegacyLogprobs,
     finish: Option<FinishReason>,
+    stop_match: Option<StopMatch>,
     started: bool,
     /// A stream's finishing chunk waits for its timings.
     held: Option<Chunk>,
@@ -376,6 +388,7 @@ impl Formatter {
         c.tool_calls.extend(chunk.tool_calls.iter().cloned());
         if chunk.finish.is_some() {
             c.finish = chunk.finish;
+            c.stop_match = chunk.stop_match.clone();
         }
     }
 
@@ -434,12 +447,14 @@ impl Formatter {
                     "message": self.message_json(c),
                     "logprobs": if self.logprobs { json!({"content": c.chat_logprobs}) } else { Value::Null },
                     "finish_reason": self.finish_name(c.finish),
+                    "stop_reason": stop_reason(c.stop_match.as_ref()),
                 }),
                 Kind::Completion => json!({
                     "index": i,
                     "text": c.text,
                     "logprobs": if self.logprobs { c.legacy.to_json() } else { Value::Null },
                     "finish_reason": self.finish_name(c.finish),
+                    "stop_reason": stop_reason(c.stop_match.as_ref()),
                 }),
             })
             .collect();
@@ -477,7 +492,7 @@ impl Formatter {
     fn delta(&self, index: usize, text: &str, chunk: Option<&Chunk>, call_base: usize) -> Value {
         let finish = self.finish_name(chunk.and_then(|c| c.finish));
         let lps = chunk.map_or(&[][..], |c| &c.logprobs[..]);
-        let choice = match self.kind {
+        let mut choice = match self.kind {
             Kind::Chat => {
                 let mut delta = json!({});
                 if !text.is_empty() {
@@ -522,6 +537,9 @@ impl Formatter {
                 json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
         };
+        if finish.is_string() {
+            choice["stop_reason"] = stop_reason(chunk.and_then(|c| c.stop_match.as_ref()));
+        }
         self.chunk_json(json!([choice]))
     }
 

@@ -11,7 +11,7 @@ use super::error::ApiError;
 use super::wire::chat_logprob;
 use super::worker::{Event, Timings};
 use crate::bindings::exports::wasmlm::llm::generation::Chunk;
-use crate::bindings::exports::wasmlm::llm::types::{FinishReason, Usage};
+use crate::bindings::exports::wasmlm::llm::types::{FinishReason, StopMatch, Usage};
 
 /// What an output item holds.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,6 +62,8 @@ pub struct Items {
     /// token's stay here.
     pending_logprobs: Vec<Value>,
     pub finish: Option<FinishReason>,
+    /// The stop string or token that ended the generation, if one did.
+    pub stop_match: Option<StopMatch>,
     pub usage: Option<Usage>,
     /// llama.cpp's timings, which the edge gateway learns a node's speed from.
     pub timings: Option<Timings>,
@@ -79,6 +81,7 @@ impl Items {
             blank: String::new(),
             pending_logprobs: Vec::new(),
             finish: None,
+            stop_match: None,
             usage: None,
             timings: None,
             reasoning_tokens: 0,
@@ -167,6 +170,7 @@ impl Items {
         }
         if chunk.finish.is_some() {
             self.finish = chunk.finish;
+            self.stop_match = chunk.stop_match.clone();
         }
         steps
     }
@@ -269,6 +273,7 @@ pub mod tests {
             tokens: vec![1],
             logprobs: Vec::new(),
             finish: None,
+            stop_match: None,
         }
     }
 

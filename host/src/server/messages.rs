@@ -22,7 +22,7 @@ use super::items::{Item, Items, Step};
 use super::node::Node;
 use super::wire;
 use super::worker::Event;
-use crate::bindings::exports::wasmlm::llm::types::FinishReason;
+use crate::bindings::exports::wasmlm::llm::types::{FinishReason, StopMatch};
 
 /// Chat parameters and the Messages parameters they come from, for errors.
 const CHAT_NAMES: [(&str, &str); 2] = [
@@ -430,14 +430,22 @@ impl Replier {
         }
     }
 
-    /// `end_turn`, `max_tokens` or `tool_use` (a stop string is not told apart from the end
-    /// of the turn: the generation reports both as a stop).
+    /// `end_turn`, `max_tokens`, `tool_use` or `stop_sequence`.
     fn stop_reason(&self) -> Value {
         match self.items.finish {
             None => Value::Null,
             Some(FinishReason::Length) => json!("max_tokens"),
             Some(_) if self.has_call() => json!("tool_use"),
+            Some(_) if self.stop_sequence().is_string() => json!("stop_sequence"),
             Some(_) => json!("end_turn"),
+        }
+    }
+
+    /// The stop sequence that ended the message, else null.
+    fn stop_sequence(&self) -> Value {
+        match &self.items.stop_match {
+            Some(StopMatch::Text(s)) => json!(s),
+            _ => Value::Null,
         }
     }
 
@@ -472,7 +480,7 @@ impl Replier {
                 .map(|k| self.block(k, false))
                 .collect::<Vec<_>>(),
             "stop_reason": self.stop_reason(),
-            "stop_sequence": null,
+            "stop_sequence": self.stop_sequence(),
             "usage": self.usage(),
         });
         if let Some(t) = &self.items.timings {
@@ -527,7 +535,7 @@ impl StreamFormat for Replier {
                 events.extend(self.events(steps));
                 events.push(json!({
                     "type": "message_delta",
-                    "delta": {"stop_reason": self.stop_reason(), "stop_sequence": null},
+                    "delta": {"stop_reason": self.stop_reason(), "stop_sequence": self.stop_sequence()},
                     "usage": self.usage(),
                     "timings": self.items.timings,
                 }));

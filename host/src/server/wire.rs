@@ -42,6 +42,8 @@ pub struct GenRequest {
 /// Most choices per prompt (`n`), and per request (prompts × `n`).
 const MAX_N: i64 = 16;
 const MAX_CHOICES: usize = 64;
+/// Most `stop_token_ids` in one request.
+const MAX_STOP_TOKENS: usize = 256;
 
 /// A JSON object body.
 #[derive(Debug)]
@@ -238,6 +240,8 @@ fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
         frequency_penalty: b.f32_in("frequency_penalty", -2.0, 2.0)?,
         seed,
         stop,
+        stop_token_ids: stop_token_ids(b)?,
+        include_stop: b.bool("include_stop_str_in_output")?,
         top_logprobs,
         ignore_eos: b.bool("ignore_eos")?,
         choices: choices(b, so)?,
@@ -425,6 +429,31 @@ fn response_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
             "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", ...}.",
         )),
     }
+}
+
+/// vLLM's `stop_token_ids`: token ids that end generation (the component checks the
+/// vocabulary).
+fn stop_token_ids(b: &Body) -> Result<Vec<u32>, ApiError> {
+    let Some(v) = b.get("stop_token_ids") else {
+        return Ok(Vec::new());
+    };
+    let bad = || {
+        ApiError::bad_param(
+            "stop_token_ids",
+            format!("'stop_token_ids' must be a list of at most {MAX_STOP_TOKENS} token ids."),
+        )
+    };
+    let list = v
+        .as_array()
+        .filter(|a| a.len() <= MAX_STOP_TOKENS)
+        .ok_or_else(bad)?;
+    list.iter()
+        .map(|t| {
+            t.as_u64()
+                .and_then(|t| u32::try_from(t).ok())
+                .ok_or_else(bad)
+        })
+        .collect()
 }
 
 /// OpenAI's `logit_bias`: token id (as a string) to a bias from -100 to 100.
@@ -891,6 +920,7 @@ pub mod tests {
             "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
                          {"role": "user", "content": "hi"}],
             "max_completion_tokens": 5, "stop": "x", "top_k": -1, "seed": -1, "frobnicate": true,
+            "stop_token_ids": [2, 7], "include_stop_str_in_output": true,
         })))
         .unwrap();
         let Prompt::Chat(m, _) = &r.prompts[0] else {
@@ -901,7 +931,17 @@ pub mod tests {
         assert_eq!(r.options.stop, ["x"]);
         assert_eq!(r.options.top_k, Some(0));
         assert_eq!(r.options.seed, Some(u64::MAX));
+        assert_eq!(r.options.stop_token_ids, [2, 7]);
+        assert_eq!(r.options.include_stop, Some(true));
         for (bad, param) in [
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop_token_ids": [-1]}),
+                "stop_token_ids",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop_token_ids": 2}),
+                "stop_token_ids",
+            ),
             (json!({"model": "m", "messages": []}), "messages"),
             (
                 json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 17}),

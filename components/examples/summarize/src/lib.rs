@@ -202,6 +202,8 @@ fn no_options() -> SamplingOptions {
         frequency_penalty: None,
         seed: None,
         stop: Vec::new(),
+        stop_token_ids: Vec::new(),
+        include_stop: None,
         top_logprobs: None,
         ignore_eos: None,
         choices: Vec::new(),
