@@ -417,7 +417,7 @@ def _():
 FORECAST = [SYSTEM, {"role": "user", "content": "What is the weather in Paris, in celsius?"}]
 
 
-@check("tool_choice: a named function, or 'required', gives one call of a listed tool")
+@check("tool_choice: a named function gives one call, 'required' calls of listed tools")
 def _():
     import enum
 
@@ -451,7 +451,7 @@ def _():
     (call,) = c.message.tool_calls
     assert call.id.startswith("call_") and call.function.name == "GetWeather", call
     assert isinstance(call.function.parsed_arguments, GetWeather), call
-    # "required", sampled and streamed: one call of either tool, its arguments per its schema.
+    # "required", sampled and streamed: calls of either tool, their arguments per its schema.
     names = set()
     for seed in (1, 2, 3, 4):
         stream = client.chat.completions.create(
@@ -464,9 +464,10 @@ def _():
                 calls += ch.delta.tool_calls or []
                 finish = ch.finish_reason or finish
         assert finish == "tool_calls" and content == "", (seed, finish, content)
-        (call,) = calls
-        models[call.function.name].model_validate_json(call.function.arguments)
-        names.add(call.function.name)
+        assert [c.index for c in calls] == list(range(len(calls))) and calls, calls
+        for call in calls:
+            models[call.function.name].model_validate_json(call.function.arguments)
+            names.add(call.function.name)
     print(f"    'required' called {sorted(names)}")
     # A function that is not among the tools, or a schema keyword the node cannot follow.
     bad_tool = openai.pydantic_function_tool(GetTime, name="Later")
@@ -665,7 +666,7 @@ def _():
         "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}}]
     r = client.chat.completions.create(
         model="qwen3", messages=WEATHER, temperature=0, max_tokens=80, logprobs=True,
-        logit_bias=bias, tools=flag, tool_choice="required")
+        logit_bias=bias, tools=flag, tool_choice="required", parallel_tool_calls=False)
     c = r.choices[0]
     assert tokens(c)[:2] == ["<think>", "</think>"], tokens(c)
     assert c.finish_reason == "tool_calls" and c.message.content is None, c
@@ -687,6 +688,29 @@ def _():
         c = r.choices[0]
         assert tokens(c)[:len(first)] == first and c.finish_reason == "stop", (kwargs, tokens(c))
         assert c.message.content in ("sunny", "rainy"), (kwargs, c.message)
+
+
+@check("'required' with parallel calls: one call per city, streamed too; parallel_tool_calls=False one")
+def _():
+    weather = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for one city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]
+    ask = [{"role": "system", "content": "Call get_weather once for each city."},
+           {"role": "user", "content": "What is the weather in Paris and in Rome?"}]
+    args = dict(model="smollm2", messages=ask, tools=weather, tool_choice="required",
+                temperature=0, max_tokens=200)
+    c = client.chat.completions.create(**args).choices[0]
+    cities = [json.loads(t.function.arguments)["city"] for t in c.message.tool_calls]
+    assert c.finish_reason == "tool_calls" and cities == ["Paris", "Rome"], c
+    assert len({t.id for t in c.message.tool_calls}) == 2, c
+    streamed = [t for ch in client.chat.completions.create(**args, stream=True)
+                for x in ch.choices for t in (x.delta.tool_calls or [])]
+    assert [(t.index, t.function.arguments) for t in streamed] == \
+        [(k, t.function.arguments) for k, t in enumerate(c.message.tool_calls)], streamed
+    one = client.chat.completions.create(**args, parallel_tool_calls=False).choices[0]
+    assert one.finish_reason == "tool_calls" and len(one.message.tool_calls) == 1, one
+    assert json.loads(one.message.tool_calls[0].function.arguments) == {"city": "Paris"}, one
 
 
 @check("qwen3: tool_choice 'required' without tools is a BadRequestError")

@@ -609,6 +609,7 @@ fn row_context(row: &serde_json::Value) -> ChatContext {
             .get("enable_thinking")
             .map(|t| serde_json::json!({ "enable_thinking": t }).to_string()),
         tool_choice: None,
+        parallel_tool_calls: None,
     }
 }
 
@@ -677,6 +678,7 @@ fn qwen3_reasoning_and_tool_calls_come_apart_from_the_answer() {
         tools_json: Some(tools.to_string()),
         template_kwargs_json: None,
         tool_choice: None,
+        parallel_tool_calls: None,
     };
     let script = "<think>\nThe user asks for the weather.\n</think>\n\n<tool_call>\n\
                   {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
@@ -689,11 +691,30 @@ fn qwen3_reasoning_and_tool_calls_come_apart_from_the_answer() {
     );
     assert_eq!(finish, Some(FinishReason::ToolCalls));
 
+    // Two calls in one answer; with parallel_tool_calls false generation ends after the
+    // first.
+    let two = format!(
+        "{script}\n<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"Rome\"}}}}\n</tool_call>"
+    );
+    let (_, _, calls, finish) = qwen3_chat(&with_tools, &two);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[1].1, r#"{"city":"Rome"}"#);
+    assert_eq!(finish, Some(FinishReason::ToolCalls));
+    let one_call = ChatContext {
+        parallel_tool_calls: Some(false),
+        ..with_tools.clone()
+    };
+    let (text, _, calls, finish) = qwen3_chat(&one_call, &two);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].1, r#"{"city":"Paris"}"#);
+    assert_eq!((text.as_str(), finish), ("", Some(FinishReason::ToolCalls)));
+
     // Thinking off: the template closes an empty think block itself; all is answer.
     let no_thinking = ChatContext {
         tools_json: None,
         template_kwargs_json: Some(r#"{"enable_thinking": false}"#.into()),
         tool_choice: None,
+        parallel_tool_calls: None,
     };
     let (text, reasoning, calls, finish) = qwen3_chat(&no_thinking, "It is sunny in Paris.");
     assert_eq!(

@@ -110,6 +110,7 @@ pub fn no_context() -> ChatContext {
         tools_json: None,
         template_kwargs_json: None,
         tool_choice: None,
+        parallel_tool_calls: None,
     }
 }
 

@@ -51,6 +51,8 @@ pub struct Generation {
     logit_bias: Vec<(u32, f32)>,
     /// Splits a chat answer into reasoning, text and tool calls.
     parser: Option<ResponseParser>,
+    /// Generation ends with the first tool call (`parallel_tool_calls` false).
+    one_call: bool,
     cancelled: bool,
     done: bool,
 }
@@ -189,6 +191,7 @@ impl Generation {
             think: None,
             logit_bias: options.logit_bias.clone(),
             parser: None,
+            one_call: false,
             cancelled: false,
             done: false,
             model,
@@ -226,6 +229,12 @@ impl Generation {
     /// Splits the answer with `parser` from now on.
     pub fn with_parser(mut self, parser: ResponseParser) -> Self {
         self.parser = Some(parser);
+        self
+    }
+
+    /// With `one`, ends generation as soon as the parser has a tool call.
+    pub fn one_call(mut self, one: bool) -> Self {
+        self.one_call = one;
         self
     }
 
@@ -276,6 +285,11 @@ impl Generation {
             if chunk.finish == Some(FinishReason::Stop) && parser.made_calls() {
                 chunk.finish = Some(FinishReason::ToolCalls);
             }
+        } else if self.one_call && !parsed.tool_calls.is_empty() {
+            // What the model writes after its one call is not read.
+            parsed.tool_calls.truncate(1);
+            chunk.finish = Some(FinishReason::ToolCalls);
+            self.done = true;
         }
         chunk.text = parsed.content;
         chunk.reasoning = parsed.reasoning;

@@ -92,6 +92,10 @@ struct Count {
     max: u32,
 }
 
+/// Most calls in one required answer with parallel calls: a model that keeps writing calls
+/// is cut there rather than at `max_tokens`.
+pub const MAX_CALLS: u32 = 16;
+
 impl Count {
     const ANY: Count = Count {
         min: 0,
@@ -283,8 +287,9 @@ impl Grammar {
     /// The grammar of one call of one of `tools` (name, `parameters` schema):
     /// `{"name": NAME, "arguments": {...}}`, the object Hermes-style models (Qwen2.5, Qwen3)
     /// write inside `<tool_call>`, its arguments following the tool's parameters. A tool
-    /// without parameters takes `{}`.
-    pub fn tool_call(tools: &[(&str, Option<&Value>)]) -> Result<Self, String> {
+    /// without parameters takes `{}`. With `many`, a JSON array of 1 to [`MAX_CALLS`] such
+    /// calls (vLLM's form of a required call).
+    pub fn tool_call(tools: &[(&str, Option<&Value>)], many: bool) -> Result<Self, String> {
         let none = serde_json::json!({"type": "object", "additionalProperties": false});
         let mut c = Compiler {
             root: &none,
@@ -330,6 +335,17 @@ impl Grammar {
                     .ok_or("tool names must be distinct (at most 64 tools)")?;
                 c.add(tagged)?
             }
+        };
+        let root = if many {
+            c.add(Node::Array {
+                item: root,
+                items: Count {
+                    min: 1,
+                    max: MAX_CALLS,
+                },
+            })?
+        } else {
+            root
         };
         let g = Self {
             nodes: c.nodes,
@@ -2229,7 +2245,7 @@ mod tests {
     fn tool_grammar(tools: &[(&str, Option<Value>)]) -> Result<Grammar, String> {
         let refs: Vec<(&str, Option<&Value>)> =
             tools.iter().map(|(n, p)| (*n, p.as_ref())).collect();
-        Grammar::tool_call(&refs)
+        Grammar::tool_call(&refs, false)
     }
 
     #[test]
@@ -2282,6 +2298,25 @@ mod tests {
         let open = tool_grammar(&[("f", Some(serde_json::json!({})))]).unwrap();
         assert!(whole(&open, r#"{"name":"f","arguments":{"x":[1]}}"#));
         assert!(!whole(&open, r#"{"name":"f","arguments":[1]}"#));
+    }
+
+    #[test]
+    fn parallel_calls_are_an_array_of_one_to_sixteen() {
+        let tools = tools();
+        let refs: Vec<(&str, Option<&Value>)> =
+            tools.iter().map(|(n, p)| (*n, p.as_ref())).collect();
+        let g = Grammar::tool_call(&refs, true).unwrap();
+        let weather = r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#;
+        let now = r#"{"name":"now","arguments":{}}"#;
+        assert!(whole(&g, &format!("[{weather}]")));
+        assert!(whole(&g, &format!("[{weather}, {now}]")));
+        assert!(!whole(&g, "[]"));
+        assert!(!whole(&g, weather));
+        assert!(!whole(&g, r#"[{"name":"now","arguments":{}}, 1]"#));
+        let calls = |n: usize| format!("[{}]", vec![now; n].join(","));
+        assert!(whole(&g, &calls(MAX_CALLS as usize)));
+        assert!(!whole(&g, &calls(MAX_CALLS as usize + 1)));
+        check_table(&g, &[format!("[{weather},{now}]").as_bytes()]);
     }
 
     /// A schema whose property `a` refers to `D0` of `$defs` `D0`..`D{n-1}` (`def(i)` the

@@ -80,6 +80,7 @@ impl gen::Guest for Component {
         let ids = m.tokenize(&prompt, true)?;
         let tools = model::extras(&context)?.tools;
         let parse_tools = tools.is_some();
+        let parallel = context.parallel_tool_calls.unwrap_or(true);
         let opened = prompt.trim_end().ends_with("<think>");
         // A thinking model reasons before a JSON answer, a regex's or a required call too (as
         // vLLM's reasoning parsers let it): the constraint holds from `</think>`. Not when the
@@ -104,7 +105,7 @@ impl gen::Guest for Component {
                         .into(),
                 ));
             }
-            let grammar = tool_call_grammar(tools.as_ref(), choice)?;
+            let grammar = tool_call_grammar(tools.as_ref(), choice, parallel)?;
             return Ok(stream(
                 Generation::new(m, ids, &options)?
                     .with_grammar(grammar)
@@ -122,7 +123,9 @@ impl gen::Guest for Component {
         }
         let parser = response::ResponseParser::new(m.thinks, opened, parse_tools);
         Ok(stream(
-            Generation::new(m, ids, &options)?.with_parser(parser),
+            Generation::new(m, ids, &options)?
+                .with_parser(parser)
+                .one_call(parse_tools && !parallel),
         ))
     }
 
@@ -155,10 +158,12 @@ impl gen::Guest for Component {
     }
 }
 
-/// The grammar of the call `choice` asks for among `tools` (OpenAI's `tools` array).
+/// The grammar of the call `choice` asks for among `tools` (OpenAI's `tools` array): for
+/// `required` with `parallel` calls, an array of calls.
 fn tool_call_grammar(
     tools: Option<&serde_json::Value>,
     choice: &ToolChoice,
+    parallel: bool,
 ) -> Result<Grammar, Error> {
     let bad = |m: String| Error::InvalidInput(m);
     let list = tools
@@ -185,7 +190,8 @@ fn tool_call_grammar(
         // Two tools of one name: the first, as the template lists it first.
         calls.truncate(1);
     }
-    Grammar::tool_call(&calls).map_err(|e| bad(format!("the tool call: {e}")))
+    let many = parallel && matches!(choice, ToolChoice::Required);
+    Grammar::tool_call(&calls, many).map_err(|e| bad(format!("the tool call: {e}")))
 }
 
 impl tokenization::Guest for Component {

@@ -36,7 +36,8 @@ pub struct ResponseParser {
     /// Strip newlines at the start of the next reasoning or content text.
     skip_newlines: bool,
     /// The answer (after any reasoning) is one call's `{"name": ..., "arguments": {...}}`
-    /// (a required tool call): held to the end, then a tool call (or, cut short, content).
+    /// or an array of them (a required tool call): held to the end, then tool calls (or, cut
+    /// short, content).
     forced_call: bool,
 }
 
@@ -59,8 +60,8 @@ impl ResponseParser {
         }
     }
 
-    /// A parser for an answer that is one tool call's JSON object and nothing else, after
-    /// the reasoning of a `thinking` model.
+    /// A parser for an answer that is one tool call's JSON object, or an array of them, and
+    /// nothing else, after the reasoning of a `thinking` model.
     pub fn forced_call(thinking: bool, prompt_opened_think: bool) -> Self {
         Self {
             forced_call: true,
@@ -86,10 +87,10 @@ impl ResponseParser {
         let mut out = Parsed::default();
         self.drain(&mut out, true);
         if self.forced_call && self.mode == Mode::Content {
-            match parse_call(&self.held, 0) {
-                Some(call) => {
-                    self.calls = 1;
-                    out.tool_calls.push(call);
+            match forced_calls(&self.held) {
+                Some(calls) => {
+                    self.calls = calls.len();
+                    out.tool_calls = calls;
                 }
                 None => out.content = std::mem::take(&mut self.held),
             }
@@ -209,7 +210,22 @@ impl ResponseParser {
 
 /// `{"name": ..., "arguments": {...}}` as a tool call, or `None` when it is not one.
 fn parse_call(body: &str, index: usize) -> Option<ToolCall> {
-    let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
+    call_of(&serde_json::from_str(body.trim()).ok()?, index)
+}
+
+/// A required answer's calls: one call's object, or a non-empty array of them.
+fn forced_calls(body: &str) -> Option<Vec<ToolCall>> {
+    match serde_json::from_str(body.trim()).ok()? {
+        serde_json::Value::Array(calls) if !calls.is_empty() => calls
+            .iter()
+            .enumerate()
+            .map(|(i, v)| call_of(v, i))
+            .collect(),
+        v => Some(vec![call_of(&v, 0)?]),
+    }
+}
+
+fn call_of(v: &serde_json::Value, index: usize) -> Option<ToolCall> {
     let name = v.get("name")?.as_str()?.to_string();
     let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
         Some(serde_json::Value::String(s)) => s.clone(),
@@ -296,6 +312,21 @@ mod tests {
         let out = run(&mut p, &["{\"name\": \"get_", "weather\", \"argu"]);
         assert_eq!(out.content, "{\"name\": \"get_weather\", \"argu");
         assert!(out.tool_calls.is_empty() && !p.made_calls());
+        // Parallel calls come as an array; each becomes a call.
+        let mut p = ResponseParser::forced_call(false, false);
+        let out = run(
+            &mut p,
+            &[
+                "[{\"name\": \"a\", \"arguments\": {}}, ",
+                "{\"name\": \"b\", \"arguments\": {\"x\": 1}}]",
+            ],
+        );
+        let names: Vec<_> = out.tool_calls.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!((names, out.content.as_str()), (vec!["a", "b"], ""));
+        assert_eq!(out.tool_calls[1].id, "call_1");
+        let mut p = ResponseParser::forced_call(false, false);
+        let out = run(&mut p, &["[{\"name\": \"a\", \"arguments\": {}}, {\"na"]);
+        assert!(out.tool_calls.is_empty() && out.content.starts_with('['));
     }
 
     #[test]

@@ -147,6 +147,21 @@ fn chat_body(b: &wire::Body, generating: bool) -> Result<wire::Body, ApiError> {
     if let Some(choice) = tool_choice(b)? {
         chat.insert("tool_choice".into(), choice);
     }
+    match b
+        .get("tool_choice")
+        .and_then(|c| c.get("disable_parallel_tool_use"))
+    {
+        None | Some(Value::Null) => {}
+        Some(Value::Bool(off)) => {
+            chat.insert("parallel_tool_calls".into(), json!(!off));
+        }
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "tool_choice.disable_parallel_tool_use",
+                "'tool_choice.disable_parallel_tool_use' must be a boolean.",
+            ))
+        }
+    }
     if let Some(format) = output_format(b)? {
         chat.insert("response_format".into(), format);
     }
@@ -575,7 +590,7 @@ mod tests {
             "model": "m", "max_tokens": 9, "top_k": 5, "stop_sequences": ["\n\n"],
             "system": [{"type": "text", "text": "Be "}, {"type": "text", "text": "terse."}],
             "tools": [{"name": "f", "description": "d", "input_schema": {"type": "object"}}],
-            "tool_choice": {"type": "any"},
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
             "thinking": {"type": "disabled"},
             "messages": [
                 {"role": "user", "content": "hi"},
@@ -615,6 +630,7 @@ mod tests {
         assert_eq!(chat.0["stop"], json!(["\n\n"]));
         assert_eq!(chat.0["top_k"], 5);
         assert_eq!(chat.0["tool_choice"], "required");
+        assert_eq!(chat.0["parallel_tool_calls"], false);
         assert_eq!(
             chat.0["tools"][0]["function"]["parameters"],
             json!({"type": "object"})

@@ -148,6 +148,9 @@ fn chat_body(b: &wire::Body) -> Result<wire::Body, ApiError> {
     if let Some(choice) = tool_choice(b)? {
         chat.insert("tool_choice".into(), choice);
     }
+    if let Some(parallel) = b.bool("parallel_tool_calls")? {
+        chat.insert("parallel_tool_calls".into(), json!(parallel));
+    }
     let include = match b.get("include") {
         None => Vec::new(),
         Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
@@ -731,7 +734,7 @@ mod tests {
             "model": "m", "instructions": "Be terse.", "seed": 7, "max_output_tokens": 9,
             "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
             "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
-            "tool_choice": "auto",
+            "tool_choice": "auto", "parallel_tool_calls": false,
             "input": [
                 {"role": "user", "content": [{"type": "input_text", "text": "a"},
                                              {"type": "input_text", "text": "b"}]},
@@ -767,6 +770,7 @@ mod tests {
         );
         assert_eq!(chat.0["tools"][0]["function"]["name"], "f");
         assert_eq!(chat.0["tool_choice"], "auto");
+        assert_eq!(chat.0["parallel_tool_calls"], false);
         let named = tool_choice(&body(
             json!({"tool_choice": {"type": "function", "name": "f"}}),
         ));

@@ -597,6 +597,7 @@ pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
         tools_json: tools,
         template_kwargs_json: kwargs,
         tool_choice,
+        parallel_tool_calls: b.bool("parallel_tool_calls")?,
     })
 }
 

@@ -73,6 +73,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Summarize {
             tools_json: None,
             template_kwargs_json: None,
             tool_choice: None,
+            parallel_tool_calls: None,
         };
         let stream = match generation::chat(&model, &messages, &context, &options) {
             Ok(s) => s,
