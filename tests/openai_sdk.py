@@ -713,6 +713,27 @@ def _():
     assert json.loads(one.message.tool_calls[0].function.arguments) == {"city": "Paris"}, one
 
 
+@check("qwen3: a thinking budget closes the block; reasoning_effort none turns thinking off")
+def _():
+    think, unthink = token_id("qwen3", "<think>"), token_id("qwen3", "</think>")
+    # The random model opens its reasoning and would never close it by itself.
+    bias = {str(think): 100, str(unthink): -100}
+    tokens = lambda c: [t.token for t in c.logprobs.content]
+    for extra, spent in (({"thinking_token_budget": 5}, 5), ({"reasoning_budget_tokens": 0}, 0)):
+        c = client.chat.completions.create(
+            model="qwen3", messages=WEATHER, temperature=0, max_tokens=12, logprobs=True,
+            logit_bias=bias, extra_body=extra).choices[0]
+        t = tokens(c)
+        assert t[0] == "<think>" and t[spent + 1] == "</think>", (extra, t)
+        assert "</think>" not in t[1:spent + 1] and c.finish_reason == "length", (extra, t)
+        assert c.message.content, c.message
+    # reasoning_effort none renders the prompt as enable_thinking false does (an empty block).
+    prompt = lambda **kw: client.chat.completions.create(
+        model="qwen3", messages=WEATHER, max_tokens=1, **kw).usage.prompt_tokens
+    off = prompt(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert prompt(reasoning_effort="none") == off != prompt(reasoning_effort="low"), off
+
+
 @check("qwen3: tool_choice 'required' without tools is a BadRequestError")
 def _():
     try:

@@ -90,6 +90,7 @@ pub fn default_options() -> SamplingOptions {
         choices: Vec::new(),
         logit_bias: Vec::new(),
         format: None,
+        reasoning_budget: None,
     }
 }
 

@@ -44,9 +44,10 @@ pub struct Generation {
     json: Option<(Grammar, JsonPrefix)>,
     /// A regular expression the whole output must match, and its state after the output.
     regex: Option<(Pattern, u32)>,
-    /// A thinking model under structured output: its reasoning is free, the grammar holds
-    /// from the end of it.
+    /// A thinking model: its reasoning is free (under structured output the grammar holds
+    /// from the end of it) and at most `reasoning_budget` tokens long.
     think: Option<ThinkFirst>,
+    reasoning_budget: Option<u32>,
     /// Added to these tokens' logits (OpenAI's `logit_bias`).
     logit_bias: Vec<(u32, f32)>,
     /// Splits a chat answer into reasoning, text and tool calls.
@@ -57,13 +58,15 @@ pub struct Generation {
     done: bool,
 }
 
-/// Where a thinking model's reasoning stands, under structured output.
+/// Where a thinking model's reasoning stands.
 #[derive(Clone, Copy, Debug)]
 struct ThinkFirst {
     /// The `<think>` and `</think>` tokens.
     open: u32,
     close: u32,
     state: Thinking,
+    /// Tokens written inside the block so far.
+    spent: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,6 +192,7 @@ impl Generation {
             json,
             regex,
             think: None,
+            reasoning_budget: options.reasoning_budget,
             logit_bias: options.logit_bias.clone(),
             parser: None,
             one_call: false,
@@ -213,16 +217,22 @@ impl Generation {
         self
     }
 
-    /// Lets a thinking model reason before its structured output, given its `<think>` and
-    /// `</think>` tokens: `<think>` may be its first token (unless `opened`: the prompt wrote
-    /// it), and the grammar holds after `</think>`.
+    /// Follows a thinking model's reasoning, given its `<think>` and `</think>` tokens:
+    /// `<think>` may be its first token (unless `opened`: the prompt wrote it); under
+    /// structured output the grammar holds after `</think>`; the reasoning budget counts
+    /// the tokens between.
     pub fn thinking_first(mut self, tags: Option<(u32, u32)>, opened: bool) -> Self {
         let state = if opened {
             Thinking::Inside
         } else {
             Thinking::MayOpen
         };
-        self.think = tags.map(|(open, close)| ThinkFirst { open, close, state });
+        self.think = tags.map(|(open, close)| ThinkFirst {
+            open,
+            close,
+            state,
+            spent: 0,
+        });
         self
     }
 
@@ -381,6 +391,16 @@ impl Generation {
             }
         }
         self.constrain(&mut logits)?;
+        if let Some(t) = self.think.filter(|t| {
+            t.state == Thinking::Inside && self.reasoning_budget.is_some_and(|b| t.spent >= b)
+        }) {
+            // The budget is spent: the block closes now.
+            for (i, l) in logits.iter_mut().enumerate() {
+                if i != t.close as usize {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let choice = self
             .sampler
             .sample(&mut logits, &self.prompt, &self.generated);
@@ -430,6 +450,9 @@ impl Generation {
                         Thinking::Inside if token != t.close => Thinking::Inside,
                         _ => Thinking::Over,
                     };
+                    if was == Thinking::Inside && t.state == Thinking::Inside {
+                        t.spent += 1;
+                    }
                     was == Thinking::Inside || t.state == Thinking::Inside
                 }
                 None => false,

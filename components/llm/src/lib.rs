@@ -124,6 +124,7 @@ impl gen::Guest for Component {
         let parser = response::ResponseParser::new(m.thinks, opened, parse_tools);
         Ok(stream(
             Generation::new(m, ids, &options)?
+                .thinking_first(think_tags, opened)
                 .with_parser(parser)
                 .one_call(parse_tools && !parallel),
         ))
@@ -276,6 +277,7 @@ impl spin::Guest for Component {
             choices: Vec::new(),
             logit_bias: Vec::new(),
             format: None,
+            reasoning_budget: None,
         };
         let s = <Component as gen::Guest>::complete(model, prompt, options).map_err(spin_error)?;
         let g = s.get::<CompletionStream>();

@@ -25,9 +25,10 @@ use super::worker::Event;
 use crate::bindings::exports::wasmlm::llm::types::{FinishReason, StopMatch};
 
 /// Chat parameters and the Messages parameters they come from, for errors.
-const CHAT_NAMES: [(&str, &str); 2] = [
+const CHAT_NAMES: [(&str, &str); 3] = [
     ("stop", "stop_sequences"),
     ("response_format", "output_config.format"),
+    ("thinking_token_budget", "thinking.budget_tokens"),
 ];
 
 /// `POST /v1/messages`.
@@ -170,7 +171,13 @@ fn chat_body(b: &wire::Body, generating: bool) -> Result<wire::Body, ApiError> {
         .and_then(|t| t.get("type"))
         .and_then(Value::as_str)
     {
-        Some("enabled") => thinking(&mut chat, true),
+        Some("enabled") => {
+            thinking(&mut chat, true);
+            // Anthropic's budget is a cap the generation enforces, as vLLM's is.
+            if let Some(n) = b.get("thinking").and_then(|t| t.get("budget_tokens")) {
+                chat.insert("thinking_token_budget".into(), n.clone());
+            }
+        }
         Some("disabled") => thinking(&mut chat, false),
         _ => {}
     }
@@ -631,6 +638,15 @@ mod tests {
         assert_eq!(chat.0["top_k"], 5);
         assert_eq!(chat.0["tool_choice"], "required");
         assert_eq!(chat.0["parallel_tool_calls"], false);
+        let think = body(
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                "thinking": {"type": "enabled", "budget_tokens": 64}}),
+        );
+        let think = chat_body(&think, true).unwrap();
+        assert_eq!(
+            wire::chat_request(&think).unwrap().options.reasoning_budget,
+            Some(64)
+        );
         assert_eq!(
             chat.0["tools"][0]["function"]["parameters"],
             json!({"type": "object"})

@@ -61,10 +61,11 @@ const CHAT_KEYS: [&str; 7] = [
 ];
 
 /// Chat parameters and the Responses parameters they come from, for errors.
-const CHAT_NAMES: [(&str, &str); 3] = [
+const CHAT_NAMES: [(&str, &str); 4] = [
     ("messages", "input"),
     ("max_tokens", "max_output_tokens"),
     ("response_format", "text.format"),
+    ("reasoning_effort", "reasoning.effort"),
 ];
 
 /// `POST /v1/responses`.
@@ -150,6 +151,11 @@ fn chat_body(b: &wire::Body) -> Result<wire::Body, ApiError> {
     }
     if let Some(parallel) = b.bool("parallel_tool_calls")? {
         chat.insert("parallel_tool_calls".into(), json!(parallel));
+    }
+    if let Some(effort) = b.get("reasoning").and_then(|r| r.get("effort")) {
+        if !effort.is_null() {
+            chat.insert("reasoning_effort".into(), effort.clone());
+        }
     }
     let include = match b.get("include") {
         None => Vec::new(),
@@ -734,7 +740,7 @@ mod tests {
             "model": "m", "instructions": "Be terse.", "seed": 7, "max_output_tokens": 9,
             "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
             "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
-            "tool_choice": "auto", "parallel_tool_calls": false,
+            "tool_choice": "auto", "parallel_tool_calls": false, "reasoning": {"effort": "none"},
             "input": [
                 {"role": "user", "content": [{"type": "input_text", "text": "a"},
                                              {"type": "input_text", "text": "b"}]},
@@ -771,6 +777,7 @@ mod tests {
         assert_eq!(chat.0["tools"][0]["function"]["name"], "f");
         assert_eq!(chat.0["tool_choice"], "auto");
         assert_eq!(chat.0["parallel_tool_calls"], false);
+        assert_eq!(chat.0["reasoning_effort"], "none");
         let named = tool_choice(&body(
             json!({"tool_choice": {"type": "function", "name": "f"}}),
         ));

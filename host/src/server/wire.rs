@@ -42,6 +42,8 @@ pub struct GenRequest {
 /// Most choices per prompt (`n`), and per request (prompts × `n`).
 const MAX_N: i64 = 16;
 const MAX_CHOICES: usize = 64;
+/// OpenAI's `reasoning_effort` levels.
+const REASONING_EFFORTS: [&str; 6] = ["none", "minimal", "low", "medium", "high", "xhigh"];
 /// Most `stop_token_ids` in one request.
 const MAX_STOP_TOKENS: usize = 256;
 
@@ -247,6 +249,7 @@ fn common(b: &Body, chat: bool) -> Result<GenRequest, ApiError> {
         choices: choices(b, so)?,
         logit_bias: logit_bias(b)?,
         format: output_format(b, so)?,
+        reasoning_budget: reasoning_budget(b)?,
     };
     if constrained_format(&options) && !options.choices.is_empty() {
         return Err(ApiError::bad_param(
@@ -431,6 +434,21 @@ fn response_format(b: &Body) -> Result<Option<OutputFormat>, ApiError> {
     }
 }
 
+/// The most reasoning tokens: vLLM's `thinking_token_budget` or llama.cpp's
+/// `reasoning_budget_tokens` (-1: no limit).
+fn reasoning_budget(b: &Body) -> Result<Option<u32>, ApiError> {
+    let vllm = b.int_in("thinking_token_budget", 0, u32::MAX as i64)?;
+    let llama = b.int_in("reasoning_budget_tokens", -1, u32::MAX as i64)?;
+    match (vllm, llama) {
+        (Some(_), Some(_)) => Err(ApiError::bad_param(
+            "reasoning_budget_tokens",
+            "Give 'thinking_token_budget' or 'reasoning_budget_tokens', not both.",
+        )),
+        (Some(n), None) | (None, Some(n)) => Ok(u32::try_from(n).ok()),
+        (None, None) => Ok(None),
+    }
+}
+
 /// vLLM's `stop_token_ids`: token ids that end generation (the component checks the
 /// vocabulary).
 fn stop_token_ids(b: &Body) -> Result<Vec<u32>, ApiError> {
@@ -583,9 +601,9 @@ pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
         }
         Some(_) => return Err(bad_choice()),
     };
-    let kwargs = match b.get("chat_template_kwargs") {
+    let mut kwargs = match b.get("chat_template_kwargs") {
         None => None,
-        Some(v @ Value::Object(_)) => Some(v.to_string()),
+        Some(Value::Object(o)) => Some(o.clone()),
         Some(_) => {
             return Err(ApiError::bad_param(
                 "chat_template_kwargs",
@@ -593,6 +611,25 @@ pub fn chat_context(b: &Body) -> Result<ChatContext, ApiError> {
             ))
         }
     };
+    if let Some(effort) = b.opt_string("reasoning_effort")? {
+        if !REASONING_EFFORTS.contains(&effort.as_str()) {
+            return Err(ApiError::bad_param(
+                "reasoning_effort",
+                format!(
+                    "'reasoning_effort' must be one of {}.",
+                    REASONING_EFFORTS.join(", ")
+                ),
+            ));
+        }
+        // As vLLM: the template reads it (gpt-oss's do); a hybrid thinking model (Qwen3)
+        // has no levels, but `none` turns its thinking off. Explicit kwargs win.
+        let k = kwargs.get_or_insert_with(Map::new);
+        if effort == "none" {
+            k.entry("enable_thinking").or_insert(Value::Bool(false));
+        }
+        k.entry("reasoning_effort").or_insert(Value::String(effort));
+    }
+    let kwargs = kwargs.map(|k| Value::Object(k).to_string());
     Ok(ChatContext {
         tools_json: tools,
         template_kwargs_json: kwargs,
@@ -968,6 +1005,59 @@ pub mod tests {
             let e = chat_request(&body(bad)).unwrap_err();
             assert_eq!(e.status, 400);
             assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn reasoning_effort_and_budgets() {
+        let ask = |extra: Value| {
+            let mut b = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+            b.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            body(b)
+        };
+        let kwargs = |extra: Value| -> Value {
+            let c = chat_context(&ask(extra)).unwrap();
+            serde_json::from_str(&c.template_kwargs_json.unwrap()).unwrap()
+        };
+        assert_eq!(
+            kwargs(json!({"reasoning_effort": "none"})),
+            json!({"enable_thinking": false, "reasoning_effort": "none"})
+        );
+        assert_eq!(
+            kwargs(json!({"reasoning_effort": "high"})),
+            json!({"reasoning_effort": "high"})
+        );
+        // Explicit template kwargs win.
+        assert_eq!(
+            kwargs(json!({"reasoning_effort": "none",
+                          "chat_template_kwargs": {"enable_thinking": true}})),
+            json!({"enable_thinking": true, "reasoning_effort": "none"})
+        );
+        let budget = |extra: Value| chat_request(&ask(extra)).map(|r| r.options.reasoning_budget);
+        assert_eq!(
+            budget(json!({"thinking_token_budget": 5})).unwrap(),
+            Some(5)
+        );
+        assert_eq!(
+            budget(json!({"reasoning_budget_tokens": 0})).unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            budget(json!({"reasoning_budget_tokens": -1})).unwrap(),
+            None
+        );
+        for bad in [
+            json!({"thinking_token_budget": 5, "reasoning_budget_tokens": 5}),
+            json!({"thinking_token_budget": -1}),
+            json!({"reasoning_effort": "max"}),
+        ] {
+            assert_eq!(
+                chat_request(&ask(bad.clone())).unwrap_err().status,
+                400,
+                "{bad}"
+            );
         }
     }
 

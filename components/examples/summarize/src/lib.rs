@@ -210,6 +210,7 @@ fn no_options() -> SamplingOptions {
         choices: Vec::new(),
         logit_bias: Vec::new(),
         format: None,
+        reasoning_budget: None,
     }
 }
 
