@@ -647,6 +647,15 @@ fn qwen3_chat(
     context: &ChatContext,
     choice: &str,
 ) -> (String, String, Vec<(String, String)>, Option<FinishReason>) {
+    qwen3_chat_budget(context, choice, None)
+}
+
+/// [`qwen3_chat`] with a reasoning budget.
+fn qwen3_chat_budget(
+    context: &ChatContext,
+    choice: &str,
+    reasoning_budget: Option<u32>,
+) -> (String, String, Vec<(String, String)>, Option<FinishReason>) {
     let mut inst = qwen3_runtime().instance(QWEN3).unwrap();
     let msgs = vec![message(Role::User, "What is the weather in Paris?")];
     let options = SamplingOptions {
@@ -655,6 +664,7 @@ fn qwen3_chat(
         // A random model cannot write this text: the output is constrained to it.
         choices: vec![choice.to_string()],
         logit_bias: Vec::new(),
+        reasoning_budget,
         ..default_options()
     };
     let mut s = inst.chat(QWEN3, &msgs, context, &options).unwrap();
@@ -690,6 +700,12 @@ fn qwen3_reasoning_and_tool_calls_come_apart_from_the_answer() {
         vec![("get_weather".to_string(), r#"{"city":"Paris"}"#.to_string())]
     );
     assert_eq!(finish, Some(FinishReason::ToolCalls));
+    // Choices that spell the reasoning out outrank a budget it overruns.
+    let (_, reasoning, calls, _) = qwen3_chat_budget(&with_tools, script, Some(2));
+    assert_eq!(
+        (reasoning.as_str(), calls.len()),
+        ("The user asks for the weather.", 1)
+    );
 
     // Two calls in one answer; with parallel_tool_calls false generation ends after the
     // first.

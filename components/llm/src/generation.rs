@@ -392,7 +392,10 @@ impl Generation {
         }
         self.constrain(&mut logits)?;
         if let Some(t) = self.think.filter(|t| {
-            t.state == Thinking::Inside && self.reasoning_budget.is_some_and(|b| t.spent >= b)
+            t.state == Thinking::Inside
+                && self.reasoning_budget.is_some_and(|b| t.spent >= b)
+                // (Choices that spell the reasoning out decide where it ends.)
+                && logits.get(t.close as usize).is_some_and(|l| l.is_finite())
         }) {
             // The budget is spent: the block closes now.
             for (i, l) in logits.iter_mut().enumerate() {
