@@ -558,8 +558,8 @@ impl Generation {
             text.push_str(&self.stop.flush());
             return self.finish_now(text, tokens, logprobs, reason);
         };
-        // The last bytes completed a stop string: that is what ended the text (a cancel
-        // still reads as one).
+        // The last bytes completed a stop string: that is what ended the text, unless the
+        // caller cancelled.
         if reason == FinishReason::Cancelled {
             return self.finish_now(text, tokens, logprobs, reason);
         }
