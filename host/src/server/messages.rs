@@ -458,7 +458,9 @@ impl Replier {
             None => Value::Null,
             Some(FinishReason::Length) => json!("max_tokens"),
             Some(_) if self.has_call() => json!("tool_use"),
-            Some(_) if self.stop_sequence().is_string() => json!("stop_sequence"),
+            Some(_) if matches!(self.items.stop_match, Some(StopMatch::Text(_))) => {
+                json!("stop_sequence")
+            }
             Some(_) => json!("end_turn"),
         }
     }
