@@ -221,6 +221,26 @@ fn prompt_longer_than_the_context() {
 }
 
 #[test]
+fn a_q8_0_kv_cache_answers_and_unknown_types_are_named() {
+    common::smollm2_path();
+    let o = wasmlm(&[
+        "run",
+        "--kv-cache",
+        "q8_0",
+        "--temperature",
+        "0",
+        "--system",
+        "You are a helpful assistant.",
+        "Name the capital of France.",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Paris"), "answer: {}", stdout(&o));
+    let o = wasmlm(&["run", "--kv-cache", "q4", "hi"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("(f16, f32, q8_0)"), "{}", stderr(&o));
+}
+
+#[test]
 fn bad_flags_are_refused() {
     common::smollm2_path();
     let line = one_line_error(&wasmlm(&["run", "--temperature", "-1", "hi"]));

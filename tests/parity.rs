@@ -515,6 +515,49 @@ fn tensor_pass_matches_llama_cpp() {
     check_batched_decode(model);
 }
 
+/// A q8_0 KV cache (`kv_cache = "q8_0"`) holds llama.cpp's greedy tokens, teacher-forced,
+/// within `Q8_NATS` (its rounding is coarser than f16's: 1/254 of each block's largest
+/// value), and its batched decode equals one sequence at a time.
+#[test]
+fn q8_0_kv_cache_holds_llama_cpp_greedy_tokens() {
+    use wasmlm_host::backend::{KvDType, Sequence};
+    let options = LoadOptions {
+        context: Some(2048),
+        kv: KvDType::Q8_0,
+        ..LoadOptions::default()
+    };
+    let model = std::sync::Arc::new(
+        LoadedModel::from_path(&common::smollm2_path(), &options, &Device::Cpu)
+            .expect("the model loads with a q8_0 cache"),
+    );
+    let mut worst = 0f32;
+    let mut total = 0;
+    let mut exact = 0;
+    for (i, row) in common::vectors("smollm2-greedy.jsonl").iter().enumerate() {
+        let expected = common::ids(&row["greedy_ids"]);
+        let mut seq = Sequence::new(model.clone());
+        let mut logits = seq.extend(&common::ids(&row["prompt_ids"])).unwrap();
+        for (j, &t) in expected.iter().enumerate() {
+            let gap = logits[argmax(&logits) as usize] - logits[t as usize];
+            assert!(
+                gap <= Q8_NATS,
+                "row {i} position {j}: llama.cpp's token {t} is {gap} nats below our choice"
+            );
+            worst = worst.max(gap);
+            total += 1;
+            exact += usize::from(gap == 0.0);
+            logits = seq.extend(&[t]).unwrap();
+        }
+    }
+    eprintln!(
+        "q8_0 cache: llama.cpp's tokens are our argmax at {exact}/{total} positions, at most {worst:.4} nats from it"
+    );
+    check_batched_decode(model);
+}
+
+/// How far below our argmax llama.cpp's (f16-cache) greedy token may be with a q8_0 cache.
+const Q8_NATS: f32 = 0.5;
+
 /// `model`'s batched decode against the same sequences decoded alone.
 fn check_batched_decode(model: std::sync::Arc<LoadedModel>) {
     use wasmlm_host::backend::Sequence;

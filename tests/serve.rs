@@ -338,7 +338,7 @@ fn warmup_loads_a_cold_model_and_reports_it() {
     std::fs::write(
         &config,
         format!(
-            "node_id = \"edge-7\"\n[labels]\nzone = \"test\"\n[[models]]\nname = \"smollm2\"\npath = {:?}\npreload = false\nslots = 1\naliases = [\"tiny\"]\n",
+            "node_id = \"edge-7\"\n[labels]\nzone = \"test\"\n[[models]]\nname = \"smollm2\"\npath = {:?}\npreload = false\nslots = 1\naliases = [\"tiny\"]\nkv_cache = \"q8_0\"\n",
             common::smollm2_path().display().to_string()
         ),
     )
@@ -376,6 +376,17 @@ fn warmup_loads_a_cold_model_and_reports_it() {
     assert_eq!(inv["devices"][0]["kind"], "cpu");
     assert_eq!(inv["models"][0]["state"], "warm");
     assert_eq!(inv["models"][0]["slots"]["total"], 1);
+    // The config's q8_0 KV cache serves the README's question.
+    assert_eq!(inv["models"][0]["kv_cache"], "q8_0");
+    let r = node.post(
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "temperature": 0, "max_tokens": 16, "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Name the capital of France."}]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json()["choices"][0]["message"]["content"].clone();
+    assert!(answer.as_str().unwrap_or("").contains("Paris"), "{answer}");
 
     // llama.cpp's utility endpoints, on the model's own tokenizer and template.
     let row = &common::vectors("smollm2-tokens.jsonl")[0];

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
+use wasmlm_host::backend::KvDType;
 use wasmlm_host::bindings::exports::wasmlm::llm::types::{
     Message, OutputFormat, Role, SamplingOptions,
 };
@@ -202,11 +203,13 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the benchmark against a node serving `model_spec` started in this process.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     runtime: Runtime,
     model: String,
     model_spec: String,
     device: DeviceSpec,
+    kv_cache: Option<KvDType>,
     gen: u32,
     rounds: usize,
     streams: &[usize],
@@ -220,6 +223,7 @@ pub fn run(
             slots: Some(max_streams),
             queue: Some(max_streams),
             device: Some(device),
+            kv_cache,
             ..Overrides::default()
         },
         &wasmlm_host::models::models_dir(),

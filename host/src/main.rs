@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use wasmlm_host::backend::{LoadedModel, Sequence};
+use wasmlm_host::backend::{KvDType, LoadedModel, Sequence};
 use wasmlm_host::bindings::exports::wasmlm::llm::types::{OutputFormat, Role, SamplingOptions};
 use wasmlm_host::device::DeviceSpec;
 use wasmlm_host::models::{self, ModelSpec, KNOWN_MODELS};
@@ -63,6 +63,9 @@ struct ModelArgs {
     /// Context length in tokens (default: the model's own).
     #[arg(long)]
     context: Option<usize>,
+    /// KV cache type on the CPU: f16 (default), f32 or q8_0 (about half of f16's memory).
+    #[arg(long)]
+    kv_cache: Option<KvDType>,
     /// CPU threads for the forward pass (default: available cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -144,6 +147,10 @@ struct ServeArgs {
     /// Context length in tokens (default: the model's own).
     #[arg(long)]
     context: Option<usize>,
+    /// KV cache type of every model on the CPU: f16 (default), f32 or q8_0 (about half of
+    /// f16's memory; over the config file's `kv_cache`).
+    #[arg(long)]
+    kv_cache: Option<KvDType>,
     /// Accepted API key (repeatable; also WASMLM_API_KEY). Without one the API is open.
     #[arg(long = "api-key", env = "WASMLM_API_KEY")]
     api_keys: Vec<String>,
@@ -303,6 +310,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         slots: a.slots,
         queue: a.queue,
         context_length: a.context,
+        kv_cache: a.kv_cache,
         api_keys: a.api_keys,
         labels: a.labels,
         node_id: a.node_id,
@@ -346,6 +354,7 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
         model,
         spec,
         a.model.device,
+        a.model.kv_cache,
         a.gen_tokens,
         a.rounds,
         &a.streams,
@@ -375,7 +384,8 @@ fn start(a: &ModelArgs) -> Result<(Runtime, String)> {
         ..spec
     };
     let device = a.device.open()?;
-    let loaded = models::load_all(std::slice::from_ref(&spec), a.context, &device)?;
+    let model = models::load_one(&spec, a.context, a.kv_cache, &device)?;
+    let loaded = std::collections::HashMap::from([(spec.name.clone(), model)]);
     let wasm = component_wasm(a.component.as_ref())?;
     let cache = models::cache_dir().join("components");
     let runtime = Runtime::new(&wasm, loaded, Some(&cache))?;

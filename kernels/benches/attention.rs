@@ -1,4 +1,4 @@
-//! Decode-step and prefill-chunk attention over an f16 KV cache at the head shapes of the
+//! Decode-step and prefill-chunk attention over an f16 KV cache (and a q8_0 one) at the head shapes of the
 //! default model (SmolLM2-135M: 9 query heads, 3 KV heads, width 64) and of Qwen3-0.6B (16, 8,
 //! 128), for one sequence and for the four of a batched decode step.
 //!
@@ -7,13 +7,16 @@
 //! Prints `shape seqs=.. pos=.. rows=.. batched_us=.. each_us=.. over_each=.. scalar_us=..
 //! over_scalar=.. kv_gb_s=..` per case (medians of repeated runs): `batched_us` is every
 //! sequence in one `attention_batch_with` (one hand-off to the pool), `each_us` the same
-//! sequences one `attention_with` after another, `scalar_us` the batch on the portable loops;
-//! GB/s counts the keys and values read once per step.
+//! sequences one `attention_with` after another, `scalar_us` the batch on the portable loops,
+//! `q8_us` the batch over a q8_0 cache of the same values (`f16_over_q8`: the f16 batch's
+//! time over it); GB/s counts the f16 keys and values read once per step.
 
 mod common;
 
 use common::median_us;
-use wasmlm_kernels::ops::{attention_batch_with, attention_with, f16, AttentionSeq, Heads};
+use wasmlm_kernels::ops::{
+    attention_batch_with, attention_with, f16, AttentionSeq, Heads, KvValue,
+};
 use wasmlm_kernels::Isa;
 
 /// Reproducible values in [−1, 1).
@@ -34,7 +37,17 @@ struct Seq {
     q: Vec<f32>,
     k: Vec<f16>,
     v: Vec<f16>,
+    /// The keys and values as q8_0: integers and block scales.
+    k8: (Vec<i8>, Vec<f32>),
+    v8: (Vec<i8>, Vec<f32>),
     out: Vec<f32>,
+}
+
+/// `x` as q8_0 integers and their scales.
+fn q8(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
+    let (mut q, mut d) = (vec![0i8; x.len()], vec![0f32; x.len() / 32]);
+    i8::narrow_slice(x, &mut q, &mut d);
+    (q, d)
 }
 
 fn main() {
@@ -69,11 +82,19 @@ fn main() {
             }
             let to16 = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect::<Vec<_>>();
             let mut seqs: Vec<Seq> = (0..n_seqs as u64)
-                .map(|s| Seq {
-                    q: values(rows * qw, 4 * s + 1),
-                    k: to16(values((pos + rows) * kw, 4 * s + 2)),
-                    v: to16(values((pos + rows) * kw, 4 * s + 3)),
-                    out: vec![0f32; rows * qw],
+                .map(|s| {
+                    let (k, v) = (
+                        values((pos + rows) * kw, 4 * s + 2),
+                        values((pos + rows) * kw, 4 * s + 3),
+                    );
+                    Seq {
+                        q: values(rows * qw, 4 * s + 1),
+                        k8: q8(&k),
+                        v8: q8(&v),
+                        k: to16(k),
+                        v: to16(v),
+                        out: vec![0f32; rows * qw],
+                    }
                 })
                 .collect();
             let batch = |isa: Isa, seqs: &mut [Seq]| {
@@ -83,11 +104,28 @@ fn main() {
                         q: &s.q,
                         k: &s.k,
                         v: &s.v,
+                        k_scales: &[],
+                        v_scales: &[],
                         pos,
                         out: &mut s.out,
                     })
                     .collect();
                 attention_batch_with(isa, &mut views, h, None, scale).expect("attention");
+            };
+            let batch_q8 = |seqs: &mut [Seq]| {
+                let mut views: Vec<AttentionSeq<'_, i8>> = seqs
+                    .iter_mut()
+                    .map(|s| AttentionSeq {
+                        q: &s.q,
+                        k: &s.k8.0,
+                        v: &s.v8.0,
+                        k_scales: &s.k8.1,
+                        v_scales: &s.v8.1,
+                        pos,
+                        out: &mut s.out,
+                    })
+                    .collect();
+                attention_batch_with(best, &mut views, h, None, scale).expect("attention");
             };
             let batched = median_us(|| batch(best, &mut seqs), 1.0);
             let each = median_us(
@@ -100,12 +138,15 @@ fn main() {
                 1.0,
             );
             let scalar = median_us(|| batch(Isa::Scalar, &mut seqs), 0.5);
+            let q8_us = median_us(|| batch_q8(&mut seqs), 1.0);
             let kv_bytes = n_seqs * 2 * (pos + rows) * kw * std::mem::size_of::<f16>();
             println!(
                 "{label} batched_us={batched:.1} each_us={each:.1} over_each={:.2} \
-                 scalar_us={scalar:.1} over_scalar={:.2} kv_gb_s={:.1}",
+                 scalar_us={scalar:.1} over_scalar={:.2} q8_us={q8_us:.1} f16_over_q8={:.2} \
+                 kv_gb_s={:.1}",
                 each / batched,
                 scalar / batched,
+                batched / q8_us,
                 kv_bytes as f64 / batched / 1e3
             );
         }

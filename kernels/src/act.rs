@@ -110,6 +110,21 @@ pub fn quantize_32(x: &[f32], cols: usize) -> Acts32 {
     a
 }
 
+/// `x` (a multiple of 32 values) as ggml's q8_0 blocks, into `q` (as many integers) and
+/// `d` (one scale per 32): the scale is rounded to f16 as ggml stores it, the integers come
+/// from the unrounded one, as in ggml's `quantize_row_q8_0`, so `q · d` is what llama.cpp
+/// reads back from a q8_0 KV cache.
+pub fn quantize_q8_0_into(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    let quant = Quantizer::new();
+    let (blocks, _) = x.as_chunks::<32>();
+    let (qs, _) = q.as_chunks_mut::<32>();
+    for ((c, q), d) in blocks.iter().zip(qs).zip(d.iter_mut()) {
+        let (scale, id) = quant.scale(c);
+        quant.ints(c, id, q);
+        *d = half::f16::from_f32(scale).to_f32();
+    }
+}
+
 /// Rows of `cols` values (`cols` a multiple of 256) as 256-wide blocks.
 pub fn quantize_256(x: &[f32], cols: usize) -> Acts256 {
     let quant = Quantizer::new();

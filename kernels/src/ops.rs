@@ -117,18 +117,27 @@ pub struct Heads {
 }
 
 /// An element type of the KV cache: f16 (llama.cpp's default, half the bytes a decode step
-/// reads) or f32 (exact, like llama.cpp's `--cache-type-k f32`).
+/// reads), f32 (exact, like llama.cpp's `--cache-type-k f32`) or the integers of q8_0
+/// (`i8`, a scale per 32 values beside them, like `--cache-type-k q8_0`: about a quarter
+/// more than half of f16's bytes).
 pub trait KvValue: Copy + Default + Send + Sync + sealed::Sealed + 'static {
-    /// The value as f32, exactly.
+    /// Whether each 32 values carry a scale (kept apart from them, one f32 per block): the
+    /// value is `widen() · scale`.
+    const BLOCK_SCALED: bool = false;
+    /// The value as f32, exactly (before its block's scale).
     fn widen(self) -> f32;
-    /// Rounds `src` into `dst` (same length).
-    fn narrow_slice(src: &[f32], dst: &mut [Self]);
-    /// Rounds the f32 side of a product with cache values (queries against keys,
-    /// probabilities against values) as llama.cpp's CPU attention does: to f16 for an f16
-    /// cache (ggml converts the f32 operand of an f16 product to f16), so that our results,
-    /// and the near-ties among them, stay close to the reference's; unchanged for f32.
-    fn round_operands(p: &mut [f32], scratch: &mut Vec<Self>);
-    /// Eight values from `p`, widened to f32.
+    /// Rounds `src` into `dst` (same length), writing the scale of every 32 values into
+    /// `scales` where [`KvValue::BLOCK_SCALED`] (`src.len() / 32` of them; empty otherwise).
+    fn narrow_slice(src: &[f32], dst: &mut [Self], scales: &mut [f32]);
+    /// Rounds queries as llama.cpp's CPU attention does before it dots them with keys of
+    /// this type (ggml converts the f32 side of a product to the type's `vec_dot_type`):
+    /// to f16 for an f16 cache, to q8_0 for a q8_0 one, unchanged for f32. Our scores, and
+    /// the near-ties among them, stay close to the reference's.
+    fn round_queries(q: &mut [f32], scratch: &mut Vec<Self>);
+    /// Rounds the probabilities that weigh values of this type as llama.cpp does: to f16 for
+    /// an f16 cache; q8_0 values are widened to f32 there, so f32 and q8_0 keep them.
+    fn round_probs(p: &mut [f32], scratch: &mut Vec<Self>);
+    /// Eight values from `p`, widened to f32 (before their block's scale).
     ///
     /// # Safety
     /// `p` must point to eight values; the CPU must have AVX2, FMA and F16C.
@@ -141,6 +150,7 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
+    impl Sealed for i8 {}
 }
 
 impl KvValue for f32 {
@@ -148,10 +158,11 @@ impl KvValue for f32 {
     fn widen(self) -> f32 {
         self
     }
-    fn narrow_slice(src: &[f32], dst: &mut [f32]) {
+    fn narrow_slice(src: &[f32], dst: &mut [f32], _: &mut [f32]) {
         dst.copy_from_slice(src);
     }
-    fn round_operands(_: &mut [f32], _: &mut Vec<f32>) {}
+    fn round_queries(_: &mut [f32], _: &mut Vec<f32>) {}
+    fn round_probs(_: &mut [f32], _: &mut Vec<f32>) {}
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -165,13 +176,14 @@ impl KvValue for f16 {
     fn widen(self) -> f32 {
         self.to_f32()
     }
-    fn narrow_slice(src: &[f32], dst: &mut [f16]) {
+    fn narrow_slice(src: &[f32], dst: &mut [f16], _: &mut [f32]) {
         dst.convert_from_f32_slice(src);
     }
-    fn round_operands(p: &mut [f32], scratch: &mut Vec<f16>) {
-        scratch.resize(p.len(), f16::ZERO);
-        scratch.convert_from_f32_slice(p);
-        scratch.convert_to_f32_slice(p);
+    fn round_queries(q: &mut [f32], scratch: &mut Vec<f16>) {
+        round_to_f16(q, scratch);
+    }
+    fn round_probs(p: &mut [f32], scratch: &mut Vec<f16>) {
+        round_to_f16(p, scratch);
     }
     #[cfg(target_arch = "x86_64")]
     #[inline]
@@ -182,14 +194,63 @@ impl KvValue for f16 {
     }
 }
 
+fn round_to_f16(x: &mut [f32], scratch: &mut Vec<f16>) {
+    scratch.resize(x.len(), f16::ZERO);
+    scratch.convert_from_f32_slice(x);
+    scratch.convert_to_f32_slice(x);
+}
+
+impl KvValue for i8 {
+    const BLOCK_SCALED: bool = true;
+    #[inline]
+    fn widen(self) -> f32 {
+        f32::from(self)
+    }
+    fn narrow_slice(src: &[f32], dst: &mut [i8], scales: &mut [f32]) {
+        crate::act::quantize_q8_0_into(src, dst, scales);
+    }
+    fn round_queries(q: &mut [f32], scratch: &mut Vec<i8>) {
+        // ggml dots q8_0 keys with queries quantized to q8_0 (its `vec_dot_type`).
+        scratch.resize(q.len(), 0);
+        let mut d = vec![0f32; q.len() / 32];
+        crate::act::quantize_q8_0_into(q, scratch, &mut d);
+        for ((x, q), d) in q.chunks_exact_mut(32).zip(scratch.chunks_exact(32)).zip(&d) {
+            for (x, &q) in x.iter_mut().zip(q) {
+                *x = f32::from(q) * d;
+            }
+        }
+    }
+    fn round_probs(_: &mut [f32], _: &mut Vec<i8>) {}
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const i8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::{_mm256_cvtepi32_ps, _mm256_cvtepi8_epi32, _mm_loadl_epi64};
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
+    }
+}
+
+/// The scale of value `e` of a block-scaled slice (1 for the other types).
+#[inline(always)]
+fn scale_of<T: KvValue>(scales: &[f32], e: usize) -> f32 {
+    if T::BLOCK_SCALED {
+        scales[e / 32]
+    } else {
+        1.0
+    }
+}
+
 /// `out[j·n + t] = scale · q_j·k_t` for the query heads `q_j = q[j·d..][..d]` (`heads` of
 /// them, 1 to 3, sharing one KV head) and the keys `k_t = k[t·stride..][..d]`,
-/// `t < n = out.len() / heads`.
+/// `t < n = out.len() / heads`; `ks`: the keys' block scales, from the same start
+/// (`T::BLOCK_SCALED`; empty otherwise).
+#[allow(clippy::too_many_arguments)]
 fn group_scores<T: KvValue>(
     simd: bool,
     heads: usize,
     q: &[f32],
     k: &[T],
+    ks: &[f32],
     stride: usize,
     scale: f32,
     out: &mut [f32],
@@ -197,38 +258,49 @@ fn group_scores<T: KvValue>(
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is only set where `Isa::best` found AVX2, FMA and F16C.
-        return unsafe { crate::x86::group_scores(heads, q, k, stride, scale, out) };
+        return unsafe { crate::x86::group_scores(heads, q, k, ks, stride, scale, out) };
     }
     let _ = simd;
     let (d, n) = (q.len() / heads, out.len() / heads);
     for (qj, out) in q.chunks_exact(d).zip(out.chunks_exact_mut(n.max(1))) {
         for (t, o) in out.iter_mut().enumerate() {
-            *o = dot(qj, &k[t * stride..][..d]) * scale;
+            *o = if T::BLOCK_SCALED {
+                let at = t * stride;
+                qj.chunks_exact(32)
+                    .enumerate()
+                    .map(|(b, qb)| dot(qb, &k[at + 32 * b..][..32]) * ks[at / 32 + b])
+                    .sum::<f32>()
+            } else {
+                dot(qj, &k[t * stride..][..d])
+            } * scale;
         }
     }
 }
 
 /// `acc[j·d..][..d] += Σ_t p[j·n + t] · v_t` for `heads` heads' probabilities
-/// (`n = p.len() / heads`) and the values `v_t = v[t·stride..][..d]`.
+/// (`n = p.len() / heads`) and the values `v_t = v[t·stride..][..d]`; `vs`: their block
+/// scales, as in [`group_scores`].
 fn group_mix<T: KvValue>(
     simd: bool,
     heads: usize,
     p: &[f32],
     v: &[T],
+    vs: &[f32],
     stride: usize,
     acc: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: as in `group_scores`.
-        return unsafe { crate::x86::group_mix(heads, p, v, stride, acc) };
+        return unsafe { crate::x86::group_mix(heads, p, v, vs, stride, acc) };
     }
     let _ = simd;
     let (d, n) = (acc.len() / heads, p.len() / heads);
     for (pj, acc) in p.chunks_exact(n.max(1)).zip(acc.chunks_exact_mut(d)) {
         for (t, &pt) in pj.iter().enumerate() {
-            for (a, x) in acc.iter_mut().zip(&v[t * stride..][..d]) {
-                *a += pt * x.widen();
+            let at = t * stride;
+            for (c, (a, x)) in acc.iter_mut().zip(&v[at..][..d]).enumerate() {
+                *a += pt * (x.widen() * scale_of::<T>(vs, at + c));
             }
         }
     }
@@ -261,6 +333,11 @@ pub struct AttentionSeq<'a, T> {
     pub k: &'a [T],
     /// Values, as `k`.
     pub v: &'a [T],
+    /// The keys' block scales where `T` has them ([`KvValue::BLOCK_SCALED`]): one per 32
+    /// values of `k`; empty otherwise.
+    pub k_scales: &'a [f32],
+    /// The values' block scales, as `k_scales`.
+    pub v_scales: &'a [f32],
     /// The position of the first query.
     pub pos: usize,
     /// Where the result goes, like `q`.
@@ -300,7 +377,15 @@ pub fn attention_with<T: KvValue>(
     scale: f32,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    let seq = AttentionSeq { q, k, v, pos, out };
+    let seq = AttentionSeq {
+        q,
+        k,
+        v,
+        k_scales: &[],
+        v_scales: &[],
+        pos,
+        out,
+    };
     attention_batch_with(isa, &mut [seq], h, window, scale)
 }
 
@@ -320,6 +405,8 @@ struct SeqView<'a, T> {
     q: &'a [f32],
     k: &'a [T],
     v: &'a [T],
+    k_scales: &'a [f32],
+    v_scales: &'a [f32],
     pos: usize,
     out: SendPtr,
 }
@@ -365,6 +452,24 @@ pub fn attention_batch_with<T: KvValue>(
             )));
         }
     }
+    if T::BLOCK_SCALED {
+        if !h.head_dim.is_multiple_of(32) {
+            return Err(KernelError::Shape(format!(
+                "a block-scaled KV cache needs heads of a multiple of 32 values, not {}",
+                h.head_dim
+            )));
+        }
+        for s in seqs.iter() {
+            let need = (s.pos + s.q.len() / qw) * kw / 32;
+            if s.k_scales.len() < need || s.v_scales.len() < need {
+                return Err(KernelError::Shape(format!(
+                    "{} key and {} value scales for {need} blocks",
+                    s.k_scales.len(),
+                    s.v_scales.len()
+                )));
+            }
+        }
+    }
     let d = h.head_dim;
     let group = h.n_head / h.n_kv_head;
     let simd = isa >= Isa::Avx2 && isa.runs_here() && d.is_multiple_of(8);
@@ -376,6 +481,8 @@ pub fn attention_batch_with<T: KvValue>(
             q: s.q,
             k: s.k,
             v: s.v,
+            k_scales: s.k_scales,
+            v_scales: s.v_scales,
             pos: s.pos,
             out: SendPtr(s.out.as_mut_ptr()),
         })
@@ -417,6 +524,8 @@ pub fn attention_batch_with<T: KvValue>(
             q,
             k,
             v,
+            k_scales,
+            v_scales,
             pos,
             ref out,
         } = seqs[s];
@@ -431,15 +540,19 @@ pub fn attention_batch_with<T: KvValue>(
             let n = p + 1 - first;
             let scores = &mut scores[..heads * n];
             let at = first * kw + g * d;
+            // Block scales from the same start (`at` is a multiple of 32 where they exist).
+            let sat = if T::BLOCK_SCALED { at / 32 } else { 0 };
             qh.copy_from_slice(&q[i * qw + head * d..][..heads * d]);
-            T::round_operands(&mut qh, &mut rounded);
-            group_scores(simd, heads, &qh, &k[at..], kw, scale, scores);
+            T::round_queries(&mut qh, &mut rounded);
+            let ks = &k_scales[sat.min(k_scales.len())..];
+            group_scores(simd, heads, &qh, &k[at..], ks, kw, scale, scores);
             for s in scores.chunks_exact_mut(n) {
                 softmax(simd, s);
-                T::round_operands(s, &mut rounded);
+                T::round_probs(s, &mut rounded);
             }
             acc.fill(0.0);
-            group_mix(simd, heads, scores, &v[at..], kw, &mut acc);
+            let vs = &v_scales[sat.min(v_scales.len())..];
+            group_mix(simd, heads, scores, &v[at..], vs, kw, &mut acc);
             // SAFETY: `out` is the sequence's `rows × qw` slice; this task alone writes
             // heads `head..head + heads` of its rows.
             let dst =
@@ -496,8 +609,8 @@ mod tests {
                     let kv = values(n.max(1) * stride, 2);
                     let mut want = vec![0f32; heads * n];
                     let mut got = want.clone();
-                    group_scores(false, heads, &q, &kv, stride, 0.3, &mut want);
-                    group_scores(true, heads, &q, &kv, stride, 0.3, &mut got);
+                    group_scores(false, heads, &q, &kv, &[], stride, 0.3, &mut want);
+                    group_scores(true, heads, &q, &kv, &[], stride, 0.3, &mut got);
                     for (a, b) in got.iter().zip(&want) {
                         assert!(
                             (a - b).abs() < 1e-5,
@@ -507,10 +620,56 @@ mod tests {
                     let p = values(heads * n, 3);
                     let mut want = values(heads * d, 4);
                     let mut got = want.clone();
-                    group_mix(false, heads, &p, &kv, stride, &mut want);
-                    group_mix(true, heads, &p, &kv, stride, &mut got);
+                    group_mix(false, heads, &p, &kv, &[], stride, &mut want);
+                    group_mix(true, heads, &p, &kv, &[], stride, &mut got);
                     for (a, b) in got.iter().zip(&want) {
                         assert!((a - b).abs() < 1e-5, "mix h{heads} d{d} n{n}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_kernels_match_the_portable_loops_and_the_dequantized_values() {
+        if !simd_here() {
+            return;
+        }
+        for heads in 1..=3 {
+            for d in [32, 64, 128] {
+                for n in 0..=9 {
+                    let stride = 2 * d;
+                    let q = values(heads * d, 1);
+                    let f = values(n.max(1) * stride, 2);
+                    let mut kv = vec![0i8; f.len()];
+                    let mut scales = vec![0f32; f.len() / 32];
+                    i8::narrow_slice(&f, &mut kv, &mut scales);
+                    // What the blocks stand for, through the f32 kernels.
+                    let deq: Vec<f32> = kv
+                        .iter()
+                        .enumerate()
+                        .map(|(e, &x)| f32::from(x) * scales[e / 32])
+                        .collect();
+                    for x in (0..f.len()).step_by(37) {
+                        assert!((deq[x] - f[x]).abs() <= 0.5 / 127.0 + 1e-6, "q8_0 rounding");
+                    }
+                    let mut want = vec![0f32; heads * n];
+                    let mut portable = want.clone();
+                    let mut got = want.clone();
+                    group_scores(false, heads, &q, &deq, &[], stride, 0.3, &mut want);
+                    group_scores(false, heads, &q, &kv, &scales, stride, 0.3, &mut portable);
+                    group_scores(true, heads, &q, &kv, &scales, stride, 0.3, &mut got);
+                    for ((a, b), c) in got.iter().zip(&want).zip(&portable) {
+                        assert!((a - b).abs() < 1e-5 && (c - b).abs() < 1e-5, "scores");
+                    }
+                    let p = values(heads * n, 3);
+                    let mut want = values(heads * d, 4);
+                    let (mut portable, mut got) = (want.clone(), want.clone());
+                    group_mix(false, heads, &p, &deq, &[], stride, &mut want);
+                    group_mix(false, heads, &p, &kv, &scales, stride, &mut portable);
+                    group_mix(true, heads, &p, &kv, &scales, stride, &mut got);
+                    for ((a, b), c) in got.iter().zip(&want).zip(&portable) {
+                        assert!((a - b).abs() < 1e-5 && (c - b).abs() < 1e-5, "mix");
                     }
                 }
             }

@@ -1183,12 +1183,14 @@ unsafe fn tile32_8<B: Values32, D: Dot, const R: usize>(
 
 /// `out[j·n + t] = scale · q_j·k_t` for `heads` (1 to 3) query heads `q_j = q[j·d..][..d]`
 /// against the keys `k_t = k[t·stride..][..d]`, `t < n = out.len() / heads`: heads that share
-/// a KV head read (and widen) each key once.
+/// a KV head read (and widen) each key once. `ks`: the keys' block scales where
+/// `T::BLOCK_SCALED` (one per 32 values from `k`'s start).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn group_scores<T: KvValue>(
     heads: usize,
     q: &[f32],
     k: &[T],
+    ks: &[f32],
     stride: usize,
     scale: f32,
     out: &mut [f32],
@@ -1200,25 +1202,44 @@ pub(crate) fn group_scores<T: KvValue>(
             && out.len() == heads * n
             && (n == 0 || k.len() >= (n - 1) * stride + d)
     );
-    let (q, k, out) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
-    // SAFETY: every key and query read and every score written is in bounds (asserted).
+    assert!(!T::BLOCK_SCALED || n == 0 || ks.len() >= ((n - 1) * stride + d).div_ceil(32));
+    let (q, k, ks, out) = (q.as_ptr(), k.as_ptr(), ks.as_ptr(), out.as_mut_ptr());
+    // SAFETY: every key, scale and query read and every score written is in bounds
+    // (asserted).
     unsafe {
         match heads {
-            1 => scores_of::<T, 1>(q, d, k, stride, scale, n, out),
-            2 => scores_of::<T, 2>(q, d, k, stride, scale, n, out),
-            _ => scores_of::<T, 3>(q, d, k, stride, scale, n, out),
+            1 => scores_of::<T, 1>(q, d, k, ks, stride, scale, n, out),
+            2 => scores_of::<T, 2>(q, d, k, ks, stride, scale, n, out),
+            _ => scores_of::<T, 3>(q, d, k, ks, stride, scale, n, out),
+        }
+    }
+}
+
+/// Eight values at element `e` of `p`, widened and times their block's scale where `T` has
+/// one.
+#[inline(always)]
+unsafe fn load8_scaled<T: KvValue>(p: *const T, scales: *const f32, e: usize) -> __m256 {
+    // SAFETY: the callers' bounds, features enabled in every caller.
+    unsafe {
+        let v = T::load8(p.add(e));
+        if T::BLOCK_SCALED {
+            _mm256_mul_ps(v, _mm256_set1_ps(*scales.add(e / 32)))
+        } else {
+            v
         }
     }
 }
 
 /// [`group_scores`] for `H` heads: four keys at a time, so that one horizontal reduction
 /// serves four scores (`H` · 4 accumulators, at most 12 of the 16 registers).
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scores_of<T: KvValue, const H: usize>(
     q: *const f32,
     d: usize,
     k: *const T,
+    ks: *const f32,
     stride: usize,
     scale: f32,
     n: usize,
@@ -1230,8 +1251,8 @@ unsafe fn scores_of<T: KvValue, const H: usize>(
         while t + 4 <= n {
             let mut acc = [[_mm256_setzero_ps(); 4]; H];
             for c in (0..d).step_by(8) {
-                for (key, kp) in (0..4).map(|key| (key, k.add((t + key) * stride + c))) {
-                    let kv = T::load8(kp);
+                for key in 0..4 {
+                    let kv = load8_scaled(k, ks, (t + key) * stride + c);
                     for (j, acc) in acc.iter_mut().enumerate() {
                         acc[key] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(j * d + c)), kv, acc[key]);
                     }
@@ -1246,7 +1267,7 @@ unsafe fn scores_of<T: KvValue, const H: usize>(
         while t < n {
             let mut acc = [_mm256_setzero_ps(); H];
             for c in (0..d).step_by(8) {
-                let kv = T::load8(k.add(t * stride + c));
+                let kv = load8_scaled(k, ks, t * stride + c);
                 for (j, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(j * d + c)), kv, *acc);
                 }
@@ -1270,12 +1291,13 @@ fn sum4(v: &[__m256; 4]) -> __m128 {
 
 /// `acc[j·d..][..d] += Σ_t p[j·n + t] · v_t` for `heads` (1 to 3) heads' probabilities
 /// (`n = p.len() / heads`) over the values `v_t = v[t·stride..][..d]`: each value widened
-/// once for every head that shares it.
+/// once for every head that shares it (`vs`: block scales, as in [`group_scores`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn group_mix<T: KvValue>(
     heads: usize,
     p: &[f32],
     v: &[T],
+    vs: &[f32],
     stride: usize,
     acc: &mut [f32],
 ) {
@@ -1284,7 +1306,8 @@ pub(crate) fn group_mix<T: KvValue>(
     assert!(
         d.is_multiple_of(8) && p.len() == heads * n && (n == 0 || v.len() >= (n - 1) * stride + d)
     );
-    let (p, v, acc) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+    assert!(!T::BLOCK_SCALED || n == 0 || vs.len() >= ((n - 1) * stride + d).div_ceil(32));
+    let (p, v, vs, acc) = (p.as_ptr(), v.as_ptr(), vs.as_ptr(), acc.as_mut_ptr());
     // Columns in registers across every position: four vectors per head for one or two
     // heads, two for three (accumulators, values and a broadcast within 16 registers).
     let mut x = 0;
@@ -1295,16 +1318,16 @@ pub(crate) fn group_mix<T: KvValue>(
             let wide = if heads == 3 { 16 } else { 32 };
             x += if x + wide <= d {
                 match heads {
-                    1 => mix_of::<T, 1, 4>(p, n, v, stride, x, acc, d),
-                    2 => mix_of::<T, 2, 4>(p, n, v, stride, x, acc, d),
-                    _ => mix_of::<T, 3, 2>(p, n, v, stride, x, acc, d),
+                    1 => mix_of::<T, 1, 4>(p, n, v, vs, stride, x, acc, d),
+                    2 => mix_of::<T, 2, 4>(p, n, v, vs, stride, x, acc, d),
+                    _ => mix_of::<T, 3, 2>(p, n, v, vs, stride, x, acc, d),
                 }
                 wide
             } else {
                 match heads {
-                    1 => mix_of::<T, 1, 1>(p, n, v, stride, x, acc, d),
-                    2 => mix_of::<T, 2, 1>(p, n, v, stride, x, acc, d),
-                    _ => mix_of::<T, 3, 1>(p, n, v, stride, x, acc, d),
+                    1 => mix_of::<T, 1, 1>(p, n, v, vs, stride, x, acc, d),
+                    2 => mix_of::<T, 2, 1>(p, n, v, vs, stride, x, acc, d),
+                    _ => mix_of::<T, 3, 1>(p, n, v, vs, stride, x, acc, d),
                 }
                 8
             };
@@ -1313,12 +1336,14 @@ pub(crate) fn group_mix<T: KvValue>(
 }
 
 /// Columns `x..x + 8·R` of [`group_mix`] for `H` heads.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn mix_of<T: KvValue, const H: usize, const R: usize>(
     p: *const f32,
     n: usize,
     v: *const T,
+    vs: *const f32,
     stride: usize,
     x: usize,
     acc: *mut f32,
@@ -1333,8 +1358,8 @@ unsafe fn mix_of<T: KvValue, const H: usize, const R: usize>(
             }
         }
         for t in 0..n {
-            let vp = v.add(t * stride + x);
-            let vals: [__m256; R] = std::array::from_fn(|i| T::load8(vp.add(8 * i)));
+            let e = t * stride + x;
+            let vals: [__m256; R] = std::array::from_fn(|i| load8_scaled(v, vs, e + 8 * i));
             for (j, r) in r.iter_mut().enumerate() {
                 let s = _mm256_set1_ps(*p.add(j * n + t));
                 for (r, val) in r.iter_mut().zip(vals) {

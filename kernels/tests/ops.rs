@@ -176,6 +176,8 @@ fn batched_attention_matches_each_sequence_alone() {
                         q,
                         k,
                         v,
+                        k_scales: &[],
+                        v_scales: &[],
                         pos: *pos,
                         out,
                     })
@@ -192,6 +194,87 @@ fn batched_attention_matches_each_sequence_alone() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn q8_0_attention_matches_the_plain_computation_on_its_values() {
+    let mut rng = Rng(31);
+    // The shapes of SmolLM2 (64-wide heads, 3 query heads per KV head), Qwen3 (128, 2) and
+    // one KV head per query head; one sequence decoding, a prompt of several row blocks, a
+    // window; every sequence in one batch, as a decode step runs them.
+    for (n_head, n_kv_head, head_dim) in [(9, 3, 64), (16, 8, 128), (4, 4, 32)] {
+        let h = Heads {
+            n_head,
+            n_kv_head,
+            head_dim,
+        };
+        let (qw, kw) = (n_head * head_dim, n_kv_head * head_dim);
+        for window in [None, Some(11)] {
+            let shapes = [(0, 1), (40, 1), (7, 20), (130, 1), (3, 2)];
+            let quantize = |x: &[f32]| {
+                let mut q = vec![0i8; x.len()];
+                let mut d = vec![0f32; x.len() / 32];
+                i8::narrow_slice(x, &mut q, &mut d);
+                let deq: Vec<f32> = q
+                    .iter()
+                    .enumerate()
+                    .map(|(e, &v)| f32::from(v) * d[e / 32])
+                    .collect();
+                (q, d, deq)
+            };
+            let data: Vec<_> = shapes
+                .iter()
+                .map(|&(pos, rows)| {
+                    let q = rng.vec(rows * qw);
+                    let k = quantize(&rng.vec((pos + rows) * kw));
+                    let v = quantize(&rng.vec((pos + rows) * kw));
+                    (pos, q, k, v)
+                })
+                .collect();
+            for isa in Isa::supported() {
+                let mut outs: Vec<Vec<f32>> = data.iter().map(|d| vec![0f32; d.1.len()]).collect();
+                let mut seqs: Vec<AttentionSeq<'_, i8>> = data
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|((pos, q, k, v), out)| AttentionSeq {
+                        q,
+                        k: &k.0,
+                        v: &v.0,
+                        k_scales: &k.1,
+                        v_scales: &v.1,
+                        pos: *pos,
+                        out,
+                    })
+                    .collect();
+                attention_batch_with(isa, &mut seqs, h, window, 0.3).expect("attention");
+                for ((pos, q, k, v), out) in data.iter().zip(&outs) {
+                    // The queries as the kernels see them: each head's 32-blocks in q8_0.
+                    let mut q8 = q.clone();
+                    i8::round_queries(&mut q8, &mut Vec::new());
+                    let want = reference(false, &q8, &k.2, &v.2, h, *pos, window, 0.3);
+                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() < 1e-4,
+                            "{isa:?} {h:?} pos {pos} {window:?} at {i}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+        // Scales missing, or heads the blocks do not divide, are errors, not a read past.
+        let (q, k) = (rng.vec(qw), vec![0i8; kw]);
+        let mut out = vec![0f32; qw];
+        let mut seqs = [AttentionSeq {
+            q: &q,
+            k: &k,
+            v: &k,
+            k_scales: &[],
+            v_scales: &[],
+            pos: 0,
+            out: &mut out,
+        }];
+        assert!(attention_batch_with(Isa::detect(), &mut seqs, h, None, 0.3).is_err());
     }
 }
 
@@ -221,7 +304,7 @@ fn check<T: KvValue>(
 ) {
     let cache = |x: &[f32]| {
         let mut c = vec![T::default(); x.len()];
-        T::narrow_slice(x, &mut c);
+        T::narrow_slice(x, &mut c, &mut []);
         c
     };
     let (k, v) = (cache(k), cache(v));

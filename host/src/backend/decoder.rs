@@ -264,6 +264,20 @@ impl Decoder {
         if device.is_cpu() && options.pass == Pass::Auto {
             decoder.rows = Some(rows::RowWeights::of(&decoder)?);
         }
+        if options.kv == KvDType::Q8_0 {
+            // Said at load, not at the first request: the tensor pass keeps its own cache.
+            if decoder.rows.is_none() {
+                return Err(BackendModelError::KvCache(format!(
+                    "q8_0 is for the CPU pass only, not {device:?}"
+                )));
+            }
+            if !hp.head_dim.is_multiple_of(32) {
+                return Err(BackendModelError::KvCache(format!(
+                    "q8_0 needs heads of a multiple of 32 values, not {}",
+                    hp.head_dim
+                )));
+            }
+        }
         Ok(decoder)
     }
 

@@ -134,6 +134,8 @@ pub enum BackendModelError {
     Tensor(String, String),
     #[error("invalid model: {0}")]
     Invalid(String),
+    #[error("KV cache: {0}")]
+    KvCache(String),
     #[error("{}", plain_message(.0))]
     Candle(#[from] candle_core::Error),
 }
@@ -184,7 +186,7 @@ pub struct LoadOptions {
 
 impl LoadOptions {
     /// The defaults, with a context cap, and the developers' overrides from the environment:
-    /// `WASMLM_FORWARD=tensors`, `WASMLM_DENSE_DTYPE=f32|stored` and `WASMLM_KV_DTYPE=f32`.
+    /// `WASMLM_FORWARD=tensors`, `WASMLM_DENSE_DTYPE=f32|stored` and `WASMLM_KV_DTYPE=f32|q8_0`.
     pub fn from_env(context: Option<usize>) -> Self {
         let var = |k: &str| std::env::var(k).unwrap_or_default();
         Self {
@@ -198,10 +200,7 @@ impl LoadOptions {
                 "stored" => DenseDType::Stored,
                 _ => DenseDType::Auto,
             },
-            kv: match var("WASMLM_KV_DTYPE").as_str() {
-                "f32" => KvDType::F32,
-                _ => KvDType::F16,
-            },
+            kv: KvDType::from_env(),
         }
     }
 }

@@ -106,8 +106,8 @@ pub struct ModelFile {
     pub slots: Option<usize>,
     /// Context length in tokens (default: the model's own; larger is capped to it).
     pub context_length: Option<usize>,
-    /// KV cache type on the CPU: `f16` (default, as llama.cpp) or `f32` (exact, twice the
-    /// bytes per decode step).
+    /// KV cache type on the CPU: `f16` (default, as llama.cpp), `f32` (exact, twice the
+    /// bytes per decode step) or `q8_0` (about half of f16's memory).
     pub kv_cache: Option<KvDType>,
     /// Other names clients may use for this model.
     #[serde(default)]
@@ -151,6 +151,8 @@ pub struct Overrides {
     pub slots: Option<usize>,
     pub queue: Option<usize>,
     pub context_length: Option<usize>,
+    /// The KV cache type of every model (over the config file's).
+    pub kv_cache: Option<KvDType>,
     pub api_keys: Vec<String>,
     pub labels: Vec<String>,
     pub node_id: Option<String>,
@@ -241,7 +243,7 @@ impl NodeConfig {
                 device,
                 slots: cli.slots.or(m.slots).unwrap_or(default_slots),
                 context_length: cli.context_length.or(m.context_length),
-                kv_cache: m.kv_cache,
+                kv_cache: cli.kv_cache.or(m.kv_cache),
                 aliases: m.aliases,
                 preload: m.preload.unwrap_or(true),
             });
@@ -256,7 +258,7 @@ impl NodeConfig {
                 device: cli.device.unwrap_or_default(),
                 slots: default_slots,
                 context_length: cli.context_length,
-                kv_cache: None,
+                kv_cache: cli.kv_cache,
                 aliases: Vec::new(),
                 preload: true,
             };
@@ -271,7 +273,7 @@ impl NodeConfig {
                 device: cli.device.unwrap_or_default(),
                 slots: default_slots,
                 context_length: cli.context_length,
-                kv_cache: None,
+                kv_cache: cli.kv_cache,
                 aliases: Vec::new(),
                 preload: true,
             });
@@ -464,7 +466,25 @@ kv_cache = "f32"
         assert_eq!(c.models[0].kv_cache, Some(KvDType::F32));
         std::fs::write(&path, "[[models]]\nname = \"x\"\nkv_cache = \"q4\"\n").unwrap();
         let e = NodeConfig::load(Some(&path), Overrides::default(), &dir).unwrap_err();
-        assert!(e.to_string().contains("expected `f16` or `f32`"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("expected one of `f16`, `f32`, `q8_0`"),
+            "{e}"
+        );
+        // The command line's `--kv-cache` over the file's.
+        std::fs::write(
+            &path,
+            "[[models]]\nname = \"x\"\npath = \"x\"\nkv_cache = \"q8_0\"\n",
+        )
+        .unwrap();
+        let c = NodeConfig::load(Some(&path), Overrides::default(), &dir).unwrap();
+        assert_eq!(c.models[0].kv_cache, Some(KvDType::Q8_0));
+        let cli = Overrides {
+            kv_cache: Some(KvDType::F32),
+            ..Overrides::default()
+        };
+        let c = NodeConfig::load(Some(&path), cli, &dir).unwrap();
+        assert_eq!(c.models[0].kv_cache, Some(KvDType::F32));
         std::fs::write(
             &path,
             "[[models]]\nname = \"x\"\npath = \"x\"\ndevice = \"cuda:7\"\n",

@@ -11,6 +11,7 @@ use super::config::{ModelConfig, NodeConfig};
 use super::error::ApiError;
 use super::metrics::{Metrics, ModelGauges};
 use super::slots::SlotPool;
+use crate::backend::KvDType;
 use crate::bindings::exports::wasmlm::llm::models::ModelInfo;
 use crate::device::DeviceSpec;
 use crate::models;
@@ -354,6 +355,7 @@ impl Node {
                     "load_time_ms": w.load_secs.map(|s| s * 1e3),
                     "error": w.error,
                     "context_length": m.info().map(|i| i.context_length),
+                    "kv_cache": m.config.kv_cache.unwrap_or_else(KvDType::from_env).name(),
                     "slots": {"total": m.config.slots, "busy": m.pool.busy()},
                     "queue_depth": m.pool.queued(),
                     "prefix_cache": m.pool.cached().iter()

@@ -1,13 +1,13 @@
 //! The decoder's forward pass on the CPU over plain f32 rows, for every family the tensor
 //! pass serves: products through `Linear::rows`, everything else through
-//! `wasmlm_kernels::ops`, the KV cache as f16 or f32 rows ([`KvCache::new_rows`]). The
+//! `wasmlm_kernels::ops`, the KV cache as f16, f32 or q8_0 rows ([`KvCache::new_rows`]). The
 //! tensor pass stays for other devices (and `WASMLM_FORWARD=tensors`, to compare).
 
 use candle_core::{Device, Tensor};
 use wasmlm_kernels::ops::{self, AttentionSeq, Heads};
 
 use super::{Activation, Decoder};
-use crate::backend::kv_cache::{KvCache, KvRows};
+use crate::backend::kv_cache::{KvCache, KvRows, KvView};
 
 /// Per-layer vectors of the row pass (the products are the decoder's own).
 pub(super) struct RowLayer {
@@ -65,6 +65,25 @@ impl RowWeights {
             output_norm: vec(&d.output_norm)?,
             ropes,
         })
+    }
+}
+
+/// One sequence's attention inputs over its cache's keys and values.
+fn seq<'a, T>(
+    q: &'a [f32],
+    k: KvView<'a, T>,
+    v: KvView<'a, T>,
+    pos: usize,
+    out: &'a mut [f32],
+) -> AttentionSeq<'a, T> {
+    AttentionSeq {
+        q,
+        k: k.values,
+        v: v.values,
+        k_scales: k.scales,
+        v_scales: v.scales,
+        pos,
+        out,
     }
 }
 
@@ -136,7 +155,7 @@ impl Decoder {
             }
             // Every sequence's attention in one hand-off to the pool, by cache type (one
             // model's caches share it).
-            let (mut f16s, mut f32s) = (Vec::new(), Vec::new());
+            let (mut f16s, mut f32s, mut q8s) = (Vec::new(), Vec::new(), Vec::new());
             let rows = q
                 .chunks_exact(per_seq * qw)
                 .zip(att.chunks_exact_mut(per_seq * qw))
@@ -147,13 +166,15 @@ impl Decoder {
             for (((q, out), (ks, vs)), cache) in rows.zip(caches.iter_mut()) {
                 let pos = cache.len();
                 match cache.append_rows(i, ks, vs)? {
-                    KvRows::F16(k, v) => f16s.push(AttentionSeq { q, k, v, pos, out }),
-                    KvRows::F32(k, v) => f32s.push(AttentionSeq { q, k, v, pos, out }),
+                    KvRows::F16(k, v) => f16s.push(seq(q, k, v, pos, out)),
+                    KvRows::F32(k, v) => f32s.push(seq(q, k, v, pos, out)),
+                    KvRows::Q8(k, v) => q8s.push(seq(q, k, v, pos, out)),
                 }
             }
             let scale = self.attn_scale as f32;
             ops::attention_batch(&mut f16s, heads, l.window, scale).map_err(err)?;
             ops::attention_batch(&mut f32s, heads, l.window, scale).map_err(err)?;
+            ops::attention_batch(&mut q8s, heads, l.window, scale).map_err(err)?;
             let mut o = l.attn_output.rows(&att, n)?;
             if let Some(pn) = &rl.post_attn_norm {
                 ops::rms_norm(&mut o, pn, self.eps);
