@@ -209,14 +209,13 @@ impl KvValue for i8 {
     fn narrow_slice(src: &[f32], dst: &mut [i8], scales: &mut [f32]) {
         crate::act::quantize_q8_0_into(src, dst, scales);
     }
-    fn round_queries(q: &mut [f32], scratch: &mut Vec<i8>) {
+    fn round_queries(q: &mut [f32], _: &mut Vec<i8>) {
         // ggml dots q8_0 keys with queries quantized to q8_0 (its `vec_dot_type`).
-        scratch.resize(q.len(), 0);
-        let mut d = vec![0f32; q.len() / 32];
-        crate::act::quantize_q8_0_into(q, scratch, &mut d);
-        for ((x, q), d) in q.chunks_exact_mut(32).zip(scratch.chunks_exact(32)).zip(&d) {
-            for (x, &q) in x.iter_mut().zip(q) {
-                *x = f32::from(q) * d;
+        let (mut ints, mut d) = ([0i8; 32], [0f32]);
+        for x in q.chunks_exact_mut(32) {
+            crate::act::quantize_q8_0_into(x, &mut ints, &mut d);
+            for (x, &q) in x.iter_mut().zip(&ints) {
+                *x = f32::from(q) * d[0];
             }
         }
     }
@@ -300,7 +299,7 @@ fn group_mix<T: KvValue>(
         for (t, &pt) in pj.iter().enumerate() {
             let at = t * stride;
             for (c, (a, x)) in acc.iter_mut().zip(&v[at..][..d]).enumerate() {
-                *a += pt * (x.widen() * scale_of::<T>(vs, at + c));
+                *a += pt * scale_of::<T>(vs, at + c) * x.widen();
             }
         }
     }
@@ -639,7 +638,10 @@ mod tests {
             for d in [32, 64, 128] {
                 for n in 0..=9 {
                     let stride = 2 * d;
-                    let q = values(heads * d, 1);
+                    // Queries as the attention hands them over: rounded to q8_0 (which the
+                    // integer kernel takes apart into blocks again, exactly).
+                    let mut q = values(heads * d, 1);
+                    i8::round_queries(&mut q, &mut Vec::new());
                     let f = values(n.max(1) * stride, 2);
                     let mut kv = vec![0i8; f.len()];
                     let mut scales = vec![0f32; f.len() / 32];

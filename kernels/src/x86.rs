@@ -1202,11 +1202,21 @@ pub(crate) fn group_scores<T: KvValue>(
             && out.len() == heads * n
             && (n == 0 || k.len() >= (n - 1) * stride + d)
     );
+    assert!(!T::BLOCK_SCALED || d.is_multiple_of(32) && stride.is_multiple_of(32));
     assert!(!T::BLOCK_SCALED || n == 0 || ks.len() >= ((n - 1) * stride + d).div_ceil(32));
     let (q, k, ks, out) = (q.as_ptr(), k.as_ptr(), ks.as_ptr(), out.as_mut_ptr());
     // SAFETY: every key, scale and query read and every score written is in bounds
     // (asserted).
     unsafe {
+        if T::BLOCK_SCALED && d <= MAX_Q8_HEAD {
+            // Block-scaled keys are q8_0's integers (the only such type).
+            let k = k.cast::<i8>();
+            return match heads {
+                1 => scores_q8::<1>(q, d, k, ks, stride, scale, n, out),
+                2 => scores_q8::<2>(q, d, k, ks, stride, scale, n, out),
+                _ => scores_q8::<3>(q, d, k, ks, stride, scale, n, out),
+            };
+        }
         match heads {
             1 => scores_of::<T, 1>(q, d, k, ks, stride, scale, n, out),
             2 => scores_of::<T, 2>(q, d, k, ks, stride, scale, n, out),
@@ -1280,6 +1290,81 @@ unsafe fn scores_of<T: KvValue, const H: usize>(
     }
 }
 
+/// The widest head [`scores_q8`] takes (its queries' integers live on the stack).
+const MAX_Q8_HEAD: usize = 512;
+
+/// [`scores_of`] over q8_0 keys in integers, as ggml's `vec_dot_q8_0_q8_0`: the queries
+/// (already rounded to q8_0) become q8_0 blocks again, exactly, and each block's dot is
+/// `vpmaddubsw` (|k| against q with k's sign) and `vpmaddwd`, then scaled by both blocks'
+/// scales in f32. Four keys at a time, one reduction for four scores.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_q8<const H: usize>(
+    q: *const f32,
+    d: usize,
+    k: *const i8,
+    ks: *const f32,
+    stride: usize,
+    scale: f32,
+    n: usize,
+    out: *mut f32,
+) {
+    let mut qi = [0i8; 3 * MAX_Q8_HEAD];
+    let mut qd = [0f32; 3 * MAX_Q8_HEAD / 32];
+    let blocks = d / 32;
+    // SAFETY: the caller's bounds (`H · d` queries, `d` a multiple of 32 and at most
+    // MAX_Q8_HEAD); the keys' blocks start at multiples of 32 (`stride` is one).
+    unsafe {
+        let qs = std::slice::from_raw_parts(q, H * d);
+        crate::act::quantize_q8_0_into(qs, &mut qi[..H * d], &mut qd[..H * blocks]);
+        let ones = _mm256_set1_epi16(1);
+        let dot = |kv: __m256i, kabs: __m256i, j: usize, b: usize| {
+            let qv = _mm256_loadu_si256(qi.as_ptr().add(j * d + 32 * b) as *const __m256i);
+            let p = _mm256_maddubs_epi16(kabs, _mm256_sign_epi8(qv, kv));
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones))
+        };
+        let mut t = 0;
+        while t + 4 <= n {
+            let mut acc = [[_mm256_setzero_ps(); 4]; H];
+            for b in 0..blocks {
+                for key in 0..4 {
+                    let e = (t + key) * stride + 32 * b;
+                    let kv = _mm256_loadu_si256(k.add(e) as *const __m256i);
+                    let kabs = _mm256_sign_epi8(kv, kv);
+                    let dk = *ks.add(e / 32);
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        let s = _mm256_set1_ps(qd[j * blocks + b] * dk);
+                        acc[key] = _mm256_fmadd_ps(dot(kv, kabs, j, b), s, acc[key]);
+                    }
+                }
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                let s = _mm_mul_ps(sum4(acc), _mm_set1_ps(scale));
+                _mm_storeu_ps(out.add(j * n + t), s);
+            }
+            t += 4;
+        }
+        while t < n {
+            let mut acc = [_mm256_setzero_ps(); H];
+            for b in 0..blocks {
+                let e = t * stride + 32 * b;
+                let kv = _mm256_loadu_si256(k.add(e) as *const __m256i);
+                let kabs = _mm256_sign_epi8(kv, kv);
+                let dk = *ks.add(e / 32);
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let s = _mm256_set1_ps(qd[j * blocks + b] * dk);
+                    *acc = _mm256_fmadd_ps(dot(kv, kabs, j, b), s, *acc);
+                }
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                *out.add(j * n + t) = hsum(*acc) * scale;
+            }
+            t += 1;
+        }
+    }
+}
+
 /// The lane sums of four vectors, in order.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -1306,6 +1391,9 @@ pub(crate) fn group_mix<T: KvValue>(
     assert!(
         d.is_multiple_of(8) && p.len() == heads * n && (n == 0 || v.len() >= (n - 1) * stride + d)
     );
+    // Whole blocks per head, so that the columns of each `mix_of` (8, 16 or 32 from a
+    // multiple of as many) share one block's scale.
+    assert!(!T::BLOCK_SCALED || d.is_multiple_of(32) && stride.is_multiple_of(32));
     assert!(!T::BLOCK_SCALED || n == 0 || vs.len() >= ((n - 1) * stride + d).div_ceil(32));
     let (p, v, vs, acc) = (p.as_ptr(), v.as_ptr(), vs.as_ptr(), acc.as_mut_ptr());
     // Columns in registers across every position: four vectors per head for one or two
@@ -1359,9 +1447,15 @@ unsafe fn mix_of<T: KvValue, const H: usize, const R: usize>(
         }
         for t in 0..n {
             let e = t * stride + x;
-            let vals: [__m256; R] = std::array::from_fn(|i| load8_scaled(v, vs, e + 8 * i));
+            let vals: [__m256; R] = std::array::from_fn(|i| T::load8(v.add(e + 8 * i)));
+            // The columns lie in one block (`group_mix`): its scale rides on the weights.
+            let bs = if T::BLOCK_SCALED {
+                *vs.add(e / 32)
+            } else {
+                1.0
+            };
             for (j, r) in r.iter_mut().enumerate() {
-                let s = _mm256_set1_ps(*p.add(j * n + t));
+                let s = _mm256_set1_ps(*p.add(j * n + t) * bs);
                 for (r, val) in r.iter_mut().zip(vals) {
                     *r = _mm256_fmadd_ps(s, val, *r);
                 }
