@@ -1,5 +1,5 @@
 //! The decoder's other operations over plain f32 rows: norms, rotary embedding, gated
-//! activations and attention over an f16 or f32 KV cache laid out
+//! activations and attention over an f16, f32 or q8_0 KV cache laid out
 //! `[position][kv_head][head_dim]`.
 //!
 //! A decode step of a small model is ~25 such operations per layer between the products;
@@ -11,7 +11,7 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::{pool, Isa, KernelError, SendPtr};
 
-/// Σ a·b with eight independent partial sums (vectorizes without fast-math); `b` f32 or f16.
+/// Σ a·b with eight independent partial sums (vectorizes without fast-math); `b` f32, f16 or i8 (widened as is).
 #[inline]
 pub fn dot<T: KvValue>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
@@ -345,9 +345,10 @@ pub struct AttentionSeq<'a, T> {
 
 /// Causal attention of `rows` queries (`q`, `rows × n_head·head_dim`) at positions
 /// `pos..pos + rows` over the keys and values of positions `0..pos + rows` (`k`, `v`:
-/// `[position][n_kv_head·head_dim]`, f16 or f32), scores multiplied by `scale`; a query at
-/// `p` sees keys `t ≤ p` with `p - t < window`. Writes `out` (like `q`). Runs across the
-/// pool, with the kernels of [`Isa::detect`].
+/// `[position][n_kv_head·head_dim]`, f16 or f32; a q8_0 cache's scales go in an
+/// [`AttentionSeq`] to [`attention_batch`]), scores multiplied by `scale`; a query at `p` sees
+/// keys `t ≤ p` with `p - t < window`. Writes `out` (like `q`). Runs across the pool, with the
+/// kernels of [`Isa::detect`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention<T: KvValue>(
     q: &[f32],
@@ -451,7 +452,7 @@ pub fn attention_batch_with<T: KvValue>(
             )));
         }
     }
-    if T::BLOCK_SCALED {
+    if T::BLOCK_SCALED && !seqs.is_empty() {
         if !h.head_dim.is_multiple_of(32) {
             return Err(KernelError::Shape(format!(
                 "a block-scaled KV cache needs heads of a multiple of 32 values, not {}",

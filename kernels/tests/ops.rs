@@ -276,6 +276,15 @@ fn q8_0_attention_matches_the_plain_computation_on_its_values() {
         }];
         assert!(attention_batch_with(Isa::detect(), &mut seqs, h, None, 0.3).is_err());
     }
+    // No q8_0 sequences (a layer step of a model whose caches are another type) is no work,
+    // whatever the heads.
+    let h = Heads {
+        n_head: 2,
+        n_kv_head: 1,
+        head_dim: 16,
+    };
+    let none: &mut [AttentionSeq<'_, i8>] = &mut [];
+    assert!(attention_batch_with(Isa::detect(), none, h, None, 0.3).is_ok());
 }
 
 /// How far an f16 cache's attention may be from the plain computation: a probability whose
