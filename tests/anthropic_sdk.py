@@ -68,6 +68,14 @@ def _():
     assert "Paris" in text and final.content[0].text == text, (text, final)
     assert final.stop_reason == "end_turn" and final.usage.output_tokens > 0, final
     assert final.usage.input_tokens + final.usage.cache_read_input_tokens > 20, final.usage
+    # message_start already counts the prompt, as Anthropic's does.
+    events = list(client.messages.create(model="smollm2", system=SYSTEM, messages=QUESTION,
+                                         max_tokens=4, stream=True, extra_body=GREEDY))
+    start = events[0]
+    assert start.type == "message_start", start
+    n = client.messages.count_tokens(model="smollm2", system=SYSTEM, messages=QUESTION)
+    u = start.message.usage
+    assert u.input_tokens + u.cache_read_input_tokens == n.input_tokens, (u, n)
 
 
 @check("messages: stop_sequences end with stop_reason stop_sequence, whole and streamed")

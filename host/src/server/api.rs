@@ -576,7 +576,7 @@ pub(super) trait StreamFormat: Send + 'static {
 impl StreamFormat for Formatter {
     fn stream_event(&mut self, ev: Event, out: &mut VecDeque<Bytes>) -> bool {
         match ev {
-            Event::Chunk { index, chunk } => {
+            Event::Chunk { index, chunk, .. } => {
                 let Some(c) = self.choices.get_mut(index) else {
                     return true;
                 };
@@ -665,7 +665,7 @@ async fn collect(mut fmt: Formatter, first: Event, mut rx: mpsc::Receiver<Event>
     let mut next = Some(first);
     while let Some(ev) = next {
         match ev {
-            Event::Chunk { index, chunk } => fmt.record(index, &chunk),
+            Event::Chunk { index, chunk, .. } => fmt.record(index, &chunk),
             Event::Done {
                 index,
                 usage,

@@ -22,6 +22,7 @@ use super::items::{Item, Items, Step};
 use super::node::Node;
 use super::wire;
 use super::worker::Event;
+use crate::bindings::exports::wasmlm::llm::types::Usage;
 use crate::bindings::exports::wasmlm::llm::types::{FinishReason, StopMatch};
 
 /// Chat parameters and the Messages parameters they come from, for errors.
@@ -417,6 +418,8 @@ struct Replier {
     model: String,
     items: Items,
     started: bool,
+    /// The counts once the prompt was computed, for `message_start`.
+    prompt: Option<Usage>,
 }
 
 impl Replier {
@@ -426,6 +429,7 @@ impl Replier {
             model,
             items: Items::new(["thinking", "text", "toolu"], false),
             started: false,
+            prompt: None,
         }
     }
 
@@ -480,9 +484,10 @@ impl Replier {
             .any(|o| matches!(o.item, Item::Call { .. }))
     }
 
-    /// Anthropic's usage: `input_tokens` are those not read from the cache.
+    /// Anthropic's usage: `input_tokens` are those not read from the cache. Before the end,
+    /// the prompt's counts (as Anthropic's `message_start` has them).
     fn usage(&self) -> Value {
-        let u = self.items.usage;
+        let u = self.items.usage.or(self.prompt);
         json!({
             "input_tokens": u.map_or(0, |u| u.prompt_tokens - u.cached_tokens.min(u.prompt_tokens)),
             "cache_read_input_tokens": u.map_or(0, |u| u.cached_tokens),
@@ -544,6 +549,12 @@ fn send(events: Vec<Value>, out: &mut VecDeque<Bytes>) {
 impl StreamFormat for Replier {
     fn stream_event(&mut self, ev: Event, out: &mut VecDeque<Bytes>) -> bool {
         let mut events = Vec::new();
+        if let Event::Chunk {
+            prompt: Some(p), ..
+        } = &ev
+        {
+            self.prompt.get_or_insert(*p);
+        }
         if !self.started {
             self.started = true;
             events.push(json!({"type": "message_start", "message": self.message()}));

@@ -862,7 +862,14 @@ mod tests {
             chunk("\n", "", &[]),
             chunk("", "", &[("f", "{}")]),
         ] {
-            assert!(r.stream_event(Event::Chunk { index: 0, chunk: c }, &mut out));
+            assert!(r.stream_event(
+                Event::Chunk {
+                    index: 0,
+                    chunk: c,
+                    prompt: None,
+                },
+                &mut out
+            ));
         }
         let usage = Usage {
             prompt_tokens: 5,

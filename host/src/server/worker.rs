@@ -45,6 +45,9 @@ pub enum Event {
     Chunk {
         index: usize,
         chunk: Chunk,
+        /// On a generation's first chunk: the token counts once its prompt is computed
+        /// (Anthropic's `message_start` reports the input tokens before any output).
+        prompt: Option<Usage>,
     },
     Done {
         index: usize,
@@ -140,7 +143,13 @@ fn drive(
     affinity: &mut String,
 ) -> Result<Option<(Instant, Instant)>, RuntimeError> {
     let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
+    let mut prompt_told = false;
     while let Some(chunk) = stream.next_chunk()? {
+        let prompt = match prompt_told {
+            false => Some(stream.usage()?),
+            true => None,
+        };
+        prompt_told = true;
         if !chunk.tokens.is_empty() {
             let now = Instant::now();
             match last {
@@ -153,7 +162,12 @@ fn drive(
         if index == 0 {
             affinity.push_str(&chunk.text);
         }
-        if tx.blocking_send(Event::Chunk { index, chunk }).is_err() {
+        let event = Event::Chunk {
+            index,
+            chunk,
+            prompt,
+        };
+        if tx.blocking_send(event).is_err() {
             stream.cancel()?;
             return Ok(None);
         }
