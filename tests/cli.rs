@@ -44,19 +44,31 @@ fn model_arg(path: &Path) -> String {
     format!("m={}", path.display())
 }
 
-#[test]
-fn answers_the_capital_of_france_with_a_summary() {
+/// `wasmlm run` with `flags`, greedy, asked the README's question; asserts it answers Paris.
+fn ask_the_capital_of_france(flags: &[&str]) -> Output {
     common::smollm2_path();
-    let o = wasmlm(&[
-        "run",
+    let question = [
         "--temperature",
         "0",
         "--system",
         "You are a helpful assistant.",
         "Name the capital of France.",
-    ]);
+    ];
+    let args: Vec<&str> = ["run"]
+        .iter()
+        .chain(flags)
+        .chain(&question)
+        .copied()
+        .collect();
+    let o = wasmlm(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("Paris"), "answer: {}", stdout(&o));
+    o
+}
+
+#[test]
+fn answers_the_capital_of_france_with_a_summary() {
+    let o = ask_the_capital_of_france(&[]);
     let summary = stderr(&o).lines().last().unwrap_or_default().to_string();
     for key in [
         "prompt_tokens=",
@@ -222,19 +234,7 @@ fn prompt_longer_than_the_context() {
 
 #[test]
 fn a_q8_0_kv_cache_answers_and_unknown_types_are_named() {
-    common::smollm2_path();
-    let o = wasmlm(&[
-        "run",
-        "--kv-cache",
-        "q8_0",
-        "--temperature",
-        "0",
-        "--system",
-        "You are a helpful assistant.",
-        "Name the capital of France.",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("Paris"), "answer: {}", stdout(&o));
+    ask_the_capital_of_france(&["--kv-cache", "q8_0"]);
     let o = wasmlm(&["run", "--kv-cache", "q4", "hi"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("(f16, f32, q8_0)"), "{}", stderr(&o));

@@ -482,20 +482,40 @@ fn batched_decode_matches_one_sequence_at_a_time() {
 /// sequence at a time.
 #[test]
 fn tensor_pass_matches_llama_cpp() {
-    use wasmlm_host::backend::Sequence;
     let options = LoadOptions {
         context: Some(2048),
         pass: Pass::Tensors,
         ..LoadOptions::default()
     };
+    holds_llama_cpp_greedy_tokens("tensor pass", options, 2, TIE_NATS);
+}
+
+/// A q8_0 KV cache (`kv_cache = "q8_0"`) holds llama.cpp's greedy tokens, teacher-forced,
+/// within `Q8_NATS` (its rounding is coarser than f16's: 1/254 of each block's largest
+/// value), and its batched decode equals one sequence at a time.
+#[test]
+fn q8_0_kv_cache_holds_llama_cpp_greedy_tokens() {
+    let options = LoadOptions {
+        context: Some(2048),
+        kv: wasmlm_host::backend::KvDType::Q8_0,
+        ..LoadOptions::default()
+    };
+    holds_llama_cpp_greedy_tokens("q8_0 cache", options, usize::MAX, Q8_NATS);
+}
+
+/// SmolLM2 loaded with `options`, fed llama.cpp's greedy tokens of the first `rows` vectors
+/// natively: at every position llama.cpp's token is within `tolerance` nats of our argmax.
+/// Then its batched decode against one sequence at a time.
+fn holds_llama_cpp_greedy_tokens(label: &str, options: LoadOptions, rows: usize, tolerance: f32) {
+    use wasmlm_host::backend::Sequence;
     let model = std::sync::Arc::new(
         LoadedModel::from_path(&common::smollm2_path(), &options, &Device::Cpu)
-            .expect("the model loads for the tensor pass"),
+            .unwrap_or_else(|e| panic!("{label}: the model loads: {e}")),
     );
-    let mut worst = 0f32;
+    let (mut worst, mut exact, mut total) = (0f32, 0, 0);
     for (i, row) in common::vectors("smollm2-greedy.jsonl")
         .iter()
-        .take(2)
+        .take(rows)
         .enumerate()
     {
         let expected = common::ids(&row["greedy_ids"]);
@@ -504,44 +524,8 @@ fn tensor_pass_matches_llama_cpp() {
         for (j, &t) in expected.iter().enumerate() {
             let gap = logits[argmax(&logits) as usize] - logits[t as usize];
             assert!(
-                gap <= TIE_NATS,
-                "row {i} position {j}: llama.cpp's token {t} is {gap} nats below our choice"
-            );
-            worst = worst.max(gap);
-            logits = seq.extend(&[t]).unwrap();
-        }
-    }
-    eprintln!("tensor pass: llama.cpp's tokens are at most {worst:.4} nats from our argmax");
-    check_batched_decode(model);
-}
-
-/// A q8_0 KV cache (`kv_cache = "q8_0"`) holds llama.cpp's greedy tokens, teacher-forced,
-/// within `Q8_NATS` (its rounding is coarser than f16's: 1/254 of each block's largest
-/// value), and its batched decode equals one sequence at a time.
-#[test]
-fn q8_0_kv_cache_holds_llama_cpp_greedy_tokens() {
-    use wasmlm_host::backend::{KvDType, Sequence};
-    let options = LoadOptions {
-        context: Some(2048),
-        kv: KvDType::Q8_0,
-        ..LoadOptions::default()
-    };
-    let model = std::sync::Arc::new(
-        LoadedModel::from_path(&common::smollm2_path(), &options, &Device::Cpu)
-            .expect("the model loads with a q8_0 cache"),
-    );
-    let mut worst = 0f32;
-    let mut total = 0;
-    let mut exact = 0;
-    for (i, row) in common::vectors("smollm2-greedy.jsonl").iter().enumerate() {
-        let expected = common::ids(&row["greedy_ids"]);
-        let mut seq = Sequence::new(model.clone());
-        let mut logits = seq.extend(&common::ids(&row["prompt_ids"])).unwrap();
-        for (j, &t) in expected.iter().enumerate() {
-            let gap = logits[argmax(&logits) as usize] - logits[t as usize];
-            assert!(
-                gap <= Q8_NATS,
-                "row {i} position {j}: llama.cpp's token {t} is {gap} nats below our choice"
+                gap <= tolerance,
+                "{label} row {i} position {j}: llama.cpp's token {t} is {gap} nats below our choice"
             );
             worst = worst.max(gap);
             total += 1;
@@ -550,7 +534,7 @@ fn q8_0_kv_cache_holds_llama_cpp_greedy_tokens() {
         }
     }
     eprintln!(
-        "q8_0 cache: llama.cpp's tokens are our argmax at {exact}/{total} positions, at most {worst:.4} nats from it"
+        "{label}: llama.cpp's tokens are our argmax at {exact}/{total} positions, at most {worst:.4} nats from it"
     );
     check_batched_decode(model);
 }
