@@ -102,6 +102,10 @@ struct Q8Bounds(f32, f32);
 /// (gemma3, six layers), about one f16 rounding (2⁻¹¹ = 4.9e-4) per layer's attention
 /// carried to the logits; an f32 cache is ~7e-7.
 const F16_KV_BOUND: f32 = 2e-3;
+/// How far the CPU pass with a q8_0 KV cache may be from transformers' f32 logits: measured
+/// 1.4e-2 (qwen3) and 2.3e-2 (gemma3, six layers); q8_0 rounds a value by up to 1/254 of its
+/// block's largest, the queries too. The q8_0 weights' bounds are 4e-2 to 9e-2.
+const Q8_KV_BOUND: f32 = 4e-2;
 /// Two layers.
 const Q8_SHALLOW: Q8Bounds = Q8Bounds(4e-2, 6e-2);
 
@@ -169,6 +173,29 @@ fn check_f16_kv_cache(arch: &str, variant: &str) {
     );
 }
 
+/// The CPU pass with a q8_0 KV cache (llama.cpp's `--cache-type-k q8_0`): keys and values
+/// rounded to 8 bits per 32 (1/254 of a block's largest magnitude), the queries too; near-ties
+/// may flip, as the q8_0 weights' do.
+fn check_q8_0_kv_cache(arch: &str, variant: &str) {
+    let r = reference(arch);
+    let q8 = LoadOptions {
+        kv: KvDType::Q8_0,
+        ..LoadOptions::default()
+    };
+    let (err, mismatch) = run(&fixture(arch).join(variant), q8, &r.logits, &r.ids);
+    eprintln!(
+        "{arch} {variant} q8_0 KV cache: relative error {err:.2e}, greedy differs at {mismatch:?}"
+    );
+    assert!(
+        err < Q8_KV_BOUND,
+        "{arch} {variant} q8_0 KV cache: relative error {err:e}"
+    );
+    assert!(
+        mismatch.len() <= r.ids.len() / 4,
+        "{arch} {variant} q8_0 KV cache: greedy differs at {mismatch:?}"
+    );
+}
+
 /// What a GPU runs on a bf16 folder: the weights stay bf16 and the activations are rounded to
 /// bf16 for each product (f32 in between). Checked here on the CPU, through both passes.
 fn check_bf16_as_stored(arch: &str) {
@@ -198,6 +225,7 @@ fn check_bf16_as_stored(arch: &str) {
 fn qwen3_matches_transformers() {
     check_arch("qwen3", ALL_VARIANTS, Q8_SHALLOW);
     check_f16_kv_cache("qwen3", "hf-f32");
+    check_q8_0_kv_cache("qwen3", "hf-f32");
     check_bf16_as_stored("qwen3");
 }
 
@@ -206,6 +234,15 @@ fn qwen2_matches_transformers() {
     check_arch("qwen2", ALL_VARIANTS, Q8_SHALLOW);
     check_f16_kv_cache("qwen2", "hf-f32");
     check_bf16_as_stored("qwen2");
+    // Its 16-wide heads do not hold q8_0's blocks of 32: refused at load, in words.
+    let q8 = LoadOptions {
+        kv: KvDType::Q8_0,
+        ..LoadOptions::default()
+    };
+    let e = LoadedModel::from_path(&fixture("qwen2").join("hf-f32"), &q8, &Device::Cpu)
+        .err()
+        .expect("q8_0 on 16-wide heads is refused");
+    assert!(e.to_string().contains("multiple of 32"), "{e}");
 }
 
 /// Gemma 3: sliding-window layers (the window of 4 is shorter than the prompt), a global
@@ -217,6 +254,7 @@ fn gemma3_matches_transformers() {
     // makes it ~4.3e-2.
     check_arch("gemma3", GGUF_VARIANTS, Q8Bounds(6e-2, 9e-2));
     check_f16_kv_cache("gemma3", "model-f32.gguf");
+    check_q8_0_kv_cache("gemma3", "model-f32.gguf");
 }
 
 #[test]
