@@ -11,7 +11,8 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::{pool, Isa, KernelError, SendPtr};
 
-/// Σ a·b with eight independent partial sums (vectorizes without fast-math); `b` f32, f16 or i8 (widened as is).
+/// Σ a·b with eight independent partial sums (vectorizes without fast-math); `b` f32, f16
+/// or i8 (widened as is).
 #[inline]
 pub fn dot<T: KvValue>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
@@ -118,8 +119,8 @@ pub struct Heads {
 
 /// An element type of the KV cache: f16 (llama.cpp's default, half the bytes a decode step
 /// reads), f32 (exact, like llama.cpp's `--cache-type-k f32`) or the integers of q8_0
-/// (`i8`, a scale per 32 values beside them, like `--cache-type-k q8_0`: about a quarter
-/// more than half of f16's bytes).
+/// (`i8`, a scale per 32 values beside them, like `--cache-type-k q8_0`: 0.56 of f16's
+/// bytes).
 pub trait KvValue: Copy + Default + Send + Sync + sealed::Sealed + 'static {
     /// Whether each 32 values carry a scale (kept apart from them, one f32 per block): the
     /// value is `widen() · scale`.
