@@ -213,8 +213,6 @@ pub fn known(name: &str) -> Option<&'static KnownModel> {
 pub enum ModelError {
     #[error("bad model spec '{0}': use NAME=PATH, PATH, hf:OWNER/REPO, or a known model name ({known})", known = known_names())]
     BadSpec(String),
-    #[error("model '{0}' is named twice")]
-    Duplicate(String),
     #[error("fetching {name}: {reason}")]
     Fetch { name: String, reason: String },
     #[error(transparent)]
@@ -354,22 +352,6 @@ pub fn cache_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".cache").join("wasmlm"))
         .unwrap_or_else(|| std::env::temp_dir().join("wasmlm-cache"))
-}
-
-/// Loads every spec, fetching known models first when they are missing.
-pub fn load_all(
-    specs: &[ModelSpec],
-    context: Option<usize>,
-    device: &candle_core::Device,
-) -> Result<HashMap<String, Arc<LoadedModel>>, ModelError> {
-    let mut out = HashMap::new();
-    for spec in specs {
-        if out.contains_key(&spec.name) {
-            return Err(ModelError::Duplicate(spec.name.clone()));
-        }
-        out.insert(spec.name.clone(), load_one(spec, context, None, device)?);
-    }
-    Ok(out)
 }
 
 /// Loads one spec, fetching it first when it is a known model that is missing; `kv`
