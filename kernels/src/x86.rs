@@ -1208,7 +1208,7 @@ pub(crate) fn group_scores<T: KvValue>(
     // SAFETY: every key, scale and query read and every score written is in bounds
     // (asserted).
     unsafe {
-        if T::BLOCK_SCALED && d <= MAX_Q8_HEAD {
+        if T::BLOCK_SCALED {
             // Block-scaled keys are q8_0's integers (the only such type).
             let k = k.cast::<i8>();
             return match heads {
@@ -1218,38 +1218,50 @@ pub(crate) fn group_scores<T: KvValue>(
             };
         }
         match heads {
-            1 => scores_of::<T, 1>(q, d, k, ks, stride, scale, n, out),
-            2 => scores_of::<T, 2>(q, d, k, ks, stride, scale, n, out),
-            _ => scores_of::<T, 3>(q, d, k, ks, stride, scale, n, out),
+            1 => scores_of::<T, 1>(q, d, k, stride, scale, n, out),
+            2 => scores_of::<T, 2>(q, d, k, stride, scale, n, out),
+            _ => scores_of::<T, 3>(q, d, k, stride, scale, n, out),
         }
     }
 }
 
-/// Eight values at element `e` of `p`, widened and times their block's scale where `T` has
-/// one.
-#[inline(always)]
-unsafe fn load8_scaled<T: KvValue>(p: *const T, scales: *const f32, e: usize) -> __m256 {
-    // SAFETY: the callers' bounds, features enabled in every caller.
-    unsafe {
-        let v = T::load8(p.add(e));
-        if T::BLOCK_SCALED {
-            _mm256_mul_ps(v, _mm256_set1_ps(*scales.add(e / 32)))
-        } else {
-            v
-        }
+/// Stores the scores of keys `t..t + 4` for `H` heads from their accumulators (one vector
+/// per head and key, summed across lanes), times `scale`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store4<const H: usize>(
+    acc: &[[__m256; 4]; H],
+    scale: f32,
+    out: *mut f32,
+    n: usize,
+    t: usize,
+) {
+    for (j, acc) in acc.iter().enumerate() {
+        let s = _mm_mul_ps(sum4(acc), _mm_set1_ps(scale));
+        // SAFETY: the callers' bounds (`t + 4 ≤ n`, `H · n` scores).
+        unsafe { _mm_storeu_ps(out.add(j * n + t), s) };
     }
 }
 
-/// [`group_scores`] for `H` heads: four keys at a time, so that one horizontal reduction
-/// serves four scores (`H` · 4 accumulators, at most 12 of the 16 registers).
-#[allow(clippy::too_many_arguments)]
+/// Stores the score of key `t` for `H` heads, as [`store4`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store1<const H: usize>(acc: &[__m256; H], scale: f32, out: *mut f32, n: usize, t: usize) {
+    for (j, acc) in acc.iter().enumerate() {
+        // SAFETY: as in `store4`.
+        unsafe { *out.add(j * n + t) = hsum(*acc) * scale };
+    }
+}
+
+/// [`group_scores`] for `H` heads over keys without block scales: four keys at a time, so
+/// that one horizontal reduction serves four scores (`H` · 4 accumulators, at most 12 of the
+/// 16 registers).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scores_of<T: KvValue, const H: usize>(
     q: *const f32,
     d: usize,
     k: *const T,
-    ks: *const f32,
     stride: usize,
     scale: f32,
     n: usize,
@@ -1262,36 +1274,32 @@ unsafe fn scores_of<T: KvValue, const H: usize>(
             let mut acc = [[_mm256_setzero_ps(); 4]; H];
             for c in (0..d).step_by(8) {
                 for key in 0..4 {
-                    let kv = load8_scaled(k, ks, (t + key) * stride + c);
+                    let kv = T::load8(k.add((t + key) * stride + c));
                     for (j, acc) in acc.iter_mut().enumerate() {
                         acc[key] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(j * d + c)), kv, acc[key]);
                     }
                 }
             }
-            for (j, acc) in acc.iter().enumerate() {
-                let s = _mm_mul_ps(sum4(acc), _mm_set1_ps(scale));
-                _mm_storeu_ps(out.add(j * n + t), s);
-            }
+            store4(&acc, scale, out, n, t);
             t += 4;
         }
         while t < n {
             let mut acc = [_mm256_setzero_ps(); H];
             for c in (0..d).step_by(8) {
-                let kv = load8_scaled(k, ks, t * stride + c);
+                let kv = T::load8(k.add(t * stride + c));
                 for (j, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(j * d + c)), kv, *acc);
                 }
             }
-            for (j, acc) in acc.iter().enumerate() {
-                *out.add(j * n + t) = hsum(*acc) * scale;
-            }
+            store1(&acc, scale, out, n, t);
             t += 1;
         }
     }
 }
 
-/// The widest head [`scores_q8`] takes (its queries' integers live on the stack).
-const MAX_Q8_HEAD: usize = 512;
+/// Query values whose q8_0 form [`scores_q8`] keeps on the stack (three heads of 512;
+/// wider ones go to the heap).
+const Q8_STACK: usize = 3 * 512;
 
 /// [`scores_of`] over q8_0 keys in integers, as ggml's `vec_dot_q8_0_q8_0`: the queries
 /// (already rounded to q8_0) become q8_0 blocks again, exactly, and each block's dot is
@@ -1310,14 +1318,21 @@ unsafe fn scores_q8<const H: usize>(
     n: usize,
     out: *mut f32,
 ) {
-    let mut qi = [0i8; 3 * MAX_Q8_HEAD];
-    let mut qd = [0f32; 3 * MAX_Q8_HEAD / 32];
+    let (mut stack_qi, mut stack_qd) = ([0i8; Q8_STACK], [0f32; Q8_STACK / 32]);
+    let mut heap: (Vec<i8>, Vec<f32>);
+    let (qi, qd) = if H * d <= Q8_STACK {
+        (&mut stack_qi[..H * d], &mut stack_qd[..H * d / 32])
+    } else {
+        heap = (vec![0; H * d], vec![0.0; H * d / 32]);
+        (&mut heap.0[..], &mut heap.1[..])
+    };
     let blocks = d / 32;
-    // SAFETY: the caller's bounds (`H · d` queries, `d` a multiple of 32 and at most
-    // MAX_Q8_HEAD); the keys' blocks start at multiples of 32 (`stride` is one).
+    // SAFETY: the caller's bounds (`H · d` queries, `d` a multiple of 32); the keys' blocks
+    // start at multiples of 32 (`stride` is one).
     unsafe {
         let qs = std::slice::from_raw_parts(q, H * d);
-        crate::act::quantize_q8_0_into(qs, &mut qi[..H * d], &mut qd[..H * blocks]);
+        crate::act::quantize_q8_0_into(qs, qi, qd);
+        let (qi, qd) = (&*qi, &*qd);
         let ones = _mm256_set1_epi16(1);
         let dot = |kv: __m256i, kabs: __m256i, j: usize, b: usize| {
             let qv = _mm256_loadu_si256(qi.as_ptr().add(j * d + 32 * b) as *const __m256i);
@@ -1339,10 +1354,7 @@ unsafe fn scores_q8<const H: usize>(
                     }
                 }
             }
-            for (j, acc) in acc.iter().enumerate() {
-                let s = _mm_mul_ps(sum4(acc), _mm_set1_ps(scale));
-                _mm_storeu_ps(out.add(j * n + t), s);
-            }
+            store4(&acc, scale, out, n, t);
             t += 4;
         }
         while t < n {
@@ -1357,9 +1369,7 @@ unsafe fn scores_q8<const H: usize>(
                     *acc = _mm256_fmadd_ps(dot(kv, kabs, j, b), s, *acc);
                 }
             }
-            for (j, acc) in acc.iter().enumerate() {
-                *out.add(j * n + t) = hsum(*acc) * scale;
-            }
+            store1(&acc, scale, out, n, t);
             t += 1;
         }
     }
