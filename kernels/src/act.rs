@@ -125,6 +125,16 @@ pub fn quantize_q8_0_into(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     }
 }
 
+/// The values that q8_0 integers `q` with one scale in `d` per 32 stand for, into `out`
+/// (as many as `q`).
+pub fn dequantize_q8_0_into(q: &[i8], d: &[f32], out: &mut [f32]) {
+    for ((out, q), &d) in out.chunks_exact_mut(32).zip(q.chunks_exact(32)).zip(d) {
+        for (x, &q) in out.iter_mut().zip(q) {
+            *x = f32::from(q) * d;
+        }
+    }
+}
+
 /// Rows of `cols` values (`cols` a multiple of 256) as 256-wide blocks.
 pub fn quantize_256(x: &[f32], cols: usize) -> Acts256 {
     let quant = Quantizer::new();
@@ -154,11 +164,9 @@ pub fn quantize_256(x: &[f32], cols: usize) -> Acts256 {
 impl Acts32 {
     /// The values these blocks stand for.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.qs
-            .chunks_exact(32)
-            .zip(&self.d)
-            .flat_map(|(q, &d)| q.iter().map(move |&q| f32::from(q) * d))
-            .collect()
+        let mut out = vec![0f32; self.qs.len()];
+        dequantize_q8_0_into(&self.qs, &self.d, &mut out);
+        out
     }
 }
 

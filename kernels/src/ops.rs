@@ -215,9 +215,7 @@ impl KvValue for i8 {
         let (mut ints, mut d) = ([0i8; 32], [0f32]);
         for x in q.chunks_exact_mut(32) {
             crate::act::quantize_q8_0_into(x, &mut ints, &mut d);
-            for (x, &q) in x.iter_mut().zip(&ints) {
-                *x = f32::from(q) * d[0];
-            }
+            crate::act::dequantize_q8_0_into(&ints, &d, x);
         }
     }
     fn round_probs(_: &mut [f32], _: &mut Vec<i8>) {}
@@ -650,11 +648,8 @@ mod tests {
                     let mut scales = vec![0f32; f.len() / 32];
                     i8::narrow_slice(&f, &mut kv, &mut scales);
                     // What the blocks stand for, through the f32 kernels.
-                    let deq: Vec<f32> = kv
-                        .iter()
-                        .enumerate()
-                        .map(|(e, &x)| f32::from(x) * scales[e / 32])
-                        .collect();
+                    let mut deq = vec![0f32; kv.len()];
+                    crate::act::dequantize_q8_0_into(&kv, &scales, &mut deq);
                     for x in (0..f.len()).step_by(37) {
                         assert!((deq[x] - f[x]).abs() <= 0.5 / 127.0 + 1e-6, "q8_0 rounding");
                     }

@@ -1,5 +1,6 @@
 //! The row operations against their plain forms.
 
+use wasmlm_kernels::act::dequantize_q8_0_into;
 use wasmlm_kernels::ops::{
     attention_batch_with, attention_with, f16, AttentionSeq, Heads, KvValue,
 };
@@ -150,15 +151,7 @@ fn batched_attention_matches_each_sequence_alone() {
             (5, 1),
         ];
         for window in [None, Some(9)] {
-            let data: Vec<_> = shapes
-                .iter()
-                .map(|&(pos, rows)| {
-                    let q = rng.vec(rows * qw);
-                    let k = round_f16(&rng.vec((pos + rows) * kw));
-                    let v = round_f16(&rng.vec((pos + rows) * kw));
-                    (pos, q, k, v)
-                })
-                .collect();
+            let data = sequences(&mut rng, &shapes, qw, kw, round_f16);
             let caches: Vec<(Vec<f16>, Vec<f16>)> = data
                 .iter()
                 .map(|(_, _, k, v)| {
@@ -216,22 +209,11 @@ fn q8_0_attention_matches_the_plain_computation_on_its_values() {
                 let mut q = vec![0i8; x.len()];
                 let mut d = vec![0f32; x.len() / 32];
                 i8::narrow_slice(x, &mut q, &mut d);
-                let deq: Vec<f32> = q
-                    .iter()
-                    .enumerate()
-                    .map(|(e, &v)| f32::from(v) * d[e / 32])
-                    .collect();
+                let mut deq = vec![0f32; x.len()];
+                dequantize_q8_0_into(&q, &d, &mut deq);
                 (q, d, deq)
             };
-            let data: Vec<_> = shapes
-                .iter()
-                .map(|&(pos, rows)| {
-                    let q = rng.vec(rows * qw);
-                    let k = quantize(&rng.vec((pos + rows) * kw));
-                    let v = quantize(&rng.vec((pos + rows) * kw));
-                    (pos, q, k, v)
-                })
-                .collect();
+            let data = sequences(&mut rng, &shapes, qw, kw, quantize);
             for isa in Isa::supported() {
                 let mut outs: Vec<Vec<f32>> = data.iter().map(|d| vec![0f32; d.1.len()]).collect();
                 let mut seqs: Vec<AttentionSeq<'_, i8>> = data
@@ -285,6 +267,26 @@ fn q8_0_attention_matches_the_plain_computation_on_its_values() {
     };
     let none: &mut [AttentionSeq<'_, i8>] = &mut [];
     assert!(attention_batch_with(Isa::detect(), none, h, None, 0.3).is_ok());
+}
+
+/// A batch's sequences, one per `(pos, rows)` shape: `pos` and random queries (`rows × qw`),
+/// keys and values (`(pos + rows) × kw` each, through `cache`).
+fn sequences<C>(
+    rng: &mut Rng,
+    shapes: &[(usize, usize)],
+    qw: usize,
+    kw: usize,
+    cache: impl Fn(&[f32]) -> C,
+) -> Vec<(usize, Vec<f32>, C, C)> {
+    shapes
+        .iter()
+        .map(|&(pos, rows)| {
+            let q = rng.vec(rows * qw);
+            let k = cache(&rng.vec((pos + rows) * kw));
+            let v = cache(&rng.vec((pos + rows) * kw));
+            (pos, q, k, v)
+        })
+        .collect()
 }
 
 /// How far an f16 cache's attention may be from the plain computation: a probability whose

@@ -299,12 +299,11 @@ mod tests {
     /// The keys a cache returns, dequantized.
     fn keys(r: KvRows<'_>) -> Vec<f32> {
         match r {
-            KvRows::Q8(k, _) => k
-                .values
-                .iter()
-                .enumerate()
-                .map(|(e, &q)| f32::from(q) * k.scales[e / 32])
-                .collect(),
+            KvRows::Q8(k, _) => {
+                let mut out = vec![0f32; k.values.len()];
+                wasmlm_kernels::act::dequantize_q8_0_into(k.values, k.scales, &mut out);
+                out
+            }
             KvRows::F16(k, _) => k.values.iter().map(|v| v.to_f32()).collect(),
             KvRows::F32(k, _) => k.values.to_vec(),
         }
